@@ -1,0 +1,295 @@
+"""The mask math of TF magnitude pruning, as pure tensor functions.
+
+Everything here takes tensors and returns tensors under ``torch.no_grad()``; nothing reads a
+value back to the host, so each function runs on any device and under
+``torch.compile(fullgraph=True)``.  Quantities that TF derives from the tensor's *size* and the
+sparsity (the target count ``K``, the top-k ``k``) are computed on the host from Python numbers,
+which needs no synchronisation.
+
+Thresholds (per weight, on the scores ``a = |w|`` or a saliency):
+
+* :func:`histogram_threshold` - TF r1.11-r1.13 ``_update_mask``: ``nbins`` equal-width bins over
+  ``[0, max a]``, bin ``= clip(floor(nbins * (a / max)), 0, nbins - 1)`` in float32, ``j = #{i :
+  cdf_i < s}``, threshold ``= (j / nbins) * max`` in float32; the mask is ``a > threshold``.
+* :func:`exact_threshold` - TF r1.14+: the ``k = round(n * (1 - s))``-th largest score (round half
+  to even), mask ``a >= threshold``.
+
+Blocks (TF ``_maybe_update_block_mask``): :func:`block_pool` pools a 2-D score matrix in
+``block_height x block_width`` blocks that start at row and column 0 (an edge block is pooled over
+its real elements only), :func:`expand_blocks` maps the block mask back.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "block_pool",
+    "block_view_shape",
+    "compute_mask",
+    "exact_threshold",
+    "expand_blocks",
+    "histogram_threshold",
+    "histogram_target_count",
+    "resolve_block_dims",
+    "smooth_threshold",
+    "topk_count",
+]
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# ---------------------------------------------------------------------- counts from size and sparsity
+def histogram_target_count(numel: int, sparsity: float) -> int:
+    """``K = min{c : float32(c) / float32(n) >= float32(s)}``: the cumulative count at which TF's CDF reaches s.
+
+    TF's threshold bin is ``j = #{i : cdf_i < s}`` with ``cdf_i = C_i / n`` in float32 and ``C_i``
+    the number of scores in bins ``0..i``; as ``C_i`` grows with ``i``, ``j = #{i : C_i < K}``.
+
+    Example::
+
+        >>> histogram_target_count(100, 0.5), histogram_target_count(10, 0.0)
+        (50, 0)
+    """
+    s, n = _f32(sparsity), _f32(float(numel))
+    lo, hi = 0, numel  # the predicate is monotone in c and holds at c = n (cdf = 1 > s)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _f32(_f32(float(mid)) / n) >= s:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def topk_count(numel: int, sparsity: float) -> int:
+    """TF r1.14+'s ``k = int32(round(float32(n) * (1 - s)))`` (float32 ops, round half to even).
+
+    Example::
+
+        >>> topk_count(4, 0.375), topk_count(4, 0.625), topk_count(10, 0.96)
+        (2, 2, 0)
+    """
+    return round(_f32(_f32(float(numel)) * _f32(1.0 - _f32(sparsity))))
+
+
+# ---------------------------------------------------------------------- thresholds
+def _histogram_bins(scores: Tensor, max_value: Tensor, nbins: int) -> Tensor:
+    # TF pruning_utils._histogram: floor(float32(nbins) * (values / max)), clipped to [0, nbins - 1].
+    return torch.floor(torch.div(scores, max_value).mul_(float(nbins))).clamp_(0, nbins - 1)
+
+
+@torch.no_grad()
+def histogram_threshold(
+    scores: Tensor, sparsity: float, nbins: int = 256, *, max_value: Tensor | None = None, sort_count: bool = False
+) -> Tensor:
+    """TF r1.11-r1.13's histogram/CDF threshold of non-negative float32 ``scores`` (a 0-d tensor).
+
+    ``sort_count=True`` counts the bins by sorting and ``searchsorted`` instead of a histogram
+    scatter (TF's ``use_tpu`` swapped in a ``while_loop`` CDF for the same reason: no
+    scatter/atomics); both give the same threshold.  An all-zero ``scores`` gives threshold 0
+    (TF produced NaN there).
+
+    Example::
+
+        >>> w = torch.linspace(1, 100, 100)
+        >>> histogram_threshold(w, 0.5, nbins=256).item(), histogram_threshold(w, 0.5, nbins=255).item()
+        (50.0, 49.80392074584961)
+    """
+    flat = scores.reshape(-1)
+    k = histogram_target_count(flat.numel(), sparsity)
+    if max_value is None:
+        max_value = flat.max()
+    if k == 0:
+        return torch.zeros((), dtype=torch.float32, device=flat.device)
+    # An all-zero tensor (max 0) would give NaN bins; divide by 1 there and return 0 below.
+    bins = _histogram_bins(flat, torch.where(max_value > 0, max_value, torch.ones_like(max_value)), nbins)
+    if sort_count:
+        # C_i = #{bin <= i} straight from the sorted bin indices.
+        cumulative = torch.searchsorted(
+            torch.sort(bins).values,
+            torch.arange(nbins, dtype=bins.dtype, device=bins.device),
+            right=True,
+        )
+    else:
+        counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, bins.long(), torch.ones_like(flat, dtype=torch.int64))
+        cumulative = counts.cumsum(0)
+    j = (cumulative < k).sum().to(torch.float32)
+    threshold = torch.div(j, float(nbins)).mul_(max_value)
+    return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
+
+
+@torch.no_grad()
+def exact_threshold(scores: Tensor, sparsity: float) -> Tensor:
+    """TF r1.14+'s threshold: the ``k``-th largest score, ``k = round(n * (1 - s))`` (a 0-d tensor).
+
+    TF crashed for ``k = 0`` (``gather(-1)``); here ``k = 0`` gives the float just above the
+    largest score, so every element is pruned, as the requested sparsity rounds.
+
+    Example::
+
+        >>> exact_threshold(torch.linspace(1, 100, 100), 0.5).item()
+        51.0
+    """
+    flat = scores.reshape(-1).to(torch.float32)
+    k = topk_count(flat.numel(), sparsity)
+    if k == 0:
+        return torch.nextafter(flat.max(), torch.tensor(math.inf, device=flat.device))
+    if k == flat.numel():
+        return flat.min()
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
+
+
+def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
+    """TF's threshold EMA ``(1 - d) * current + d * previous`` in float32 (``d = 0`` returns ``current``).
+
+    Example::
+
+        >>> smooth_threshold(torch.tensor(51.0), torch.tensor(0.0), 0.9).item()
+        5.099999904632568
+    """
+    if decay == 0.0:
+        return current
+    return current * _f32(1.0 - decay) + previous * _f32(decay)
+
+
+# ---------------------------------------------------------------------- blocks
+def block_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
+    """The 2-D matrix a weight of ``shape`` is block-pruned over, or ``None`` for element-wise.
+
+    TF squeezes size-1 dimensions and block-prunes only what is then 2-D.  lit_prune does the
+    same, and prunes a tensor with more than two non-unit dimensions (a conv kernel
+    ``[out, in, kh, kw]``) over its ``[out, in * kh * kw]`` view; TF always fell back to
+    element-wise for those.
+
+    Example::
+
+        >>> block_view_shape((8, 3, 3, 3)), block_view_shape((8, 4, 1, 1)), block_view_shape((8, 1))
+        ((8, 27), (8, 4), None)
+    """
+    dims = [d for d in shape if d != 1]
+    if len(dims) < 2:
+        return None
+    return dims[0], math.prod(dims[1:])
+
+
+def resolve_block_dims(block_dims: tuple[int, int], matrix_shape: tuple[int, int]) -> tuple[int, int]:
+    """Replace -1 by the matrix's own dimension (per weight: TF resolved it once, for all weights).
+
+    Example::
+
+        >>> resolve_block_dims((-1, 2), (6, 4))
+        (6, 2)
+    """
+    return tuple(m if b == -1 else b for b, m in zip(block_dims, matrix_shape, strict=True))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG") -> Tensor:
+    """Pool a 2-D score matrix over ``block_dims`` blocks that start at row and column 0.
+
+    ``AVG`` divides each block's sum by the number of real elements it holds, so an edge block
+    that the shape cuts short is the average of what is there; ``MAX`` takes the largest score.
+    The output has ``ceil(H / bh) x ceil(W / bw)`` entries.
+
+    Example::
+
+        >>> block_pool(torch.tensor([[2.0, 2.0], [2.0, 2.0], [3.0, 3.0]]), (2, 2))
+        tensor([[2.],
+                [3.]])
+    """
+    rows, cols = scores.shape
+    bh, bw = block_dims
+    hb, wb = -(-rows // bh), -(-cols // bw)
+    padded = scores
+    if hb * bh != rows or wb * bw != cols:
+        padded = torch.nn.functional.pad(scores, (0, wb * bw - cols, 0, hb * bh - rows))
+    blocks = padded.reshape(hb, bh, wb, bw)
+    if pooling == "MAX":
+        return blocks.amax(dim=(1, 3))
+    if pooling != "AVG":
+        raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
+    sums = blocks.sum(dim=(1, 3))
+    if hb * bh == rows and wb * bw == cols:
+        return sums / float(bh * bw)
+    row_n = torch.full((hb,), float(bh), device=scores.device)
+    col_n = torch.full((wb,), float(bw), device=scores.device)
+    row_n[-1] = rows - (hb - 1) * bh
+    col_n[-1] = cols - (wb - 1) * bw
+    return sums / torch.outer(row_n, col_n)
+
+
+def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
+    """Map a block mask back to the weight: each block's value on its ``bh x bw`` cells, cropped.
+
+    Example::
+
+        >>> expand_blocks(torch.tensor([[True], [False]]), (2, 2), (3, 2)).int()
+        tensor([[1, 1],
+                [1, 1],
+                [0, 0]], dtype=torch.int32)
+    """
+    hb, wb = block_mask.shape
+    bh, bw = block_dims
+    rows, cols = block_view_shape(shape) or (math.prod(shape), 1)
+    full = block_mask[:, None, :, None].expand(hb, bh, wb, bw).reshape(hb * bh, wb * bw)
+    return full[:rows, :cols].reshape(shape)
+
+
+# ---------------------------------------------------------------------- the per-weight update
+@torch.no_grad()
+def compute_mask(
+    scores: Tensor,
+    previous_threshold: Tensor,
+    sparsity: float,
+    *,
+    method: str = "histogram",
+    nbins: int = 256,
+    threshold_decay: float = 0.0,
+    block_dims: tuple[int, int] = (1, 1),
+    pooling: str = "AVG",
+    sort_count: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One weight's new ``(threshold, mask, max_score)`` from its non-negative ``scores``.
+
+    ``scores`` is ``|w|`` or a saliency.  Block dims other than ``(1, 1)`` pool the scores over
+    blocks of :func:`block_view_shape` first (element-wise if the weight is not 2-D after
+    squeezing); the threshold then lives in pooled space, as in TF.  The mask is a
+    ``torch.bool`` tensor of ``scores.shape``; ``max_score`` (the largest ranked score, NaN or
+    Inf if any score is) lets the caller check all weights with one host synchronisation.
+
+    Example::
+
+        >>> t, m, _ = compute_mask(torch.tensor([-4.0, 3.0, -2.0, 1.0]).abs(), torch.tensor(0.0), 0.5)
+        >>> m
+        tensor([ True,  True, False, False])
+    """
+    scores32 = scores.to(torch.float32)
+    view = block_view_shape(scores.shape) if block_dims != (1, 1) else None
+    if view is not None:
+        dims = resolve_block_dims(block_dims, view)
+        ranked = block_pool(scores32.reshape(view), dims, pooling)
+    else:
+        ranked = scores32
+    max_score = ranked.max()
+    if method == "histogram":
+        current = histogram_threshold(ranked, sparsity, nbins, max_value=max_score, sort_count=sort_count)
+    elif method == "exact":
+        current = exact_threshold(ranked, sparsity)
+    else:
+        raise ValueError(f"`threshold_method` must be one of ['histogram', 'exact'], got {method!r}")
+    threshold = smooth_threshold(current, previous_threshold.to(torch.float32), threshold_decay)
+    keep = ranked > threshold if method == "histogram" else ranked >= threshold
+    if method == "histogram":
+        # An all-zero weight has nothing to rank: keep it whole (TF's threshold was NaN there).
+        keep = keep | (max_score == 0)
+    if view is not None:
+        keep = expand_blocks(keep, dims, tuple(scores.shape))
+    return threshold, keep, max_score

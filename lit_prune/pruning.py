@@ -1,0 +1,350 @@
+"""The ``Pruning`` object: TF's ``pruning.Pruning`` for a PyTorch module.
+
+It binds a :class:`~lit_prune.PruningHParams` spec to the weights of a model (chosen by parameter
+name), owns one ``torch.bool`` mask (1 byte per weight) and one float32 threshold per weight, and
+offers TF's API in PyTorch form: ``conditional_mask_update(step)`` (TF's gating rule),
+``mask_update(step)``, ``apply_mask()``, the ``get_*`` getters, ``summaries()`` and
+``state_dict()``/``load_state_dict()``.  Plain torch: no Lightning, no Hydra.
+
+Unlike TF, which kept raw weights and multiplied them by the mask in every forward pass,
+lit_prune zeroes pruned weights in place (no second copy of the weights, no forward hook).
+A pruned weight is therefore 0 at the next update and ranks last, so masks do not regrow as
+TF's could (TF re-ranked raw weights that momentum or weight decay kept moving).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_prune.hparams import HParamsError, PruningHParams, parse_block_dims_map, parse_weight_sparsity_map
+from lit_prune.layers import MaskedModule
+from lit_prune.masks import compute_mask
+from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
+from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
+from lit_prune.selection import match_map, select_weights
+
+__all__ = ["STATE_VERSION", "Pruning", "SparsityFn"]
+
+#: Version of the ``state_dict`` layout; bumped when it changes.
+STATE_VERSION = 1
+
+SparsityFn = Callable[[int], float]
+
+
+@dataclass
+class _Weight:
+    """One pruned weight: where it lives and its pruning state."""
+
+    name: str
+    module: nn.Module
+    param_name: str
+    target: float | None  # weight_sparsity_map value, if any
+    block_dims: tuple[int, int]
+    plain_mask: Tensor | None = None  # masks of plain layers live here ...
+    plain_threshold: Tensor | None = None
+    buffer_names: tuple[str, str] | None = None  # ... those of masked layers in the layer's buffers
+    saliency: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.param_name)
+
+    @property
+    def mask(self) -> Tensor:
+        if self.buffer_names is not None:
+            return getattr(self.module, self.buffer_names[0])
+        assert self.plain_mask is not None
+        if self.plain_mask.device != self.param.device:  # the model moved: masks follow
+            self.plain_mask = self.plain_mask.to(self.param.device)
+            self.plain_threshold = self.plain_threshold.to(self.param.device)  # type: ignore[union-attr]
+        return self.plain_mask
+
+    @property
+    def threshold(self) -> Tensor:
+        if self.buffer_names is not None:
+            return getattr(self.module, self.buffer_names[1])
+        self.mask  # noqa: B018 - moves both if the model moved
+        assert self.plain_threshold is not None
+        return self.plain_threshold
+
+
+def _as_hparams(hparams: PruningHParams | Mapping[str, Any] | str | None) -> PruningHParams:
+    if hparams is None:
+        return PruningHParams()
+    if isinstance(hparams, PruningHParams):
+        return hparams
+    if isinstance(hparams, str):
+        return PruningHParams().parse(hparams)
+    if isinstance(hparams, Mapping):
+        return PruningHParams.from_dict(hparams)
+    raise HParamsError(f"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' string, got {hparams!r}")
+
+
+class Pruning:
+    """Magnitude-based gradual pruning of a module's weights, with TF's semantics.
+
+    Args:
+        model: The module whose weights are pruned.  Weights are chosen by parameter name (see
+            ``prune_patterns``/``exclude_patterns``); masked layers bring their own mask buffers.
+        hparams: A :class:`PruningHParams`, a plain mapping of its fields, a TF-style
+            ``"name=value,..."`` string, or ``None`` for TF's defaults.
+        sparsity: Overrides the schedule, as TF's ``Pruning(spec, sparsity=...)``: a number or a
+            callable of the step.  It is still scaled per weight by ``weight_sparsity_map``.
+
+    Raises:
+        HParamsError: a malformed spec, a map entry that matches no pruned weight or matches a
+            weight twice, or no weight to prune.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> spec = "target_sparsity=0.75,sparsity_function_end_step=20,threshold_method=exact"
+        >>> spec += ",weight_sparsity_map=[^2:0.5]"
+        >>> p = Pruning(model, spec)
+        >>> [p.conditional_mask_update(step) for step in (5, 10, 15, 20)]
+        [False, True, False, True]
+        >>> {k: round(float(v), 2) for k, v in p.get_weight_sparsity().items()}
+        {'0.weight': 0.75, '2.weight': 0.5}
+        >>> bool((model[0].weight[~p.get_masks()["0.weight"]] == 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hparams: PruningHParams | Mapping[str, Any] | str | None = None,
+        sparsity: float | SparsityFn | None = None,
+    ) -> None:
+        self.hparams = _as_hparams(hparams)
+        if sparsity is not None and not callable(sparsity):
+            sparsity = float(sparsity)
+            if not 0.0 <= sparsity < 1.0:
+                raise HParamsError(f"`sparsity` must be a float in [0, 1) or a callable of the step, got {sparsity}")
+        if sparsity is not None and self.hparams.weight_sparsity_map and self.hparams.target_sparsity == 0.0:
+            raise HParamsError(
+                "an external `sparsity` is scaled per weight by own_target / `target_sparsity` (as in TF): "
+                "`target_sparsity` must be > 0 when `weight_sparsity_map` is set"
+            )
+        self.model = model
+        self.sparsity_override = sparsity
+        self.last_update_step = 0
+        self._weights: dict[str, _Weight] = {}
+        self._bind()
+
+    # ------------------------------------------------------------------ binding
+    def _bind(self) -> None:
+        hp = self.hparams
+        names = select_weights(self.model, hp.prune_patterns, hp.exclude_patterns)
+        targets = match_map("weight_sparsity_map", parse_weight_sparsity_map(hp.weight_sparsity_map), names)
+        blocks = match_map("block_dims_map", parse_block_dims_map(hp.block_dims_map), names)
+        default_block = (hp.block_height, hp.block_width)
+        for name in names:
+            module_name, _, param_name = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            param = getattr(module, param_name)
+            entry = _Weight(name, module, param_name, targets.get(name), blocks.get(name, default_block))
+            if isinstance(module, MaskedModule) and param_name in module.masked_weight_names:
+                entry.buffer_names = module.mask_buffer_names(param_name)
+            else:
+                entry.plain_mask = torch.ones_like(param, dtype=torch.bool)
+                entry.plain_threshold = torch.zeros((), dtype=torch.float32, device=param.device)
+            entry.saliency = init_saliency_state(param.detach(), hp.prune_option)
+            self._weights[name] = entry
+
+    @property
+    def weight_names(self) -> list[str]:
+        """Names (as ``model.named_parameters()`` gives them) of the pruned weights."""
+        return list(self._weights)
+
+    # ------------------------------------------------------------------ schedule
+    def sparsity(self, step: int) -> float:
+        """The global sparsity at ``step``: the external override if given, else TF's schedule.
+
+        Example::
+
+            >>> Pruning(torch.nn.Linear(4, 4), sparsity=lambda step: 0.1 * step).sparsity(3)
+            0.30000000000000004
+        """
+        override = self.sparsity_override
+        if override is None:
+            return gradual_sparsity(step, self.hparams)
+        value = float(override(step)) if callable(override) else override
+        if not 0.0 <= value < 1.0:
+            raise HParamsError(f"the external `sparsity` at step {step} must be in [0, 1), got {value}")
+        return value
+
+    def weight_sparsities(self, step: int) -> dict[str, float]:
+        """Each pruned weight's sparsity at ``step`` (the global value, or its map target's schedule)."""
+        base = None if self.sparsity_override is None else self.sparsity(step)
+        global_value = self.sparsity(step)
+        return {
+            name: global_value if w.target is None else weight_sparsity(step, self.hparams, w.target, base)
+            for name, w in self._weights.items()
+        }
+
+    # ------------------------------------------------------------------ updates
+    def conditional_mask_update(self, step: int) -> bool:
+        """Update the masks if TF's rule says so at ``step``; return whether it did.
+
+        The rule: ``begin_pruning_step <= step <= end_pruning_step`` (-1 = no end) and
+        ``last_update_step + pruning_frequency <= step``, with ``last_update_step`` starting at 0.
+        It is decided on the host from the step alone (no device synchronisation).
+        """
+        if not should_update(step, self.last_update_step, self.hparams):
+            return False
+        self.mask_update(step)
+        return True
+
+    @torch.no_grad()
+    def mask_update(self, step: int) -> None:
+        """Recompute every mask and threshold at ``step`` (unconditionally), then zero pruned weights.
+
+        The whole update reads one value back to the host: whether every weight is finite.
+
+        Raises:
+            FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed.
+        """
+        hp = self.hparams
+        sparsities = self.weight_sparsities(step)
+        results = []
+        for name, w in self._weights.items():
+            scores = update_saliency(w.param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
+            results.append(
+                compute_mask(
+                    scores,
+                    w.threshold,
+                    sparsities[name],
+                    method=hp.threshold_method,
+                    nbins=hp.nbins,
+                    threshold_decay=hp.threshold_decay,
+                    block_dims=w.block_dims,
+                    pooling=hp.block_pooling_function,
+                    sort_count=hp.use_tpu,
+                )
+            )
+        finite = torch.stack([torch.isfinite(r[2]) for r in results]).cpu()
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(self._weights, finite.tolist(), strict=True) if not ok]
+            raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
+        for w, (threshold, mask, _) in zip(self._weights.values(), results, strict=True):
+            w.threshold.copy_(threshold)
+            w.mask.copy_(mask)
+        self.last_update_step = step
+        self.apply_mask()
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero the pruned weights in place (one multiply per weight by its 1-byte mask, no host sync).
+
+        Call it after every optimizer step so pruned weights stay exactly zero.
+        """
+        for w in self._weights.values():
+            param = w.param
+            param.mul_(w.mask.view(torch.uint8))
+
+    # ------------------------------------------------------------------ getters
+    def get_masks(self) -> dict[str, Tensor]:
+        """``{weight name: bool mask}`` (the live tensors; ``True`` = kept)."""
+        return {name: w.mask for name, w in self._weights.items()}
+
+    def get_thresholds(self) -> dict[str, Tensor]:
+        """``{weight name: float32 0-d threshold}`` (the live tensors; in pooled space for block pruning)."""
+        return {name: w.threshold for name, w in self._weights.items()}
+
+    def get_weights(self) -> dict[str, nn.Parameter]:
+        """``{weight name: parameter}`` of the pruned weights."""
+        return {name: w.param for name, w in self._weights.items()}
+
+    def get_masked_weights(self) -> dict[str, Tensor]:
+        """``{weight name: weight * mask}`` (new tensors; equal to the weights after :meth:`apply_mask`)."""
+        return {name: w.param.detach() * w.mask for name, w in self._weights.items()}
+
+    def get_weight_sparsity(self) -> dict[str, Tensor]:
+        """``{weight name: fraction of the mask that is zero}``, 0-d float32 tensors (TF's ``zero_fraction(mask)``)."""
+        return {name: 1.0 - w.mask.float().mean() for name, w in self._weights.items()}
+
+    def model_sparsity(self) -> Tensor:
+        """Fraction of all pruned weights' elements that are masked (a 0-d float32 tensor)."""
+        kept = sum(w.mask.sum() for w in self._weights.values())
+        total = sum(w.mask.numel() for w in self._weights.values())
+        return 1.0 - kept.to(torch.float32) / total  # type: ignore[union-attr]
+
+    def summaries(self, step: int | None = None) -> dict[str, Tensor | float | int]:
+        """The values TF's ``add_pruning_summaries`` recorded, under TF's tag names.
+
+        ``<name>_summaries/sparsity`` (the scheduled global sparsity at ``step``, default the last
+        update), ``<name>_summaries/last_mask_update_step``, and per weight
+        ``<name>_summaries/<weight>/mask/sparsity`` and ``<name>_summaries/<weight>/threshold/threshold``.
+        Per-weight values are 0-d tensors, so building the dict does not synchronise.
+        """
+        prefix = f"{self.hparams.name}_summaries"
+        step = self.last_update_step if step is None else step
+        out: dict[str, Tensor | float | int] = {
+            f"{prefix}/sparsity": self.sparsity(step),
+            f"{prefix}/last_mask_update_step": self.last_update_step,
+        }
+        thresholds = self.get_thresholds()
+        for name, value in self.get_weight_sparsity().items():
+            out[f"{prefix}/{name}/mask/sparsity"] = value
+            out[f"{prefix}/{name}/threshold/threshold"] = thresholds[name]
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, thresholds, saliency state and the last update step, as plain types (CPU tensors).
+
+        Loadable with ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "version": STATE_VERSION,
+            "last_update_step": int(self.last_update_step),
+            "masks": {n: m.detach().cpu().clone() for n, m in self.get_masks().items()},
+            "thresholds": {n: t.detach().cpu().clone() for n, t in self.get_thresholds().items()},
+            "saliency": {
+                n: {k: v.detach().cpu().clone() for k, v in w.saliency.items()}
+                for n, w in self._weights.items()
+                if w.saliency
+            },
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the weights named must be the ones pruned here.
+
+        Raises:
+            ValueError: the state comes from another lit_prune version, names other weights, or
+                holds a tensor of the wrong shape; nothing is changed then.
+        """
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"pruning state version {version!r} is not supported (this lit_prune reads {STATE_VERSION})"
+            )
+        masks, thresholds = state["masks"], state["thresholds"]
+        if set(masks) != set(self._weights):
+            missing, extra = sorted(set(self._weights) - set(masks)), sorted(set(masks) - set(self._weights))
+            raise ValueError(f"pruning state does not match the pruned weights: missing {missing}, unexpected {extra}")
+        for name, w in self._weights.items():
+            if tuple(masks[name].shape) != tuple(w.param.shape):
+                raise ValueError(
+                    f"pruning state: mask of {name!r} has shape {tuple(masks[name].shape)}, "
+                    f"the weight has {tuple(w.param.shape)}"
+                )
+            expected = set(SALIENCY_STATE[self.hparams.prune_option])
+            if expected and set(state.get("saliency", {}).get(name, {})) != expected:
+                raise ValueError(f"pruning state: saliency of {name!r} must hold {sorted(expected)}")
+        for name, w in self._weights.items():
+            w.mask.copy_(masks[name].to(torch.bool))
+            w.threshold.copy_(thresholds[name])
+            for key, value in state.get("saliency", {}).get(name, {}).items():
+                w.saliency[key].copy_(value)
+        self.last_update_step = int(state["last_update_step"])
+
+    def __repr__(self) -> str:
+        hp, n = self.hparams, len(self._weights)
+        return f"Pruning(name={hp.name!r}, weights={n}, last_update_step={self.last_update_step})"

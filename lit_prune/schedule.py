@@ -1,0 +1,102 @@
+"""TF's gradual sparsity schedule and its mask-update gating, as pure functions.
+
+The schedule is ``s(t) = s_f + (s_i - s_f) * (1 - p)^e`` with the clamped progress
+``p = min(1, max(0, (t - b) / (E - b)))``, evaluated in float32 operation by operation as
+``Pruning._setup_sparsity`` does in TF (so values match the original to the last bit, except
+where TF's ``pow`` kernel itself rounds differently).  The gating is TF's
+``conditional_mask_update_op`` rule: inside ``[begin_pruning_step, end_pruning_step]`` and at
+least ``pruning_frequency`` steps after the last update (*not* ``step % frequency == 0``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from lit_prune.hparams import PruningHParams
+
+__all__ = ["gradual_sparsity", "should_update", "weight_sparsity"]
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32 (IEEE), as a TF float32 op result would be."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _progress(step: int, begin: int, end: int) -> float:
+    # p = min(1, max(0, float32(t - b) / (E - b)))   -- float32 division, as in TF
+    return min(1.0, max(0.0, _f32(_f32(float(step - begin)) / _f32(float(end - begin)))))
+
+
+def _polynomial(initial: float, final: float, one_minus_p_pow: float) -> float:
+    # s = (s_i - s_f) * (1 - p)^e + s_f, each op rounded to float32
+    return _f32(_f32(_f32(initial - final) * one_minus_p_pow) + _f32(final))
+
+
+def _decay(step: int, hp: PruningHParams) -> float:
+    p = _progress(step, hp.sparsity_function_begin_step, hp.sparsity_function_end_step)
+    return _f32(_f32(1.0 - p) ** _f32(hp.sparsity_function_exponent))
+
+
+def gradual_sparsity(step: int, hparams: PruningHParams) -> float:
+    """The scheduled sparsity at ``step``, exactly as TF's ``<name>/sparsity`` tensor computes it.
+
+    Before ``sparsity_function_begin_step`` it is ``initial_sparsity``; after
+    ``sparsity_function_end_step`` it is ``target_sparsity``; in between it is continuous in the
+    step (not quantised to the pruning grid), and independent of ``begin/end_pruning_step``.
+
+    Example::
+
+        >>> from lit_prune import PruningHParams
+        >>> hp = PruningHParams()  # b=0, E=100, s_i=0, s_f=0.5, e=3
+        >>> [round(gradual_sparsity(t, hp), 6) for t in (0, 10, 50, 100, 150)]
+        [0.0, 0.1355, 0.4375, 0.5, 0.5]
+    """
+    return _polynomial(hparams.initial_sparsity, hparams.target_sparsity, _decay(step, hparams))
+
+
+def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base: float | None = None) -> float:
+    """The sparsity of a weight whose ``weight_sparsity_map`` target is ``own_target``.
+
+    TF scales the global value: ``s(t) * own_target / target_sparsity``.  That equals
+    ``own_target`` at the end of the schedule but starts at ``initial_sparsity * own_target /
+    target_sparsity`` rather than at ``initial_sparsity``, and divides by zero when
+    ``target_sparsity`` is 0.  lit_prune keeps TF's product where it is exact (``initial_sparsity
+    == 0``, ``target_sparsity > 0``) and otherwise runs the same polynomial from
+    ``initial_sparsity`` to ``own_target``.  An externally supplied sparsity ``base`` is scaled as
+    TF scales it (``base * own_target / target_sparsity``).
+
+    Example::
+
+        >>> from lit_prune import PruningHParams
+        >>> hp = PruningHParams(target_sparsity=0.5)
+        >>> weight_sparsity(100, hp, own_target=0.75), weight_sparsity(50, hp, own_target=0.75)
+        (0.75, 0.65625)
+    """
+    if base is not None:
+        return _f32(base * _f32(own_target / hparams.target_sparsity))
+    if hparams.initial_sparsity == 0.0 and hparams.target_sparsity > 0.0:
+        return _f32(gradual_sparsity(step, hparams) * _f32(own_target / hparams.target_sparsity))
+    return _polynomial(hparams.initial_sparsity, own_target, _decay(step, hparams))
+
+
+def should_update(step: int, last_update_step: int, hparams: PruningHParams) -> bool:
+    """TF's ``conditional_mask_update_op`` predicate, decided on the host from the step alone.
+
+    ``begin_pruning_step <= step <= end_pruning_step`` (end inclusive; -1 = forever) and
+    ``last_update_step + pruning_frequency <= step``.  With ``last_update_step`` starting at 0,
+    the default spec first updates at step 10, not 0.
+
+    Example::
+
+        >>> from lit_prune import PruningHParams
+        >>> hp = PruningHParams(begin_pruning_step=1, end_pruning_step=6, pruning_frequency=2)
+        >>> last, updates = 0, []
+        >>> for t in range(10):
+        ...     if should_update(t, last, hp):
+        ...         last = t
+        ...         updates.append(t)
+        >>> updates
+        [2, 4, 6]
+    """
+    in_range = step >= hparams.begin_pruning_step and (hparams.end_pruning_step < 0 or step <= hparams.end_pruning_step)
+    return in_range and last_update_step + hparams.pruning_frequency <= step
