@@ -82,7 +82,10 @@ def topk_count(numel: int, sparsity: float) -> int:
 # ---------------------------------------------------------------------- thresholds
 def _histogram_bins(scores: Tensor, max_value: Tensor, nbins: int) -> Tensor:
     # TF pruning_utils._histogram: floor(float32(nbins) * (values / max)), clipped to [0, nbins - 1].
-    return torch.floor(torch.div(scores, max_value).mul_(float(nbins))).clamp_(0, nbins - 1)
+    # Scores are >= 0, so only the top needs clipping; fmin also maps NaN (a NaN weight, which the
+    # caller reports) to a valid bin instead of an out-of-range index.
+    bins = torch.div(scores, max_value).mul_(float(nbins)).floor_()
+    return torch.fmin(bins, torch.tensor(float(nbins - 1), device=bins.device), out=bins)
 
 
 @torch.no_grad()

@@ -1,0 +1,337 @@
+"""The Pruning object over real modules: TF's end-to-end sequences, regex maps, state, saliency.
+
+Run: pytest tests/test_pruning.py
+"""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lit_prune import HParamsError, MaskedLinear, Pruning, PruningHParams
+
+
+class Vector(nn.Module):
+    """One weight holding given values (TF's test fixtures are single variables)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.weight = nn.Parameter(torch.as_tensor(values, dtype=torch.float32).clone())
+
+
+class Named(nn.Module):
+    def __init__(self, **params):
+        super().__init__()
+        for module_name, (param_name, values) in params.items():
+            sub = nn.Module()
+            sub.register_parameter(param_name, nn.Parameter(torch.as_tensor(values, dtype=torch.float32).clone()))
+            self.add_module(module_name, sub)
+
+
+def run_steps(pruning, steps):
+    kept = []
+    for t in steps:
+        pruning.conditional_mask_update(t)
+        kept.append(int(next(iter(pruning.get_masks().values())).sum()))
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("method", "kept", "thresholds"),
+    [
+        (
+            "exact",
+            [756, 561, 409, 294, 213, 158, 124, 107, 101, 100],
+            [245, 440, 592, 707, 788, 843, 877, 894, 900, 901],
+        ),
+        ("histogram", [758, 563, 411, 297, 215, 161, 125, 110, 102, 102], None),
+    ],
+)
+def test_end_to_end_tf_sequence(method, kept, thresholds):
+    model = Vector(torch.linspace(1, 1000, 1000))
+    hp = PruningHParams(
+        end_pruning_step=100,
+        sparsity_function_end_step=100,
+        target_sparsity=0.9,
+        threshold_method=method,
+        prune_patterns=["weight"],
+    )
+    pruning = Pruning(model, hp)
+    seen_kept, seen_thr = [], []
+    for t in range(0, 111):
+        if pruning.conditional_mask_update(t):
+            seen_kept.append(int(pruning.get_masks()["weight"].sum()))
+            seen_thr.append(pruning.get_thresholds()["weight"].item())
+    assert seen_kept == kept
+    if thresholds:
+        assert seen_thr == pytest.approx(thresholds)
+    assert pruning.last_update_step == 100
+    # pruned weights are exactly zero, kept ones untouched
+    w, m = model.weight.detach(), pruning.get_masks()["weight"]
+    assert (w[~m] == 0).all() and torch.equal(w[m], torch.linspace(1, 1000, 1000)[m])
+
+
+def test_external_sparsity_with_tf_gating():
+    # upstream pruning_test: freq 2, begin 1, end 6, sparsity linspace(0, 0.9, 10)[t]
+    model = Vector(torch.linspace(1, 100, 100))
+    schedule = torch.linspace(0, 0.9, 10).tolist()
+    hp = PruningHParams(begin_pruning_step=1, end_pruning_step=6, pruning_frequency=2, prune_patterns=["weight"])
+    pruning = Pruning(model, hp.replace(threshold_method="exact"), sparsity=lambda t: schedule[t])
+    assert run_steps(pruning, range(10)) == [100, 100, 80, 80, 60, 60, 40, 40, 40, 40]
+
+
+def test_constant_external_sparsity():
+    pruning = Pruning(
+        Vector(torch.linspace(1, 100, 100)), "prune_patterns=[weight],threshold_method=exact", sparsity=0.3
+    )
+    pruning.mask_update(0)
+    assert int(pruning.get_masks()["weight"].sum()) == 70
+
+
+def _three_layers():
+    lin = torch.linspace(1, 100, 100)
+    return Named(layer1=("weights", lin), layer2=("weights", lin), layer3=("kernel", lin))
+
+
+def test_weight_sparsity_map_regex():
+    hp = PruningHParams(
+        begin_pruning_step=1,
+        pruning_frequency=1,
+        end_pruning_step=100,
+        threshold_method="exact",
+        prune_patterns=["weights", "kernel"],
+        weight_sparsity_map=["layer1:0.6", r"layer2\.weights:0.75", ".*kernel:0.6"],
+    )
+    pruning = Pruning(_three_layers(), hp)
+    for t in range(110):
+        pruning.conditional_mask_update(t)
+    sparsity = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
+    assert sparsity == {"layer1.weights": 0.6, "layer2.weights": 0.75, "layer3.kernel": 0.6}
+
+
+def test_unmapped_weights_follow_the_global_target():
+    hp = PruningHParams(
+        begin_pruning_step=1,
+        pruning_frequency=1,
+        end_pruning_step=100,
+        threshold_method="exact",
+        prune_patterns=["layer[12]"],
+        weight_sparsity_map=[r"layer2\.weights:0.75"],
+    )
+    pruning = Pruning(_three_layers(), hp)
+    for t in range(110):
+        pruning.conditional_mask_update(t)
+    assert [round(float(v), 4) for v in pruning.get_weight_sparsity().values()] == [0.5, 0.75]
+
+
+def test_weight_matched_twice_is_an_error():
+    hp = PruningHParams(prune_patterns=["weights"], weight_sparsity_map=["layer:0.6", "layer1.w:0.7"])
+    with pytest.raises(HParamsError, match=r"multiple matches in `weight_sparsity_map` for weight 'layer1.weights'"):
+        Pruning(_three_layers(), hp)
+
+
+def test_map_entry_matching_nothing_lists_candidates():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(HParamsError, match=r"'conv9' matches no pruned weight; candidates: \[0.weight, 2.weight\]"):
+        Pruning(model, PruningHParams(weight_sparsity_map=["conv9:0.5"]))
+    with pytest.raises(HParamsError, match=r"`block_dims_map` entry 'bias' matches no pruned weight"):
+        Pruning(model, PruningHParams(block_dims_map=["bias:2x2"]))
+    with pytest.raises(HParamsError, match=r"`prune_patterns` entry 'nope' matches no parameter"):
+        Pruning(model, PruningHParams(prune_patterns=["nope"]))
+    with pytest.raises(HParamsError, match=r"`exclude_patterns` entry 'nope' matches no pruned weight"):
+        Pruning(model, PruningHParams(exclude_patterns=["nope"]))
+    with pytest.raises(HParamsError, match=r"no weight to prune"):
+        Pruning(model, PruningHParams(exclude_patterns=["weight"]))
+
+
+def test_default_selection_skips_biases_and_norms():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.LazyLinear(3) if False else nn.Linear(4, 3),
+        nn.LayerNorm(3),
+        nn.Embedding(5, 3),
+        nn.LSTM(3, 3, num_layers=2),
+    )
+    names = Pruning(model).weight_names
+    assert names == [
+        "0.weight",
+        "3.weight",
+        "5.weight",
+        "6.weight_ih_l0",
+        "6.weight_hh_l0",
+        "6.weight_ih_l1",
+        "6.weight_hh_l1",
+    ]
+
+
+def test_block_dims_map_per_weight():
+    model = Named(
+        layer1=("weights", [[-0.1, 0.1], [-0.2, 0.2]]), layer2=("weights", [[0.1, 0.1, 0.3, 0.3], [0.2, 0.2, 0.4, 0.4]])
+    )
+    hp = PruningHParams(
+        prune_patterns=["weights"],
+        block_dims_map=["layer1:1x1", "layer2:1x2"],
+        threshold_method="exact",
+        block_height=2,
+        block_width=2,
+    )
+    pruning = Pruning(model, hp, sparsity=0.5)
+    pruning.mask_update(0)
+    masks = pruning.get_masks()
+    assert masks["layer1.weights"].int().tolist() == [[0, 0], [1, 1]]
+    assert masks["layer2.weights"].int().tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_apply_mask_zeroes_exactly_and_only_pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruning = Pruning(model, PruningHParams(), sparsity=0.8)
+    pruning.mask_update(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # an optimizer step moves everything
+    pruning.apply_mask()
+    for name, mask in pruning.get_masks().items():
+        w = dict(model.named_parameters())[name].detach()
+        assert (w[~mask] == 0).all()
+        assert torch.equal(w[mask], before[name][mask] + 1.0)
+    assert torch.equal(model[0].bias.detach(), before["0.bias"] + 1.0)  # biases untouched
+
+
+def test_getters_are_keyed_by_parameter_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), MaskedLinear(4, 2))
+    pruning = Pruning(model, PruningHParams(threshold_method="exact"), sparsity=0.5)
+    pruning.mask_update(0)
+    names = ["0.weight", "2.weight"]
+    for getter in ("get_masks", "get_thresholds", "get_weights", "get_masked_weights", "get_weight_sparsity"):
+        assert list(getattr(pruning, getter)()) == names
+    assert pruning.get_masks()["2.weight"] is model[2].mask  # masked layers' own buffers are used
+    assert pruning.get_thresholds()["2.weight"] is model[2].threshold
+    assert pruning.get_masks()["0.weight"].dtype == torch.bool
+    assert float(pruning.model_sparsity()) == pytest.approx(0.5)
+
+
+def test_summaries_use_tf_tags():
+    model = nn.Sequential(nn.Linear(4, 4))
+    pruning = Pruning(model, PruningHParams(name="cifar10_pruning"))
+    pruning.conditional_mask_update(10)
+    tags = pruning.summaries()
+    assert set(tags) == {
+        "cifar10_pruning_summaries/sparsity",
+        "cifar10_pruning_summaries/last_mask_update_step",
+        "cifar10_pruning_summaries/0.weight/mask/sparsity",
+        "cifar10_pruning_summaries/0.weight/threshold/threshold",
+    }
+    assert tags["cifar10_pruning_summaries/last_mask_update_step"] == 10
+    assert tags["cifar10_pruning_summaries/sparsity"] == pytest.approx(0.1355, abs=1e-6)
+
+
+def test_state_dict_round_trip_through_torch_save():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    hp = PruningHParams(threshold_decay=0.5, prune_option="second_order_gradient")
+    pruning = Pruning(model, hp)
+    pruning.conditional_mask_update(10)
+    pruning.conditional_mask_update(20)
+    buffer = io.BytesIO()
+    torch.save(pruning.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = Pruning(model, hp)
+    fresh.load_state_dict(state)
+    assert fresh.last_update_step == 20
+    for name in pruning.weight_names:
+        assert torch.equal(fresh.get_masks()[name], pruning.get_masks()[name])
+        assert torch.equal(fresh.get_thresholds()[name], pruning.get_thresholds()[name])
+    # the same next update from both
+    pruning.conditional_mask_update(30)
+    fresh.conditional_mask_update(30)
+    for name in pruning.weight_names:
+        assert torch.equal(fresh.get_masks()[name], pruning.get_masks()[name])
+
+
+def test_load_state_dict_rejects_mismatches():
+    model = nn.Sequential(nn.Linear(4, 4))
+    state = Pruning(model).state_dict()
+    other = Pruning(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"missing \['1.weight'\]"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        Pruning(model).load_state_dict({**state, "version": 0})
+    bad = {**state, "masks": {"0.weight": torch.ones(2, 2, dtype=torch.bool)}}
+    with pytest.raises(ValueError, match=r"mask of '0.weight' has shape \(2, 2\)"):
+        Pruning(model).load_state_dict(bad)
+
+
+def test_nan_weight_is_named_and_masks_untouched():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    pruning = Pruning(model, sparsity=0.5)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\['1.weight'\]"):
+        pruning.mask_update(0)
+    assert all(m.all() for m in pruning.get_masks().values())
+    assert pruning.last_update_step == 0
+
+
+def test_first_order_gradient_saliency_upstream_values():
+    model = Vector(torch.linspace(1, 10, 10))
+    pruning = Pruning(
+        model,
+        PruningHParams(prune_option="first_order_gradient", gradient_decay_rate=0.5, prune_patterns=["weight"]),
+        sparsity=0.0,
+    )
+    pruning.mask_update(0)
+    state = pruning.state_dict()["saliency"]["weight"]
+    w = torch.linspace(1, 10, 10)
+    assert torch.allclose(state["gradient"], 0.5 * w / w.norm())
+    assert torch.equal(state["old_weight"], w)
+
+
+def test_second_order_gradient_saliency_formula():
+    model = Vector(torch.linspace(1, 10, 10))
+    hp = PruningHParams(prune_option="second_order_gradient", gradient_decay_rate=0.5, prune_patterns=["weight"])
+    pruning = Pruning(model, hp, sparsity=0.0)
+    pruning.mask_update(0)  # g = 0.5 * n(w); old = w; oldold = 0
+    with torch.no_grad():
+        model.weight.mul_(2)
+    pruning.mask_update(1)  # delta = |2w + 0 - 2w| = 0 -> g = 0.25 * n(w); oldold = w; old = 2w
+    w = torch.linspace(1, 10, 10)
+    state = pruning.state_dict()["saliency"]["weight"]
+    assert torch.allclose(state["gradient"], 0.25 * w / w.norm())
+    assert torch.equal(state["old_old_weight"], w) and torch.equal(state["old_weight"], 2 * w)
+
+
+def test_gradient_saliency_prunes_by_weight_times_gradient():
+    model = Vector([4.0, 3.0, 2.0, 1.0])
+    hp = PruningHParams(
+        prune_option="first_order_gradient",
+        gradient_decay_rate=0.0,
+        prune_patterns=["weight"],
+        threshold_method="exact",
+    )
+    pruning = Pruning(model, hp, sparsity=0.5)
+    pruning.mask_update(0)  # score = |w| * n(|w|) -> same ranking as |w|
+    assert pruning.get_masks()["weight"].tolist() == [True, True, False, False]
+
+
+def test_masks_follow_the_model_device():
+    model = nn.Sequential(nn.Linear(4, 4))
+    pruning = Pruning(model, sparsity=0.5)
+    model.to(torch.float64)  # parameters replaced in dtype; masks stay bool and keep applying
+    pruning.mask_update(0)
+    pruning.apply_mask()
+    assert pruning.get_masks()["0.weight"].dtype == torch.bool
+    assert model[0].weight.dtype == torch.float64
+
+
+def test_bad_external_sparsity():
+    with pytest.raises(HParamsError, match=r"`sparsity` must be a float in \[0, 1\)"):
+        Pruning(nn.Linear(2, 2), sparsity=1.5)
+    pruning = Pruning(nn.Linear(2, 2), sparsity=lambda step: 2.0)
+    with pytest.raises(HParamsError, match="external `sparsity` at step 0"):
+        pruning.mask_update(0)
