@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"digits CNN, {args.epochs} epochs, seed {args.seed}, spec: {hparams.name}")
     print(f"  dense accuracy : {accuracy(dense, x_test, y_test):.4f}")
     print(f"  pruned accuracy: {accuracy(stripped, x_test, y_test):.4f}")
-    print(f"  model sparsity : {float(pruning.model_sparsity()):.4f} (last mask update at step {pruning.last_update_step})")
+    sparsity, last = float(pruning.model_sparsity()), pruning.last_update_step
+    print(f"  model sparsity : {sparsity:.4f} (last mask update at step {last})")
     for name, value in pruning.get_weight_sparsity().items():
         print(f"    {name:<12} sparsity {float(value):.4f}")
     print(f"TensorBoard logs and stripped model in {logdir}/ ({time.perf_counter() - start:.1f} s)")

@@ -111,7 +111,32 @@ def histogram_threshold(
         max_value = flat.max()
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=flat.device)
-    # An all-zero tensor (max 0) would give NaN bins; divide by 1 there and return 0 below.
+    j = None
+    if not sort_count and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
+        j = _search_threshold_bin(flat, max_value, k, nbins)
+    if j is None:
+        j = _count_threshold_bin(flat, max_value, k, nbins, sort_count)
+    threshold = torch.div(j, float(nbins)).mul_(max_value)
+    return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
+
+
+#: Below this size the full histogram is cheaper than the search.
+_SEARCH_MIN_NUMEL = 1 << 16
+#: Elements in the sample that predicts the threshold bin.
+_SAMPLE_SIZE = 1 << 15
+#: Count passes the search may spend before it falls back to the full histogram.
+_SEARCH_MAX_PASSES = 4
+
+
+def _host_values_are_free(t: Tensor) -> bool:
+    # Reading a CPU tensor's value costs no device synchronisation; under torch.compile it would
+    # break the graph, so the compiled (and every non-CPU) path takes the sync-free histogram.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _count_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int, sort_count: bool) -> Tensor:
+    """``j = #{i : C_i < K}`` from the full histogram (sync-free; ``sort_count`` avoids the scatter)."""
+    # An all-zero tensor (max 0) would give NaN bins; divide by 1 there (the caller returns 0).
     bins = _histogram_bins(flat, torch.where(max_value > 0, max_value, torch.ones_like(max_value)), nbins)
     if sort_count:
         # C_i = #{bin <= i} straight from the sorted bin indices.
@@ -124,9 +149,57 @@ def histogram_threshold(
         counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
         counts.scatter_add_(0, bins.long(), torch.ones_like(flat, dtype=torch.int64))
         cumulative = counts.cumsum(0)
-    j = (cumulative < k).sum().to(torch.float32)
-    threshold = torch.div(j, float(nbins)).mul_(max_value)
-    return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
+    return (cumulative < k).sum().to(torch.float32)
+
+
+def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -> Tensor | None:
+    """The same ``j`` from a sample and two or three exact counts (CPU; ``None`` = use the histogram).
+
+    ``j`` is the bin of the ``K``-th smallest score.  A strided sample predicts it; the bins
+    below ``i`` hold ``C_{i-1} = #{a < e_i}`` scores, where the edge ``e_i`` is the smallest float32
+    whose TF bin is ``i`` (found exactly with TF's own float32 binning), so
+    ``C_{j-1} < K <= C_j`` confirms the prediction with exact counts, moving to a neighbouring
+    bin when the sample was off.
+    """
+    m = float(max_value)
+    if not m > 0 or not math.isfinite(m):
+        return None
+    n = flat.numel()
+    sample = flat[:: max(1, n // _SAMPLE_SIZE)]
+    rank = min(sample.numel(), max(1, round(k * sample.numel() / n)))
+    predicted = torch.kthvalue(sample, rank).values.reshape(1)
+    j = int(_histogram_bins(predicted, max_value, nbins))
+    below = torch.empty_like(flat, dtype=torch.bool)
+
+    def count_below_bin(i: int) -> int:  # C_{i-1}: scores whose bin is < i
+        if i <= 0:
+            return 0
+        if i >= nbins:
+            return n
+        return int(torch.count_nonzero(torch.lt(flat, _bin_edge(max_value, i, nbins), out=below)))
+
+    lower, upper = count_below_bin(j), count_below_bin(j + 1)
+    for _ in range(_SEARCH_MAX_PASSES):
+        if lower >= k:  # the K-th score lies in a lower bin
+            j, upper, lower = j - 1, lower, count_below_bin(j - 1)
+        elif upper < k:  # ... in a higher bin
+            j, lower, upper = j + 1, upper, count_below_bin(j + 2)
+        else:
+            return torch.tensor(float(j), dtype=torch.float32)
+    return None
+
+
+def _bin_edge(max_value: Tensor, i: int, nbins: int) -> Tensor:
+    """The smallest float32 ``x >= 0`` whose TF bin ``floor(nbins * (x / max))`` is ``>= i``."""
+    edge = torch.tensor(i / nbins, dtype=torch.float32).mul_(max_value).reshape(1)
+    zero = torch.zeros(1)
+    inf = torch.full((1,), math.inf)
+    # The estimate is within a few ulps of the edge; walk to it with TF's own float32 binning.
+    while int(_histogram_bins(edge, max_value, nbins)) >= i and float(edge) > 0:
+        edge = torch.nextafter(edge, zero)
+    while int(_histogram_bins(edge, max_value, nbins)) < i:
+        edge = torch.nextafter(edge, inf)
+    return edge.reshape(())
 
 
 @torch.no_grad()
@@ -259,14 +332,17 @@ def compute_mask(
     block_dims: tuple[int, int] = (1, 1),
     pooling: str = "AVG",
     sort_count: bool = False,
+    max_score: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One weight's new ``(threshold, mask, max_score)`` from its non-negative ``scores``.
 
     ``scores`` is ``|w|`` or a saliency.  Block dims other than ``(1, 1)`` pool the scores over
     blocks of :func:`block_view_shape` first (element-wise if the weight is not 2-D after
     squeezing); the threshold then lives in pooled space, as in TF.  The mask is a
-    ``torch.bool`` tensor of ``scores.shape``; ``max_score`` (the largest ranked score, NaN or
-    Inf if any score is) lets the caller check all weights with one host synchronisation.
+    ``torch.bool`` tensor of ``scores.shape`` (written into ``out`` if given); ``max_score``, the
+    largest ranked score, may be passed in when the caller already has it (element-wise only).
+    An all-zero weight has nothing to rank and keeps its whole mask (TF's threshold was NaN).
 
     Example::
 
@@ -274,14 +350,16 @@ def compute_mask(
         >>> m
         tensor([ True,  True, False, False])
     """
-    scores32 = scores.to(torch.float32)
+    scores32 = scores if scores.dtype == torch.float32 else scores.to(torch.float32)
     view = block_view_shape(scores.shape) if block_dims != (1, 1) else None
     if view is not None:
         dims = resolve_block_dims(block_dims, view)
         ranked = block_pool(scores32.reshape(view), dims, pooling)
+        max_score = None
     else:
         ranked = scores32
-    max_score = ranked.max()
+    if max_score is None:
+        max_score = ranked.max()
     if method == "histogram":
         current = histogram_threshold(ranked, sparsity, nbins, max_value=max_score, sort_count=sort_count)
     elif method == "exact":
@@ -289,10 +367,13 @@ def compute_mask(
     else:
         raise ValueError(f"`threshold_method` must be one of ['histogram', 'exact'], got {method!r}")
     threshold = smooth_threshold(current, previous_threshold.to(torch.float32), threshold_decay)
-    keep = ranked > threshold if method == "histogram" else ranked >= threshold
-    if method == "histogram":
-        # An all-zero weight has nothing to rank: keep it whole (TF's threshold was NaN there).
-        keep = keep | (max_score == 0)
-    if view is not None:
-        keep = expand_blocks(keep, dims, tuple(scores.shape))
+    # Compare against -1 for an all-zero weight so that everything is kept.
+    cut = torch.where(max_score > 0, threshold, torch.full_like(threshold, -1.0))
+    compare = torch.gt if method == "histogram" else torch.ge
+    if view is None:
+        keep = compare(ranked, cut, out=out) if out is not None else compare(ranked, cut)
+    else:
+        keep = expand_blocks(compare(ranked, cut), dims, tuple(scores.shape))
+        if out is not None:
+            keep = out.copy_(keep)
     return threshold, keep, max_score

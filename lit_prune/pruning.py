@@ -73,6 +73,12 @@ class _Weight:
         return self.plain_threshold
 
 
+def _abs_max(t: Tensor) -> Tensor:
+    """``max |t|`` in one pass without an ``|t|`` temporary (NaN if ``t`` holds NaN)."""
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(hi, lo.neg())
+
+
 def _as_hparams(hparams: PruningHParams | Mapping[str, Any] | str | None) -> PruningHParams:
     if hparams is None:
         return PruningHParams()
@@ -135,6 +141,9 @@ class Pruning:
         self.last_update_step = 0
         self._weights: dict[str, _Weight] = {}
         self._bind()
+        # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
+        # all ones; a masked layer's own buffers may already hold a pruned mask.
+        self._dense = [w.buffer_names is None for w in self._weights.values()]
 
     # ------------------------------------------------------------------ binding
     def _bind(self) -> None:
@@ -204,36 +213,50 @@ class Pruning:
     def mask_update(self, step: int) -> None:
         """Recompute every mask and threshold at ``step`` (unconditionally), then zero pruned weights.
 
-        The whole update reads one value back to the host: whether every weight is finite.
+        The update reads two small vectors back to the host for the whole model (whether each
+        weight is finite, and whether each mask still keeps everything): no per-weight
+        synchronisation.  One float32 scratch buffer the size of the largest weight lives for
+        the duration of the update.
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed.
         """
         hp = self.hparams
         sparsities = self.weight_sparsities(step)
-        results = []
-        for name, w in self._weights.items():
-            scores = update_saliency(w.param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
-            results.append(
-                compute_mask(
-                    scores,
-                    w.threshold,
-                    sparsities[name],
-                    method=hp.threshold_method,
-                    nbins=hp.nbins,
-                    threshold_decay=hp.threshold_decay,
-                    block_dims=w.block_dims,
-                    pooling=hp.block_pooling_function,
-                    sort_count=hp.use_tpu,
-                )
-            )
-        finite = torch.stack([torch.isfinite(r[2]) for r in results]).cpu()
+        weights = list(self._weights.values())
+        maxima = [_abs_max(w.param) for w in weights]
+        finite = torch.isfinite(torch.stack(maxima)).cpu()
         if not bool(finite.all()):
-            bad = [name for name, ok in zip(self._weights, finite.tolist(), strict=True) if not ok]
+            bad = [w.name for w, ok in zip(weights, finite.tolist(), strict=True) if not ok]
             raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
-        for w, (threshold, mask, _) in zip(self._weights.values(), results, strict=True):
+        scratch = None
+        for w, max_abs in zip(weights, maxima, strict=True):
+            param = w.param.detach()
+            if hp.prune_option == "weight":
+                if scratch is None or scratch.numel() < param.numel() or scratch.device != param.device:
+                    scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
+                scores = scratch[: param.numel()].view(param.shape)
+                if param.dtype == torch.float32:
+                    torch.abs(param, out=scores)
+                else:
+                    scores.copy_(param).abs_()
+            else:
+                scores, max_abs = update_saliency(param, w.saliency, hp.prune_option, hp.gradient_decay_rate), None
+            threshold, _, _ = compute_mask(
+                scores,
+                w.threshold,
+                sparsities[w.name],
+                method=hp.threshold_method,
+                nbins=hp.nbins,
+                threshold_decay=hp.threshold_decay,
+                block_dims=w.block_dims,
+                pooling=hp.block_pooling_function,
+                sort_count=hp.use_tpu,
+                max_score=max_abs.to(torch.float32) if max_abs is not None else None,
+                out=w.mask,
+            )
             w.threshold.copy_(threshold)
-            w.mask.copy_(mask)
+        self._dense = torch.stack([w.mask.all() for w in weights]).tolist()
         self.last_update_step = step
         self.apply_mask()
 
@@ -241,11 +264,12 @@ class Pruning:
     def apply_mask(self) -> None:
         """Zero the pruned weights in place (one multiply per weight by its 1-byte mask, no host sync).
 
-        Call it after every optimizer step so pruned weights stay exactly zero.
+        Call it after every optimizer step so pruned weights stay exactly zero.  Weights whose
+        mask keeps everything (all of them before the first update) are skipped.
         """
-        for w in self._weights.values():
-            param = w.param
-            param.mul_(w.mask.view(torch.uint8))
+        for w, dense in zip(self._weights.values(), self._dense, strict=True):
+            if not dense:
+                w.param.detach().mul_(w.mask.view(torch.uint8))
 
     # ------------------------------------------------------------------ getters
     def get_masks(self) -> dict[str, Tensor]:
@@ -344,6 +368,7 @@ class Pruning:
             for key, value in state.get("saliency", {}).get(name, {}).items():
                 w.saliency[key].copy_(value)
         self.last_update_step = int(state["last_update_step"])
+        self._dense = [bool(masks[name].all()) for name in self._weights]
 
     def __repr__(self) -> str:
         hp, n = self.hparams, len(self._weights)

@@ -216,3 +216,22 @@ def test_exact_keeps_round_n_times_density(values, sparsity):
     else:
         assert mask.sum() == 0
     assert exact_threshold(a, sparsity).dtype == torch.float32
+
+
+def _large_cases():
+    g = torch.Generator().manual_seed(0)
+    yield "normal", torch.randn(200_000, generator=g).abs()
+    yield "ties", torch.randint(0, 7, (150_000,), generator=g).float()
+    yield "on_edges", (torch.randint(0, 257, (100_000,), generator=g).float() / 256) * 3.7
+    yield "heavy_tail", torch.randn(120_000, generator=g).pow(8)
+    yield "mostly_zero", torch.cat([torch.zeros(90_000), torch.rand(30_000, generator=g)])
+    yield "one_spike", torch.cat([torch.full((99_999,), 1e-3), torch.tensor([1e6])])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.8, 0.95, 0.999])
+@pytest.mark.parametrize(("name", "scores"), list(_large_cases()), ids=[c[0] for c in _large_cases()])
+def test_large_tensor_search_path_is_tf_exact(name, scores, sparsity):
+    """Tensors above 64 k elements take the sampled search on CPU; it must give TF's threshold bit for bit."""
+    ours = histogram_threshold(scores, sparsity, 256)
+    assert ours.item() == _tf_histogram_reference(scores.numpy(), sparsity, 256)
+    assert histogram_threshold(scores, sparsity, 256, sort_count=True).item() == ours.item()
