@@ -123,7 +123,7 @@ def histogram_threshold(
 #: Below this size the full histogram is cheaper than the search.
 _SEARCH_MIN_NUMEL = 1 << 16
 #: Elements in the sample that predicts the threshold bin.
-_SAMPLE_SIZE = 1 << 15
+_SAMPLE_SIZE = 1 << 13
 #: Count passes the search may spend before it falls back to the full histogram.
 _SEARCH_MAX_PASSES = 4
 

@@ -256,7 +256,8 @@ class Pruning:
                 out=w.mask,
             )
             w.threshold.copy_(threshold)
-        self._dense = torch.stack([w.mask.all() for w in weights]).tolist()
+        kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
+        self._dense = [k == w.mask.numel() for k, w in zip(kept, weights, strict=True)]
         self.last_update_step = step
         self.apply_mask()
 
