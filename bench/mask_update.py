@@ -160,28 +160,25 @@ def main() -> None:
     for label, make in models.items():
         rows += bench_model(label, make, repeats, slow_peers=not args.quick)
 
-    print(
-        f"\nmask update, sparsity 0.5, torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
-    )
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmask update, sparsity 0.5, torch {torch.__version__}, {args.threads} threads, {cpu}")
     print("\n| model | pruned params | method | ms | x one read |\n| --- | ---: | --- | ---: | ---: |")
     for r in rows:
         if "ms" in r:
-            print(
-                f"| {r['model']} | {r['pruned_params'] / 1e6:.1f} M | {r['method']} | {r['ms']:.1f} | {r['x_floor']:.1f} |"
-            )
+            size = f"{r['pruned_params'] / 1e6:.1f} M"
+            print(f"| {r['model']} | {size} | {r['method']} | {r['ms']:.1f} | {r['x_floor']:.1f} |")
     print("\n| model | memory | bytes per pruned parameter |\n| --- | --- | ---: |")
     for r in rows:
         if "value" in r:
             print(f"| {r['model']} | {r['method'].removeprefix('bytes/param ')} | {r['value']:.2f} |")
     for label in models:
         ms = {r["method"]: r["ms"] for r in rows if r["model"] == label and "ms" in r}
-        lit = ms["lit_prune histogram (TF r1.13)"]
-        floor = ms["floor"]
+        lit, floor = ms["lit_prune histogram (TF r1.13)"], ms["floor"]
         peer = ms["torch global_unstructured (first call)"]
-        print(
-            f"\n{label}: histogram update = {lit / floor:.1f}x one read (target <= 3x: {'met' if lit <= 3 * floor else 'MISSED'}); "
-            f"{peer / lit:.0f}x faster than global_unstructured (target >= 10x: {'met' if peer >= 10 * lit else 'MISSED'})"
-        )
+        read_ok = "met" if lit <= 3 * floor else "MISSED"
+        peer_ok = "met" if peer >= 10 * lit else "MISSED"
+        print(f"\n{label}: histogram update = {lit / floor:.1f}x one read (target <= 3x: {read_ok}); ", end="")
+        print(f"{peer / lit:.0f}x faster than global_unstructured (target >= 10x: {peer_ok})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rows": rows}, indent=2))
