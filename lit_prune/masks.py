@@ -112,7 +112,12 @@ def histogram_threshold(
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=flat.device)
     j = None
-    if not sort_count and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
+    if (
+        not sort_count
+        and flat.dtype == torch.float32
+        and flat.numel() >= _SEARCH_MIN_NUMEL
+        and _host_values_are_free(flat)
+    ):
         j = _search_threshold_bin(flat, max_value, k, nbins)
     if j is None:
         j = _count_threshold_bin(flat, max_value, k, nbins, sort_count)
@@ -176,7 +181,9 @@ def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -
             return 0
         if i >= nbins:
             return n
-        return int(torch.count_nonzero(torch.lt(flat, _bin_edge(max_value, i, nbins), out=below)))
+        # Scores are >= 0 (no -0.0: they come from abs), so their float32 bits order like int32.
+        edge = _bin_edge(max_value, i, nbins).view(torch.int32)
+        return int(torch.count_nonzero(torch.lt(flat.view(torch.int32), edge, out=below)))
 
     lower, upper = count_below_bin(j), count_below_bin(j + 1)
     for _ in range(_SEARCH_MAX_PASSES):
@@ -220,7 +227,38 @@ def exact_threshold(scores: Tensor, sparsity: float) -> Tensor:
         return torch.nextafter(flat.max(), torch.tensor(math.inf, device=flat.device))
     if k == flat.numel():
         return flat.min()
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
+    rank = flat.numel() - k + 1  # the threshold is the rank-th smallest score
+    if flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
+        found = _search_kth_smallest(flat, rank)
+        if found is not None:
+            return found
+    return torch.kthvalue(flat, rank).values
+
+
+def _search_kth_smallest(flat: Tensor, rank: int) -> Tensor | None:
+    """The ``rank``-th smallest value from a sample-predicted band (CPU; ``None`` = use ``kthvalue``).
+
+    Two sample quantiles bracket it; exact counts confirm ``#{x < lo} < rank <= #{x < hi}``, and
+    the value is then the ``(rank - #{x < lo})``-th smallest of the few scores in ``[lo, hi)``.
+    """
+    n = flat.numel()
+    sample = flat[:: max(1, n // _SAMPLE_SIZE)]
+    m = sample.numel()
+    center = rank * m / n
+    margin = 4.0 * math.sqrt(max(center * (1 - center / m), 1.0)) + 2.0  # ~4 sigma of the sample quantile
+    below = torch.empty_like(flat, dtype=torch.bool)
+    ordered = torch.sort(sample).values
+    lo_i, hi_i = math.floor(center - margin) - 1, math.ceil(center + margin)
+    lo = ordered[lo_i] if lo_i >= 0 else None
+    hi = ordered[hi_i] if hi_i < m else None
+    count_lo = 0 if lo is None else int(torch.count_nonzero(torch.lt(flat, lo, out=below)))
+    count_hi = n if hi is None else int(torch.count_nonzero(torch.lt(flat, hi, out=below)))
+    if not count_lo < rank <= count_hi:
+        return None
+    in_band = torch.ge(flat, lo, out=below) if lo is not None else torch.ones_like(below)
+    if hi is not None:
+        in_band.logical_and_(flat < hi)
+    return torch.kthvalue(flat[in_band], rank - count_lo).values
 
 
 def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:

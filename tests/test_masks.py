@@ -237,3 +237,13 @@ def test_large_tensor_search_path_is_tf_exact(name, scores, sparsity):
     ours = histogram_threshold(scores, sparsity, 256)
     assert ours.item() == _tf_histogram_reference(scores.numpy(), sparsity, 256)
     assert histogram_threshold(scores, sparsity, 256, sort_count=True).item() == ours.item()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize(("name", "scores"), list(_large_cases()), ids=[c[0] for c in _large_cases()])
+def test_large_tensor_exact_search_matches_kthvalue(name, scores, sparsity):
+    k = int(np.round(np.float32(np.float32(scores.numel()) * np.float32(1 - np.float32(sparsity)))))
+    expected = torch.kthvalue(scores, scores.numel() - k + 1).values if k else None
+    ours = exact_threshold(scores, sparsity)
+    if expected is not None:
+        assert ours.item() == expected.item()
