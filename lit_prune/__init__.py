@@ -1,7 +1,8 @@
 """lit_prune: TF/lingvo magnitude-based gradual pruning for PyTorch (and Lightning).
 
 The engine (``hparams``, ``schedule``, ``masks``, ``saliency``, ``selection``, ``pruning``,
-``layers``, ``strip``) is plain torch and imports neither Lightning nor Hydra.
+``layers``, ``strip``) is plain torch and imports neither Lightning nor Hydra; ``callback`` is
+the Lightning glue on top.
 """
 
 from lit_prune.hparams import HParamsError, PruningHParams, get_pruning_hparams
@@ -20,6 +21,18 @@ from lit_prune.strip import strip_pruning_vars
 
 __version__ = "0.1.0"
 
+_LIGHTNING = {"PruningCallback": "lit_prune.callback", "strip_checkpoint": "lit_prune.callback"}
+
+
+def __getattr__(name: str) -> object:
+    # The Lightning glue is imported on first use, so `import lit_prune` stays plain torch.
+    if name in _LIGHTNING:
+        import importlib
+
+        return getattr(importlib.import_module(_LIGHTNING[name]), name)
+    raise AttributeError(f"module 'lit_prune' has no attribute {name!r}")
+
+
 __all__ = [
     "HParamsError",
     "MaskedConv1d",
@@ -28,10 +41,12 @@ __all__ = [
     "MaskedLSTM",
     "MaskedLinear",
     "Pruning",
+    "PruningCallback",
     "PruningHParams",
     "get_pruning_hparams",
     "gradual_sparsity",
     "masked_conv2d",
     "masked_fully_connected",
+    "strip_checkpoint",
     "strip_pruning_vars",
 ]

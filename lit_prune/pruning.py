@@ -143,7 +143,7 @@ class Pruning:
         self._bind()
         # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
         # all ones; a masked layer's own buffers may already hold a pruned mask.
-        self._dense = [w.buffer_names is None for w in self._weights.values()]
+        self._dense = {name: w.buffer_names is None for name, w in self._weights.items()}
 
     # ------------------------------------------------------------------ binding
     def _bind(self) -> None:
@@ -257,7 +257,7 @@ class Pruning:
             )
             w.threshold.copy_(threshold)
         kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
-        self._dense = [k == w.mask.numel() for k, w in zip(kept, weights, strict=True)]
+        self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
         self.last_update_step = step
         self.apply_mask()
 
@@ -268,9 +268,13 @@ class Pruning:
         Call it after every optimizer step so pruned weights stay exactly zero.  Weights whose
         mask keeps everything (all of them before the first update) are skipped.
         """
-        for w, dense in zip(self._weights.values(), self._dense, strict=True):
-            if not dense:
+        for name, w in self._weights.items():
+            if not self._dense[name]:
                 w.param.detach().mul_(w.mask.view(torch.uint8))
+
+    def is_dense(self, name: str) -> bool:
+        """Whether the mask of weight ``name`` keeps everything (as known since the last update or load)."""
+        return self._dense[name]
 
     # ------------------------------------------------------------------ getters
     def get_masks(self) -> dict[str, Tensor]:
@@ -369,7 +373,7 @@ class Pruning:
             for key, value in state.get("saliency", {}).get(name, {}).items():
                 w.saliency[key].copy_(value)
         self.last_update_step = int(state["last_update_step"])
-        self._dense = [bool(masks[name].all()) for name in self._weights]
+        self._dense = {name: bool(masks[name].all()) for name in self._weights}
 
     def __repr__(self) -> str:
         hp, n = self.hparams, len(self._weights)

@@ -43,7 +43,10 @@ _SHOWN = 25
 
 
 def candidate_weights(model: nn.Module) -> list[str]:
-    """Default selection: ``weight*`` parameters of :data:`DEFAULT_LAYER_TYPES` layers, in model order.
+    """Default selection: trainable ``weight*`` parameters of :data:`DEFAULT_LAYER_TYPES` layers, in model order.
+
+    Frozen weights (``requires_grad=False``) are left out: they could not recover from pruning.
+    Name them in ``prune_patterns`` to prune them anyway.
 
     Example::
 
@@ -57,7 +60,9 @@ def candidate_weights(model: nn.Module) -> list[str]:
             for pname, param in module.named_parameters(recurse=False):
                 if pname.startswith("weight") or pname.endswith("proj_weight"):
                     chosen.add(id(param))
-    return [name for name, p in model.named_parameters() if id(p) in chosen and p.is_floating_point()]
+    return [
+        name for name, p in model.named_parameters() if id(p) in chosen and p.is_floating_point() and p.requires_grad
+    ]
 
 
 def _describe(names: Iterable[str]) -> str:

@@ -1,0 +1,311 @@
+"""``PruningCallback``: TF's gradual magnitude pruning inside ``Trainer.fit``.
+
+The callback owns a :class:`~lit_prune.Pruning` engine bound to the ``LightningModule`` in
+``setup``.  Per optimizer step (``trainer.global_step``, so gradient accumulation and several
+optimizers behave) it masks the gradients of pruned weights before the step, zeroes the pruned
+weights after it, and updates the masks by TF's rule from ``on_train_batch_end``.  Masks,
+thresholds and the last update step travel in the Lightning checkpoint; summaries go to
+``trainer.loggers`` under TF's tags, on rank zero, only at update steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lit_prune.hparams import HParamsError, PruningHParams
+from lit_prune.pruning import Pruning, SparsityFn
+from lit_prune.strip import strip_pruning_vars
+
+__all__ = ["PruningCallback", "strip_checkpoint"]
+
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _plain(value: Any) -> Any:
+    """``DictConfig``/``ListConfig`` (what Hydra hands over) to plain dicts and lists, without importing OmegaConf."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+class PruningCallback(Callback):
+    """Gradual magnitude pruning with TF ``model_pruning``'s semantics, as a Lightning callback.
+
+    Args:
+        hparams: A :class:`~lit_prune.PruningHParams`, a plain mapping or ``DictConfig`` of its
+            fields, a TF-style ``"name=value,..."`` string, or ``None`` for TF's defaults.
+        sparsity: Overrides the schedule (a number or a callable of the step), as TF's
+            ``Pruning(spec, sparsity=...)``.
+        export_path: If set, ``on_train_end`` writes the stripped model's ``state_dict``
+            (masks folded in, loadable into the unpruned architecture) to this file.
+        log_histograms: At each mask update, also write per-layer histograms of the kept weights
+            and a per-layer sparsity histogram to a ``TensorBoardLogger``.
+        **overrides: Hyperparameters given by keyword, applied over ``hparams``.
+
+    Raises:
+        HParamsError: a malformed spec (at construction) or, in ``setup``, a map entry that
+            matches no weight of the module, listing the candidates.
+        MisconfigurationException: an FSDP/DeepSpeed/model-parallel strategy (masks need whole
+            weights; use DDP).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lit_prune import PruningCallback
+        >>> pruning = PruningCallback(target_sparsity=0.9, sparsity_function_end_step=1000)
+        >>> pruning.hparams.target_sparsity
+        0.9
+        >>> trainer = Trainer(callbacks=[pruning], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        hparams: PruningHParams | Mapping[str, Any] | str | None = None,
+        *,
+        sparsity: float | SparsityFn | None = None,
+        export_path: str | Path | None = None,
+        log_histograms: bool = True,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        if hparams is None:
+            spec = PruningHParams()
+        elif isinstance(hparams, PruningHParams):
+            spec = hparams
+        elif isinstance(hparams, str):
+            spec = PruningHParams().parse(hparams)
+        elif isinstance(hparams, Mapping):
+            spec = PruningHParams.from_dict(_plain(hparams))
+        else:
+            raise HParamsError(
+                f"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' string, got {hparams!r}"
+            )
+        self.hparams = spec.replace(**_plain(overrides)) if overrides else spec
+        self.sparsity = sparsity
+        self.export_path = Path(export_path) if export_path is not None else None
+        self.log_histograms = log_histograms
+        self.pruning: Pruning | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._last_seen_step = -1
+        self._model_sparsity = 0.0
+
+    @classmethod
+    def from_string(cls, values: str, **kwargs: Any) -> PruningCallback:
+        """Build from a TF ``--pruning_hparams`` string.
+
+        Example::
+
+            >>> cb = PruningCallback.from_string("target_sparsity=0.9,weight_sparsity_map=[fc.*:0.95]")
+            >>> cb.hparams.target_sparsity, cb.hparams.weight_sparsity_map
+            (0.9, ['fc.*:0.95'])
+        """
+        return cls(PruningHParams().parse(values), **kwargs)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.hparams.name)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _UNSUPPORTED_STRATEGIES:
+            raise MisconfigurationException(
+                f"`PruningCallback` does not support `{strategy}`: masks and thresholds are computed over whole "
+                "weights, which it shards. Use `strategy='ddp'` (or a single device)."
+            )
+        if self.pruning is None or self.pruning.model is not pl_module:
+            self.pruning = Pruning(pl_module, self.hparams, sparsity=self.sparsity)
+            rank_zero_info(f"PruningCallback `{self.hparams.name}`: pruning {len(self.pruning.weight_names)} weights")
+        self._restore_pending()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_pending()  # strategies that restore after setup (deferred restore)
+        self._engine().apply_mask()
+
+    # ------------------------------------------------------------------ training
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # TF's masked weight had a zero gradient: keep momentum/Adam state of pruned weights from building up.
+        pruning = self._engine()
+        for name, weight in pruning.get_weights().items():
+            if weight.grad is not None and not pruning.is_dense(name):
+                weight.grad.mul_(pruning.get_masks()[name].view(torch.uint8))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        pruning = self._engine()
+        if step != self._last_seen_step:  # an optimizer step happened (not a mid-accumulation batch)
+            self._last_seen_step = step
+            pruning.apply_mask()
+            if pruning.conditional_mask_update(step):
+                self._log_update(trainer, pl_module, step)
+        pl_module.log("sparsity", self._model_sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._engine().apply_mask()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._engine().apply_mask()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._engine().apply_mask()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is not None and trainer.is_global_zero:
+            self.export_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.stripped_state_dict(pl_module), self.export_path)
+            rank_zero_info(f"PruningCallback: stripped model written to {self.export_path}")
+
+    # ------------------------------------------------------------------ summaries
+    def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        pruning = self._engine()
+        summaries = pruning.summaries(step)
+        tensors = {k: v for k, v in summaries.items() if isinstance(v, Tensor)}
+        values = torch.stack([v.detach().float() for v in tensors.values()] + [pruning.model_sparsity()]).tolist()
+        self._model_sparsity = values[-1]  # one host read per update, none in other steps
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        metrics = {k: float(v) for k, v in summaries.items() if not isinstance(v, Tensor)}
+        metrics.update(zip(tensors, values, strict=False))
+        metrics[f"{self.hparams.name}_summaries/model_sparsity"] = self._model_sparsity
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.log_histograms:
+            self._log_histograms(trainer, step)
+
+    def _log_histograms(self, trainer: pl.Trainer, step: int) -> None:
+        pruning = self._engine()
+        prefix = f"{self.hparams.name}_summaries"
+        sparsities = torch.stack(list(pruning.get_weight_sparsity().values())).cpu()
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            writer.add_histogram(f"{prefix}/layer_sparsity", sparsities, global_step=step)
+            for name, weight in pruning.get_weights().items():
+                kept = weight.detach()[pruning.get_masks()[name]]
+                if kept.numel():
+                    writer.add_histogram(f"{prefix}/{name}/kept_weights", kept.float().cpu(), global_step=step)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.pruning is None:
+            return dict(self._pending_state or {})
+        return {
+            "pruning": self.pruning.state_dict(),
+            "hparams": self.hparams.to_dict(),
+            "last_seen_step": self._last_seen_step,
+            "model_sparsity": self._model_sparsity,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "pruning" not in state_dict:
+            raise ValueError(
+                f"checkpoint state for `{self.state_key}` holds no pruning state (keys: {sorted(state_dict)}); "
+                "it was not written by lit_prune's PruningCallback"
+            )
+        self._pending_state = dict(state_dict)
+        if self.pruning is not None:
+            self._restore_pending()
+
+    def _restore_pending(self) -> None:
+        if self._pending_state is None or self.pruning is None:
+            return
+        state, self._pending_state = self._pending_state, None
+        saved = state.get("hparams")
+        if saved is not None and saved != self.hparams.to_dict():
+            changed = sorted(k for k in saved if saved.get(k) != self.hparams.to_dict().get(k))
+            rank_zero_warn(f"PruningCallback: resuming with changed hparams {changed}; the saved masks are kept")
+        self.pruning.load_state_dict(state["pruning"])
+        self._last_seen_step = int(state.get("last_seen_step", -1))
+        self._model_sparsity = float(state.get("model_sparsity", 0.0))
+
+    # ------------------------------------------------------------------ API
+    def _engine(self) -> Pruning:
+        if self.pruning is None:
+            raise RuntimeError(
+                "PruningCallback is not bound to a model yet: it binds in `setup` (Trainer.fit/validate/...)"
+            )
+        return self.pruning
+
+    def get_masks(self) -> dict[str, Tensor]:
+        """``{parameter name: bool mask}`` of the pruned weights."""
+        return self._engine().get_masks()
+
+    def get_thresholds(self) -> dict[str, Tensor]:
+        """``{parameter name: float32 threshold}`` of the pruned weights."""
+        return self._engine().get_thresholds()
+
+    def get_weight_sparsity(self) -> dict[str, Tensor]:
+        """``{parameter name: fraction masked}`` of the pruned weights."""
+        return self._engine().get_weight_sparsity()
+
+    def stripped_state_dict(self, pl_module: nn.Module) -> dict[str, Tensor]:
+        """The module's ``state_dict`` with masks folded in and masked-layer buffers dropped."""
+        return strip_pruning_vars(pl_module, self._engine()).state_dict()
+
+
+def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None = None) -> dict[str, Tensor]:
+    """Fold the masks of a Lightning checkpoint into its weights: a plain ``state_dict`` for export.
+
+    Reads the checkpoint with ``weights_only=True``, multiplies each pruned weight by the mask
+    saved by every ``PruningCallback`` in it, drops the masked layers' ``mask``/``threshold``
+    buffers, and writes the result to ``output_path`` if given.
+
+    Raises:
+        ValueError: the checkpoint holds no ``PruningCallback`` state.
+
+    Example::
+
+        >>> strip_checkpoint("last.ckpt", "model_stripped.pt")  # doctest: +SKIP
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
+    if not states:
+        raise ValueError(f"{checkpoint_path} holds no PruningCallback state; nothing to strip")
+    model_state = dict(checkpoint["state_dict"])
+    for state in states:
+        for name, mask in state["pruning"]["masks"].items():
+            if name not in model_state:
+                raise ValueError(f"{checkpoint_path}: pruned weight {name!r} is not in the model's state_dict")
+            model_state[name] = model_state[name] * mask.to(model_state[name].dtype)
+            module, _, param = name.rpartition(".")
+            prefix = f"{module}." if module else ""
+            mask_key, threshold_key = (
+                (f"{prefix}mask", f"{prefix}threshold")
+                if param == "weight"
+                else (f"{prefix}{param}_mask", f"{prefix}{param}_threshold")
+            )
+            if mask_key in model_state and model_state[mask_key].shape == mask.shape:  # a masked layer's buffers
+                del model_state[mask_key]
+                model_state.pop(threshold_key, None)
+    if output_path is not None:
+        torch.save(model_state, output_path)
+    return model_state
