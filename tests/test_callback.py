@@ -78,29 +78,29 @@ class Net(LightningModule):
 
 
 def trainer(tmp_path, callbacks, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=2,
-        deterministic=True,
-    )
+    defaults = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 2,
+        "deterministic": True,
+    }
     defaults.update(kwargs)
     return Trainer(callbacks=callbacks, **defaults)
 
 
-SPEC = dict(
-    begin_pruning_step=5,
-    end_pruning_step=40,
-    pruning_frequency=5,
-    target_sparsity=0.8,
-    sparsity_function_begin_step=5,
-    sparsity_function_end_step=40,
-)
+SPEC = {
+    "begin_pruning_step": 5,
+    "end_pruning_step": 40,
+    "pruning_frequency": 5,
+    "target_sparsity": 0.8,
+    "sparsity_function_begin_step": 5,
+    "sparsity_function_end_step": 40,
+}
 
 
 def test_fit_reaches_targets_with_exact_zeros(tmp_path):
