@@ -1,9 +1,11 @@
 """``PruningCallback``: TF's gradual magnitude pruning inside ``Trainer.fit``.
 
 The callback owns a :class:`~lit_prune.Pruning` engine bound to the ``LightningModule`` in
-``setup``.  Per optimizer step (``trainer.global_step``, so gradient accumulation and several
-optimizers behave) it masks the gradients of pruned weights before the step, zeroes the pruned
-weights after it, and updates the masks by TF's rule from ``on_train_batch_end``.  Masks,
+``setup``.  Once per optimizer step (``trainer.global_step``, so gradient accumulation and
+several optimizers behave) it zeroes the pruned weights after the step and updates the masks by
+TF's rule, from ``on_train_batch_end``.  Gradients are not masked: pruned weights are re-zeroed
+after every step and rank last at the next update, so whatever the optimizer state does to them
+never reaches the kept weights, and masking them would cost a second pass per step.  Masks,
 thresholds and the last update step travel in the Lightning checkpoint; summaries go to
 ``trainer.loggers`` under TF's tags, on rank zero, only at update steps.
 """
@@ -140,16 +142,6 @@ class PruningCallback(Callback):
 
     # ------------------------------------------------------------------ training
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # TF's masked weight had a zero gradient: keep momentum/Adam state of pruned weights from building up.
-        pruning = self._engine()
-        for name, weight in pruning.get_weights().items():
-            if weight.grad is not None and not pruning.is_dense(name):
-                weight.grad.mul_(pruning.get_masks()[name].view(torch.uint8))
-
-    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -160,7 +152,10 @@ class PruningCallback(Callback):
             pruning.apply_mask()
             if pruning.conditional_mask_update(step):
                 self._log_update(trainer, pl_module, step)
-        pl_module.log("sparsity", self._model_sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+                # The progress bar keeps the value until the next update: no per-step logging cost.
+                pl_module.log(
+                    "sparsity", self._model_sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False
+                )
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
