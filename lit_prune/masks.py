@@ -210,11 +210,12 @@ def _bin_edge(max_value: Tensor, i: int, nbins: int) -> Tensor:
 
 
 @torch.no_grad()
-def exact_threshold(scores: Tensor, sparsity: float) -> Tensor:
+def exact_threshold(scores: Tensor, sparsity: float, *, static: bool = False) -> Tensor:
     """TF r1.14+'s threshold: the ``k``-th largest score, ``k = round(n * (1 - s))`` (a 0-d tensor).
 
     TF crashed for ``k = 0`` (``gather(-1)``); here ``k = 0`` gives the float just above the
-    largest score, so every element is pruned, as the requested sparsity rounds.
+    largest score, so every element is pruned, as the requested sparsity rounds.  ``static=True``
+    keeps to ``kthvalue`` (static shapes) instead of the faster CPU band search.
 
     Example::
 
@@ -228,7 +229,7 @@ def exact_threshold(scores: Tensor, sparsity: float) -> Tensor:
     if k == flat.numel():
         return flat.min()
     rank = flat.numel() - k + 1  # the threshold is the rank-th smallest score
-    if flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
+    if not static and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
         found = _search_kth_smallest(flat, rank)
         if found is not None:
             return found
@@ -378,7 +379,8 @@ def compute_mask(
     ``scores`` is ``|w|`` or a saliency.  Block dims other than ``(1, 1)`` pool the scores over
     blocks of :func:`block_view_shape` first (element-wise if the weight is not 2-D after
     squeezing); the threshold then lives in pooled space, as in TF.  The mask is a
-    ``torch.bool`` tensor of ``scores.shape`` (written into ``out`` if given); ``max_score``, the
+    ``torch.bool`` tensor of ``scores.shape`` (written into ``out`` if given).  ``sort_count``
+    (TF's ``use_tpu``) keeps both thresholds to static shapes and no host reads.  ``max_score``, the
     largest ranked score, may be passed in when the caller already has it (element-wise only).
     An all-zero weight has nothing to rank and keeps its whole mask (TF's threshold was NaN).
 
@@ -401,7 +403,7 @@ def compute_mask(
     if method == "histogram":
         current = histogram_threshold(ranked, sparsity, nbins, max_value=max_score, sort_count=sort_count)
     elif method == "exact":
-        current = exact_threshold(ranked, sparsity)
+        current = exact_threshold(ranked, sparsity, static=sort_count)
     else:
         raise ValueError(f"`threshold_method` must be one of ['histogram', 'exact'], got {method!r}")
     threshold = smooth_threshold(current, previous_threshold.to(torch.float32), threshold_decay)

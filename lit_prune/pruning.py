@@ -215,20 +215,23 @@ class Pruning:
 
         The update reads two small vectors back to the host for the whole model (whether each
         weight is finite, and whether each mask still keeps everything): no per-weight
-        synchronisation.  One float32 scratch buffer the size of the largest weight lives for
+        synchronisation.  With ``use_tpu`` it reads nothing back (and so cannot check for NaN),
+        and the thresholds use only static shapes.  One float32 scratch buffer the size of the largest weight lives for
         the duration of the update.
 
         Raises:
-            FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed.
+            FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
+                (the saliency state of ``*_gradient`` options has advanced by then).
         """
         hp = self.hparams
         sparsities = self.weight_sparsities(step)
         weights = list(self._weights.values())
         maxima = [_abs_max(w.param) for w in weights]
-        finite = torch.isfinite(torch.stack(maxima)).cpu()
-        if not bool(finite.all()):
-            bad = [w.name for w, ok in zip(weights, finite.tolist(), strict=True) if not ok]
-            raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
+        if not hp.use_tpu:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
+            finite = torch.isfinite(torch.stack(maxima)).cpu()
+            if not bool(finite.all()):
+                bad = [w.name for w, ok in zip(weights, finite.tolist(), strict=True) if not ok]
+                raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
         scratch = None
         for w, max_abs in zip(weights, maxima, strict=True):
             param = w.param.detach()
@@ -256,8 +259,11 @@ class Pruning:
                 out=w.mask,
             )
             w.threshold.copy_(threshold)
-        kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
-        self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
+        if hp.use_tpu:
+            self._dense = dict.fromkeys(self._weights, False)
+        else:
+            kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
+            self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
         self.last_update_step = step
         self.apply_mask()
 

@@ -335,3 +335,28 @@ def test_bad_external_sparsity():
     pruning = Pruning(nn.Linear(2, 2), sparsity=lambda step: 2.0)
     with pytest.raises(HParamsError, match="external `sparsity` at step 0"):
         pruning.mask_update(0)
+
+
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+@pytest.mark.parametrize("block", [(1, 1), (2, 2)])
+def test_use_tpu_update_reads_nothing_back(method, block):
+    # On the meta device any host read (.item(), .cpu(), bool()) raises: the update must not need one.
+    model = nn.Sequential(nn.Linear(300, 300), nn.Linear(300, 10)).to("meta")
+    hp = PruningHParams(use_tpu=True, threshold_method=method, block_height=block[0], block_width=block[1])
+    pruning = Pruning(model, hp, sparsity=0.5)
+    pruning.mask_update(0)
+    pruning.apply_mask()
+    with pytest.raises(Exception):  # noqa: B017 - the default path does read back (NaN check)
+        Pruning(model, hp.replace(use_tpu=False), sparsity=0.5).mask_update(0)
+
+
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_per_weight_update_compiles_fullgraph(method):
+    from lit_prune.masks import compute_mask
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 300).abs()  # above the CPU search threshold: compiled code must take the sync-free path
+    compiled = torch.compile(compute_mask, fullgraph=True)
+    threshold, mask, _ = compiled(w, torch.tensor(0.0), 0.5, method=method)
+    eager_threshold, eager_mask, _ = compute_mask(w, torch.tensor(0.0), 0.5, method=method)
+    assert torch.equal(mask, eager_mask) and threshold.item() == eager_threshold.item()
