@@ -349,3 +349,49 @@ def test_ddp_two_processes_identical_masks_equal_to_single_process(tmp_path):
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(ranks[1]["masks"][name], mask), name
         assert torch.equal(reference["masks"][name], mask), name  # and equal to the single-process run
+
+
+class TwoOptimizers(Net):
+    """Manual optimization with two optimizers: global_step advances twice per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        first, second = self.optimizers()
+        x, y = batch
+        for opt in (first, second):
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return (
+            torch.optim.SGD(self.net[0].parameters(), lr=0.05),
+            torch.optim.SGD([*self.net[2].parameters(), *self.net[4].parameters()], lr=0.05),
+        )
+
+
+def test_two_optimizers_manual_optimization(tmp_path):
+    seed_everything(0)
+    model = TwoOptimizers()
+    cb = PruningCallback(PruningHParams(**SPEC))
+    trainer(tmp_path, [cb], max_steps=44, limit_val_batches=0).fit(model)
+    assert model.training_steps == 22  # two optimizer steps per batch
+    # checked at global steps 2, 4, ...: TF's drifting grid updates at 6, 12, ..., 36 (42 is past the end, 40)
+    assert cb.pruning.last_update_step == 36
+    params = dict(model.named_parameters())
+    for name, mask in cb.get_masks().items():
+        assert (params[name][~mask] == 0).all()
+
+
+def test_end_pruning_step_minus_one_keeps_updating(tmp_path):
+    seed_everything(0)
+    spec = {**SPEC, "end_pruning_step": -1}
+    cb = PruningCallback(PruningHParams(**spec))
+    trainer(tmp_path, [cb], max_epochs=6, limit_val_batches=0).fit(Net())
+    assert cb.pruning.last_update_step == 60  # never stops: every 5 steps until training ends
+    assert float(cb.get_weight_sparsity()["net.0.weight"]) == pytest.approx(0.8, abs=0.01)
