@@ -309,6 +309,8 @@ def _compile(field_name: str, pattern: str) -> re.Pattern[str]:
 
 
 def _map_to_list(field_name: str, value: Any) -> list[str]:
+    if value is None:  # a cleared map (Hydra's `null`)
+        return []
     if isinstance(value, Mapping):
         out = []
         for key, val in value.items():
@@ -361,6 +363,8 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     if kind == "map":
         return _map_to_list(name, value)
     if kind == "list":
+        if value is None:
+            return []
         if isinstance(value, str):
             return _map_to_list(name, value)
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

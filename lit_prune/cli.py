@@ -1,0 +1,198 @@
+"""The ``lit-prune`` command: a Hydra app that trains a LightningModule with gradual pruning.
+
+``lit-prune`` with no arguments trains the digits CNN (scikit-learn's digits) with TF's gradual
+schedule to 90 % sparsity, after a dense baseline of the same length, and leaves in the run
+folder: TensorBoard logs (``tensorboard/``), checkpoints (``checkpoints/last.ckpt``), the stripped
+model (``model_stripped.pt``) and ``summary.json``/``summary.md`` (dense vs pruned accuracy,
+per-layer sparsity).  Every field of the configs in ``conf/`` is overridable from the command line
+(``lit-prune pruning.target_sparsity=0.95``), ``pruning_hparams="..."`` takes a TF-style string,
+and ``--config-dir recipes --config-name NAME`` launches a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lit_prune.hparams import _FIELD_KINDS, PruningHParams
+
+__all__ = ["PruningSchema", "SparsitySweepPlot", "main", "train"]
+
+log = logging.getLogger("lit_prune")
+
+_SCHEMA_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "map": Any, "list": Any}
+
+
+def _schema_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    kind = _FIELD_KINDS[f.name]
+    if f.default_factory is not dataclasses.MISSING:  # the maps and pattern lists: empty = null
+        return f.name, _SCHEMA_TYPES[kind], dataclasses.field(default=None)
+    return f.name, _SCHEMA_TYPES[kind], dataclasses.field(default=f.default)
+
+
+#: The Hydra schema of a pruning spec: ``PruningHParams``'s fields, names, types and defaults.  The
+#: regex maps are typed ``Any`` with a ``null`` default, so that a command line may set them in
+#: TF's list form or as a ``{regex: value}`` mapping; ``PruningHParams`` validates their entries
+#: (and every range) when the run starts, before any training.
+PruningSchema = dataclasses.make_dataclass(
+    "PruningSchema", [_schema_field(f) for f in dataclasses.fields(PruningHParams)]
+)
+
+
+def register_configs() -> None:
+    """Register the pruning schema in Hydra's ``ConfigStore`` (group ``pruning``, name ``schema``)."""
+    ConfigStore.instance().store(group="pruning", name="schema", node=PruningSchema)
+
+
+def resolve_pruning(cfg: DictConfig) -> PruningHParams:
+    """Validate ``cfg.pruning``, apply ``cfg.pruning_hparams`` (a TF-style string) and write the result back."""
+    spec = PruningHParams.from_dict(OmegaConf.to_container(cfg.pruning, resolve=True))  # type: ignore[arg-type]
+    if cfg.get("pruning_hparams"):
+        spec.parse(str(cfg.pruning_hparams))
+    with open_dict(cfg):
+        cfg.pruning = OmegaConf.merge(OmegaConf.structured(PruningSchema), spec.to_dict())
+    return spec
+
+
+def _callbacks(cfg: DictConfig, with_pruning: bool) -> list[Any]:
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        is_pruning = str(node._target_).endswith("PruningCallback")
+        if is_pruning and not with_pruning:
+            continue
+        if not with_pruning and "ModelCheckpoint" in str(node._target_):
+            continue
+        out.append(instantiate(node, _convert_="all"))
+    return out
+
+
+def _fit_and_test(cfg: DictConfig, with_pruning: bool, version: str) -> tuple[Any, Any, float]:
+    from lightning.pytorch import seed_everything
+
+    seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    logger = instantiate(cfg.logger, version=version, _convert_="all") if cfg.get("logger") else False
+    callbacks = _callbacks(cfg, with_pruning)
+    extra = {} if with_pruning else {"enable_checkpointing": False}  # the dense baseline keeps no checkpoint
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all", **extra)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if with_pruning else None)
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    accuracy = float(results[0].get("test_acc", float("nan"))) if results else float("nan")
+    pruning = next((c for c in callbacks if type(c).__name__ == "PruningCallback"), None)
+    return trainer, pruning, accuracy
+
+
+def train(cfg: DictConfig) -> float:
+    """Run the configured job: optional dense baseline, pruned training, test, summary; returns pruned test accuracy."""
+    # Lightning prints through its own handler; Hydra's root handlers would print every line twice.
+    logging.getLogger("lightning.pytorch").propagate = False
+    spec = resolve_pruning(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    dense_acc = None
+    if cfg.get("dense_baseline"):
+        _, _, dense_acc = _fit_and_test(cfg, with_pruning=False, version="dense")
+    trainer, pruning, pruned_acc = _fit_and_test(cfg, with_pruning=True, version="pruned")
+    summary: dict[str, Any] = {
+        "dense_test_acc": dense_acc,
+        "pruned_test_acc": pruned_acc,
+        "target_sparsity": spec.target_sparsity,
+        "global_step": trainer.global_step,
+        "hparams": spec.to_dict(),
+    }
+    if pruning is not None:
+        summary["model_sparsity"] = float(pruning.pruning.model_sparsity())
+        summary["last_mask_update_step"] = pruning.pruning.last_update_step
+        summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.md").write_text(_summary_markdown(summary))
+    log.info("\n%s", _summary_markdown(summary))
+    return pruned_acc
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    lines = [
+        f"# lit_prune run: `{summary['hparams']['name']}`",
+        "",
+        "| | test accuracy |",
+        "| --- | ---: |",
+        f"| dense baseline | {pct(summary['dense_test_acc'])} |",
+        f"| pruned | {pct(summary['pruned_test_acc'])} |",
+        "",
+        f"Model sparsity {pct(summary.get('model_sparsity'))} (target {pct(summary['target_sparsity'])}), "
+        f"last mask update at step {summary.get('last_mask_update_step')} of {summary['global_step']}.",
+        "",
+        "| weight | sparsity |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| `{name}` | {pct(value)} |" for name, value in summary.get("weight_sparsity", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+class SparsitySweepPlot(HydraCallback):
+    """Hydra callback: after a multirun, plot test accuracy against sparsity from the jobs' ``summary.json``.
+
+    Writes ``accuracy_vs_sparsity.png`` and ``sweep.md`` into the sweep folder.
+    """
+
+    def __init__(self, filename: str = "accuracy_vs_sparsity.png") -> None:
+        self.filename = filename
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = []
+        for path in sorted(sweep_dir.glob("*/summary.json")):
+            s = json.loads(path.read_text())
+            rows.append((s.get("model_sparsity", s["target_sparsity"]), s["pruned_test_acc"], s.get("dense_test_acc")))
+        if not rows:
+            log.warning("SparsitySweepPlot: no summary.json under %s", sweep_dir)
+            return
+        rows.sort()
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([100 * r[0] for r in rows], [100 * r[1] for r in rows], "o-", label="pruned (lit_prune)")
+        dense = [r[2] for r in rows if r[2] is not None]
+        if dense:
+            ax.axhline(100 * sum(dense) / len(dense), color="grey", linestyle="--", label="dense baseline")
+        ax.set_xlabel("model sparsity (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("accuracy vs sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(sweep_dir / self.filename, dpi=120)
+        plt.close(fig)
+        table = ["| model sparsity | pruned test acc | dense test acc |", "| ---: | ---: | ---: |"]
+        table += [
+            f"| {100 * s:.1f} % | {100 * a:.2f} % | {'-' if d is None else f'{100 * d:.2f} %'} |" for s, a, d in rows
+        ]
+        (sweep_dir / "sweep.md").write_text("\n".join(table) + "\n")
+        log.info("SparsitySweepPlot: wrote %s", sweep_dir / self.filename)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lit_prune.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Entry point of ``lit-prune`` and ``python -m lit_prune``."""
+    return train(cfg)

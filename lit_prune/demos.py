@@ -1,0 +1,199 @@
+"""Data and models for the embedded default run, the recipes and the tests (after ``lightning.pytorch.demos``).
+
+* :class:`DigitsDataModule` - scikit-learn's 8x8 handwritten digits (1797 images, shipped with
+  the package: no download), a fixed train/val/test split.
+* :class:`SyntheticDataModule` - random images and labels of any shape, for speed tests.
+* :class:`ImageClassifier` - a ``LightningModule`` around any ``nn.Module``, logging loss and
+  accuracy; :func:`digits_cnn` and :func:`mlp` build the networks the configs name.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_prune.layers import MaskedConv2d
+
+__all__ = ["DigitsDataModule", "ImageClassifier", "SyntheticDataModule", "digits_cnn", "load_digits_split", "mlp"]
+
+
+def load_digits_split(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """Digits as ``{"train"|"val"|"test": (images [n, 1, 8, 8] in [0, 1], labels)}``: a fixed 70/10/20 split.
+
+    Example::
+
+        >>> {k: len(v[1]) for k, v in load_digits_split().items()}
+        {'train': 1257, 'val': 180, 'test': 360}
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train, n_val = int(0.7 * len(y)), int(0.1 * len(y))
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
+
+
+class _TensorDataModule(LightningDataModule):
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        x, y = self.splits[split]
+        generator = torch.Generator().manual_seed(0) if shuffle else None
+        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")
+
+
+class DigitsDataModule(_TensorDataModule):
+    """scikit-learn's digits (8x8 grey images, 10 classes), shipped with scikit-learn.
+
+    Example::
+
+        >>> dm = DigitsDataModule(batch_size=32)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))[0].shape
+        torch.Size([32, 1, 8, 8])
+    """
+
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__(batch_size)
+        self.seed = seed
+
+    def setup(self, stage: str) -> None:  # noqa: D102
+        if not self.splits:
+            self.splits = load_digits_split(self.seed)
+
+
+class SyntheticDataModule(_TensorDataModule):
+    """Random images and labels (for speed tests): ``shape`` per sample, ``num_classes`` labels.
+
+    Example::
+
+        >>> dm = SyntheticDataModule(num_samples=64, shape=(3, 32, 32), batch_size=16)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))[0].shape
+        torch.Size([16, 3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 1024,
+        shape: tuple[int, ...] | list[int] = (1, 8, 8),
+        num_classes: int = 10,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size)
+        self.num_samples, self.shape, self.num_classes, self.seed = num_samples, tuple(shape), num_classes, seed
+
+    def setup(self, stage: str) -> None:  # noqa: D102
+        if self.splits:
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        n = self.num_samples
+        x = torch.randn(n, *self.shape, generator=g)
+        y = torch.randint(0, self.num_classes, (n,), generator=g)
+        cut = [int(0.8 * n), int(0.9 * n)]
+        self.splits = {"train": (x[: cut[0]], y[: cut[0]]), "val": (x[cut[0] : cut[1]], y[cut[0] : cut[1]])}
+        self.splits["test"] = (x[cut[1] :], y[cut[1] :])
+
+
+def digits_cnn(width: int = 32, hidden: int = 128, masked: bool = True, num_classes: int = 10) -> nn.Sequential:
+    """A small CNN for 1x8x8 digits: two (masked) 3x3 convs, max-pool, two linear layers.
+
+    Example::
+
+        >>> digits_cnn()(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    conv = MaskedConv2d if masked else nn.Conv2d
+    return nn.Sequential(
+        conv(1, width, 3, padding=1),
+        nn.ReLU(),
+        conv(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * 16, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def mlp(in_features: int = 64, hidden: int = 256, depth: int = 2, num_classes: int = 10) -> nn.Sequential:
+    """A flatten + ReLU MLP.
+
+    Example::
+
+        >>> mlp()(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class ImageClassifier(LightningModule):
+    """Cross-entropy classification around ``net``; logs ``train_loss``, ``val_acc``, ``test_acc``.
+
+    Example::
+
+        >>> model = ImageClassifier(digits_cnn(), lr=1e-3)
+        >>> model(torch.zeros(1, 1, 8, 8)).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(self, net: nn.Module, lr: float = 2e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.net(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "train")
+        if stage != "train":
+            self.log(f"{stage}_acc", acc, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:  # noqa: D102
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:  # noqa: D102
+        return self(batch[0]).argmax(1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

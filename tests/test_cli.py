@@ -1,0 +1,185 @@
+"""The Hydra app: configs compose and validate, overrides reach the callback, the command and recipes run.
+
+Run: pytest tests/test_cli.py   (subprocess runs of `lit-prune` are marked slow)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.utils import instantiate
+
+import lit_prune.cli  # noqa: F401 - registers the pruning schema
+from lit_prune import HParamsError, PruningCallback
+from lit_prune.cli import resolve_pruning
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# A short schedule for the short test runs (20 steps per epoch on digits).
+SHORT = [
+    "trainer.max_epochs=1",
+    "pruning.begin_pruning_step=2",
+    "pruning.end_pruning_step=16",
+    "pruning.pruning_frequency=2",
+    "pruning.sparsity_function_begin_step=2",
+    "pruning.sparsity_function_end_step=16",
+]
+
+
+def compose_main(overrides=()):
+    with initialize_config_module(version_base="1.3", config_module="lit_prune.conf"):
+        return compose("config", overrides=list(overrides))
+
+
+def pruning_callback(cfg, tmp_path):
+    resolve_pruning(cfg)
+    node = cfg.callbacks.pruning.copy()
+    node.export_path = str(tmp_path / "x.pt")
+    return instantiate(node, _convert_="all")
+
+
+def test_overrides_reach_the_callback(tmp_path):
+    cfg = compose_main(
+        [
+            "pruning.target_sparsity=0.95",
+            "pruning.pruning_frequency=50",
+            "pruning.weight_sparsity_map={conv1: 0.7, fc.*: 0.95}",
+            "pruning.block_dims_map=[net.6:4x4]",
+        ]
+    )
+    cb = pruning_callback(cfg, tmp_path)
+    assert isinstance(cb, PruningCallback)
+    assert cb.hparams.target_sparsity == 0.95 and cb.hparams.pruning_frequency == 50
+    assert cb.hparams.weight_sparsity_map == ["conv1:0.7", "fc.*:0.95"]
+    assert cb.hparams.block_dims_map == ["net.6:4x4"]
+    assert type(cb.hparams.weight_sparsity_map) is list  # no ListConfig leaks into callback state
+
+
+def test_tf_string_and_list_form(tmp_path):
+    cfg = compose_main(['pruning_hparams="target_sparsity=0.8,weight_sparsity_map=[net.0:0.5]"'])
+    cb = pruning_callback(cfg, tmp_path)
+    assert cb.hparams.target_sparsity == 0.8 and cb.hparams.weight_sparsity_map == ["net.0:0.5"]
+    cfg = compose_main(["pruning.weight_sparsity_map=['layer[0-9]+\\.conv:0.8','a{1,2} b:0.5']"])
+    assert resolve_pruning(cfg).weight_sparsity_map == [r"layer[0-9]+\.conv:0.8", "a{1,2} b:0.5"]
+
+
+def test_plus_tilde_and_null_overrides(tmp_path):
+    cfg = compose_main(["+pruning.weight_sparsity_map.fc=0.7", "~callbacks.model_checkpoint", "~logger"])
+    assert resolve_pruning(cfg).weight_sparsity_map == ["fc:0.7"]
+    assert list(cfg.callbacks) == ["pruning"] and cfg.get("logger") is None
+    cfg = compose_main(
+        ["pruning=per_layer", "pruning.weight_sparsity_map=null", "pruning.weight_sparsity_map={fc: 0.5}"]
+    )
+    assert resolve_pruning(cfg).weight_sparsity_map == ["fc:0.5"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruning.target_sparsty=0.5", "Could not override 'pruning.target_sparsty'"),
+        ("pruning.target_sparsity=abc", "Error merging override pruning.target_sparsity=abc"),
+        ("pruning.nbins=1.5", "Error merging override pruning.nbins=1.5"),
+    ],
+)
+def test_schema_rejects_bad_keys_and_types(override, message):
+    with pytest.raises(Exception, match=message):
+        compose_main([override])
+
+
+def test_malformed_map_fails_before_training():
+    cfg = compose_main(["pruning.weight_sparsity_map=[conv1]"])
+    with pytest.raises(HParamsError, match="`weight_sparsity_map` entry 'conv1' is malformed"):
+        resolve_pruning(cfg)
+    cfg = compose_main(["pruning.target_sparsity=1.5"])
+    with pytest.raises(HParamsError, match=r"`target_sparsity` must be a float in \[0, 1\)"):
+        resolve_pruning(cfg)
+
+
+@pytest.mark.parametrize("pruning", ["gradual", "tf_default", "block_4x4", "block_1x16", "per_layer"])
+def test_every_pruning_spec_is_valid(pruning):
+    resolve_pruning(compose_main([f"pruning={pruning}"]))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_composes(name):
+    with initialize_config_dir(version_base="1.3", config_dir=str(RECIPES)):
+        cfg = compose(name)
+    resolve_pruning(cfg)
+    assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
+
+
+def run_cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "lit_prune", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_console_script_default_run_produces_the_promised_files(tmp_path):
+    result = subprocess.run(
+        ["lit-prune", *SHORT, "hydra.run.dir=run"], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dense_test_acc"] > 0.5 and summary["pruned_test_acc"] > 0.5
+    assert summary["model_sparsity"] == pytest.approx(0.9, abs=0.02)
+    assert set(summary["weight_sparsity"]) == {"net.0.weight", "net.2.weight", "net.6.weight", "net.8.weight"}
+    assert (run / "summary.md").read_text().startswith("# lit_prune run")
+    assert (run / "model_stripped.pt").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert list((run / "tensorboard" / "pruned").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / "dense").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruning.target_sparsty=0.5", "Could not override 'pruning.target_sparsty'"),
+        ("pruning.nbins=abc", "Error merging override pruning.nbins=abc"),
+        ("pruning.weight_sparsity_map=[conv1]", "`weight_sparsity_map` entry 'conv1' is malformed"),
+        ("pruning.weight_sparsity_map=[conv9:0.5]", "'conv9' matches no pruned weight; candidates"),
+    ],
+)
+def test_bad_command_lines_exit_non_zero_with_a_clear_message(tmp_path, override, message):
+    result = run_cli(override, "dense_baseline=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gradual_90", "block_4x4", "per_layer"])
+def test_recipes_run_briefly(tmp_path, name):
+    result = run_cli("--config-dir", str(RECIPES), "--config-name", name, *SHORT, "dense_baseline=false",
+                     "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["hparams"]["name"] in {"gradual_90", "digits_block_4x4", "digits_per_layer"}
+    if name == "per_layer":
+        assert summary["weight_sparsity"]["net.0.weight"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.slow
+def test_sweep_recipe_two_points_writes_runs_and_plot(tmp_path):
+    result = run_cli(
+        "--config-dir", str(RECIPES), "--config-name", "sparsity_sweep", *SHORT, "dense_baseline=false",
+        "hydra.sweeper.params={pruning.target_sparsity: '0.5,0.9'}", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    summaries = sorted(json.loads(p.read_text())["target_sparsity"] for p in sweep.glob("*/summary.json"))
+    assert summaries == [0.5, 0.9]
+    assert (sweep / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    assert "| model sparsity |" in (sweep / "sweep.md").read_text()
+
+
+@pytest.mark.slow
+def test_plain_multirun_two_points(tmp_path):
+    result = run_cli("-m", "pruning.target_sparsity=0.5,0.75", *SHORT, "dense_baseline=false", "logger=null",
+                     "hydra.sweep.dir=multi", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir()) == ["0", "1"]
