@@ -66,7 +66,7 @@ def resolve_pruning(cfg: DictConfig) -> PruningHParams:
 
 def _callbacks(cfg: DictConfig, with_pruning: bool) -> list[Any]:
     out = []
-    for name, node in (cfg.get("callbacks") or {}).items():
+    for node in (cfg.get("callbacks") or {}).values():
         if node is None or "_target_" not in node:
             continue
         is_pruning = str(node._target_).endswith("PruningCallback")
