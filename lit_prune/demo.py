@@ -1,15 +1,14 @@
-"""A real training run with gradual pruning on shipped data: scikit-learn's 8x8 digits.
+"""The engine in a plain PyTorch loop (no Lightning, no Hydra): gradual pruning on scikit-learn's digits.
 
-``python -m lit_prune.demo`` trains a small CNN (masked conv layers + plain linear layers) on
-``sklearn.datasets.load_digits`` with TF's gradual schedule to 90 % sparsity, writes TensorBoard
-summaries under ``runs/demo/`` (``tensorboard --logdir runs``), saves the stripped model and
-prints dense-vs-pruned accuracy and per-layer sparsity.  It takes about 20 s on two CPU cores.
+``python -m lit_prune.demo`` trains the digits CNN with TF's gradual schedule to 90 % sparsity,
+after a dense baseline, writes TensorBoard summaries under ``runs/demo/``, saves the stripped
+model and prints dense-vs-pruned accuracy and per-layer sparsity (about 30 s on two CPU cores).
 Any hparam can be overridden with a TF-style string::
 
     python -m lit_prune.demo --pruning_hparams "target_sparsity=0.95,threshold_method=exact"
 
-This is the engine driven by a plain PyTorch loop; the Lightning callback and the Hydra app sit
-on the same ``Pruning`` object.
+The main job is ``lit-prune`` (the Hydra app around the Lightning callback); this script shows
+what the callback does, step by step, for users of other training loops.
 """
 
 from __future__ import annotations
@@ -22,40 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from lit_prune import MaskedConv2d, Pruning, PruningHParams, strip_pruning_vars
+from lit_prune import Pruning, PruningHParams, strip_pruning_vars
+from lit_prune.digits import digits_cnn, load_digits_split
 
 DEFAULT_HPARAMS = (
     "name=digits_pruning,begin_pruning_step=100,end_pruning_step=600,pruning_frequency=20,"
     "target_sparsity=0.9,sparsity_function_begin_step=100,sparsity_function_end_step=500"
 )
-
-
-def digits_cnn() -> nn.Module:
-    """A small CNN for 1x8x8 digits: two masked convs and two linear layers (~30 k weights)."""
-    return nn.Sequential(
-        MaskedConv2d(1, 32, 3, padding=1),
-        nn.ReLU(),
-        MaskedConv2d(32, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    )
-
-
-def load_digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Digits as ``(x_train, y_train, x_test, y_test)``, images scaled to [0, 1], a fixed 80/20 split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(y))
-    train, test = order[:split], order[split:]
-    return x[train], y[train], x[test], y[test]
 
 
 @torch.no_grad()
@@ -72,7 +44,8 @@ def train(
 ) -> tuple[nn.Module, Pruning | None]:
     """Train ``digits_cnn`` with Adam; prune with ``hparams`` (``None`` = dense)."""
     torch.manual_seed(seed)
-    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    splits = load_digits_split(seed)
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     model = digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     pruning = Pruning(model, hparams) if hparams is not None else None
@@ -115,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     logdir = Path(args.logdir)
     start = time.perf_counter()
-    _, _, x_test, y_test = load_digits_split(args.seed)
+    x_test, y_test = load_digits_split(args.seed)["test"]
     dense, _ = train(None, args.epochs, args.seed, SummaryWriter(str(logdir / "dense")))
     writer = SummaryWriter(str(logdir / "pruned"))
     pruned, pruning = train(hparams, args.epochs, args.seed, writer)

@@ -4,7 +4,8 @@
   the package: no download), a fixed train/val/test split.
 * :class:`SyntheticDataModule` - random images and labels of any shape, for speed tests.
 * :class:`ImageClassifier` - a ``LightningModule`` around any ``nn.Module``, logging loss and
-  accuracy; :func:`digits_cnn` and :func:`mlp` build the networks the configs name.
+  accuracy; :func:`~lit_prune.digits.digits_cnn` and :func:`~lit_prune.digits.mlp` (re-exported
+  here) build the networks the configs name.
 """
 
 from __future__ import annotations
@@ -14,28 +15,9 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_prune.layers import MaskedConv2d
+from lit_prune.digits import digits_cnn, load_digits_split, mlp
 
 __all__ = ["DigitsDataModule", "ImageClassifier", "SyntheticDataModule", "digits_cnn", "load_digits_split", "mlp"]
-
-
-def load_digits_split(seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
-    """Digits as ``{"train"|"val"|"test": (images [n, 1, 8, 8] in [0, 1], labels)}``: a fixed 70/10/20 split.
-
-    Example::
-
-        >>> {k: len(v[1]) for k, v in load_digits_split().items()}
-        {'train': 1257, 'val': 180, 'test': 360}
-    """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_train, n_val = int(0.7 * len(y)), int(0.1 * len(y))
-    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
-    return {name: (x[idx], y[idx]) for name, idx in parts.items()}
 
 
 class _TensorDataModule(LightningDataModule):
@@ -114,45 +96,6 @@ class SyntheticDataModule(_TensorDataModule):
         cut = [int(0.8 * n), int(0.9 * n)]
         self.splits = {"train": (x[: cut[0]], y[: cut[0]]), "val": (x[cut[0] : cut[1]], y[cut[0] : cut[1]])}
         self.splits["test"] = (x[cut[1] :], y[cut[1] :])
-
-
-def digits_cnn(width: int = 32, hidden: int = 128, masked: bool = True, num_classes: int = 10) -> nn.Sequential:
-    """A small CNN for 1x8x8 digits: two (masked) 3x3 convs, max-pool, two linear layers.
-
-    Example::
-
-        >>> digits_cnn()(torch.zeros(2, 1, 8, 8)).shape
-        torch.Size([2, 10])
-    """
-    conv = MaskedConv2d if masked else nn.Conv2d
-    return nn.Sequential(
-        conv(1, width, 3, padding=1),
-        nn.ReLU(),
-        conv(width, 2 * width, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(2 * width * 16, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, num_classes),
-    )
-
-
-def mlp(in_features: int = 64, hidden: int = 256, depth: int = 2, num_classes: int = 10) -> nn.Sequential:
-    """A flatten + ReLU MLP.
-
-    Example::
-
-        >>> mlp()(torch.zeros(2, 1, 8, 8)).shape
-        torch.Size([2, 10])
-    """
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
 
 
 class ImageClassifier(LightningModule):

@@ -21,7 +21,7 @@ from lit_prune.cli import resolve_pruning
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # A short schedule for the short test runs (20 steps per epoch on digits).
 SHORT = [
-    "trainer.max_epochs=1",
+    "trainer.max_epochs=2",
     "pruning.begin_pruning_step=2",
     "pruning.end_pruning_step=16",
     "pruning.pruning_frequency=2",
@@ -179,7 +179,7 @@ def test_sweep_recipe_two_points_writes_runs_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_plain_multirun_two_points(tmp_path):
-    result = run_cli("-m", "pruning.target_sparsity=0.5,0.75", *SHORT, "dense_baseline=false", "logger=null",
+    result = run_cli("-m", "pruning.target_sparsity=0.5,0.75", *SHORT, "dense_baseline=false", "~logger",
                      "hydra.sweep.dir=multi", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir()) == ["0", "1"]
