@@ -128,7 +128,7 @@ def histogram_threshold(
 #: Below this size the full histogram is cheaper than the search.
 _SEARCH_MIN_NUMEL = 1 << 16
 #: Elements in the sample that predicts the threshold bin.
-_SAMPLE_SIZE = 1 << 13
+_SAMPLE_SIZE = 1 << 15
 #: Count passes the search may spend before it falls back to the full histogram.
 _SEARCH_MAX_PASSES = 4
 
@@ -172,18 +172,17 @@ def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -
     n = flat.numel()
     sample = flat[:: max(1, n // _SAMPLE_SIZE)]
     rank = min(sample.numel(), max(1, round(k * sample.numel() / n)))
-    predicted = torch.kthvalue(sample, rank).values.reshape(1)
-    j = int(_histogram_bins(predicted, max_value, nbins))
+    sample_counts = torch.bincount(_histogram_bins(sample, max_value, nbins).long(), minlength=nbins)
+    j = int((sample_counts.cumsum(0) < rank).sum())  # the sample's own threshold bin
     below = torch.empty_like(flat, dtype=torch.bool)
+    bits = flat.view(torch.int32)  # scores are >= 0 (from abs: no -0.0), so float32 bits order like int32
 
     def count_below_bin(i: int) -> int:  # C_{i-1}: scores whose bin is < i
         if i <= 0:
             return 0
         if i >= nbins:
             return n
-        # Scores are >= 0 (no -0.0: they come from abs), so their float32 bits order like int32.
-        edge = _bin_edge(max_value, i, nbins).view(torch.int32)
-        return int(torch.count_nonzero(torch.lt(flat.view(torch.int32), edge, out=below)))
+        return int(torch.count_nonzero(torch.lt(bits, _f32_bits(_bin_edge(m, i, nbins)), out=below)))
 
     lower, upper = count_below_bin(j), count_below_bin(j + 1)
     for _ in range(_SEARCH_MAX_PASSES):
@@ -196,17 +195,29 @@ def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -
     return None
 
 
-def _bin_edge(max_value: Tensor, i: int, nbins: int) -> Tensor:
-    """The smallest float32 ``x >= 0`` whose TF bin ``floor(nbins * (x / max))`` is ``>= i``."""
-    edge = torch.tensor(i / nbins, dtype=torch.float32).mul_(max_value).reshape(1)
-    zero = torch.zeros(1)
-    inf = torch.full((1,), math.inf)
-    # The estimate is within a few ulps of the edge; walk to it with TF's own float32 binning.
-    while int(_histogram_bins(edge, max_value, nbins)) >= i and float(edge) > 0:
-        edge = torch.nextafter(edge, zero)
-    while int(_histogram_bins(edge, max_value, nbins)) < i:
-        edge = torch.nextafter(edge, inf)
-    return edge.reshape(())
+# Float32 arithmetic on the host, exact: a float32 division or product computed in float64 and
+# rounded to float32 equals the float32 operation (float64 has more than 2 * 24 + 2 bits).
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _f32_from_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _tf_bin(x: float, max_value: float, nbins: int) -> int:
+    """TF's bin of one float32 score: ``min(floor(float32(nbins) * float32(x / max)), nbins - 1)``."""
+    return min(math.floor(_f32(float(nbins) * _f32(x / max_value))), nbins - 1)
+
+
+def _bin_edge(max_value: float, i: int, nbins: int) -> float:
+    """The smallest float32 ``x >= 0`` whose TF bin is ``>= i`` (``0 < i < nbins``)."""
+    edge = _f32(_f32(i / nbins) * max_value)  # within a few ulps of the edge; walk to it
+    while edge > 0 and _tf_bin(edge, max_value, nbins) >= i:
+        edge = _f32_from_bits(_f32_bits(edge) - 1)
+    while _tf_bin(edge, max_value, nbins) < i:
+        edge = _f32_from_bits(_f32_bits(edge) + 1)
+    return edge
 
 
 @torch.no_grad()
