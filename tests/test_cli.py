@@ -183,3 +183,42 @@ def test_plain_multirun_two_points(tmp_path):
                      "hydra.sweep.dir=multi", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "multi").iterdir() if p.is_dir()) == ["0", "1"]
+
+
+USER_MODULE = """
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class MyNet(LightningModule):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.body(batch[0]), batch[1])
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_acc", (self.body(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+"""
+
+
+@pytest.mark.slow
+def test_users_plug_in_their_own_module_by_target(tmp_path):
+    (tmp_path / "my_project.py").write_text(USER_MODULE)
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "mine.yaml").write_text("_target_: my_project.MyNet\nhidden: 32\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        ["lit-prune", "--config-dir", "my_conf", "model=mine", *SHORT, "dense_baseline=false",
+         "pruning.weight_sparsity_map=[body.1:0.5]", "hydra.run.dir=run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["weight_sparsity"]) == {"body.1.weight", "body.3.weight"}
+    assert summary["weight_sparsity"]["body.1.weight"] == pytest.approx(0.5, abs=0.02)
