@@ -1,0 +1,204 @@
+"""HALCON-style structured pruning: exact oracle, Taylor scores, exact surgery, bad requests.
+
+Run: pytest tests/test_oracle.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lit_prune.oracle import (
+    OraclePruning,
+    StructuredPruningError,
+    add_dl_pruning_batch,
+    create_dl_pruning,
+    gen_dl_pruned_model,
+    get_dl_pruning_param,
+    set_dl_pruning_param,
+)
+from lit_prune.oracle.scores import _gate_hooks, exact_oracle, spearman
+from lit_prune.oracle.surgery import build_groups, prune_groups
+
+
+class ResNetLike(nn.Module):
+    """conv-BN-ReLU stem, a residual block, a depthwise conv, a strided conv, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bdw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        x = torch.relu(x + y)
+        x = torch.relu(self.bdw(self.dw(x)))
+        x = torch.relu(self.b3(self.c3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].sum((1, 2)) > 0).long() + 2 * (x[:, 0, 4:].sum((1, 2)) > 0).long()
+    return x, y
+
+
+def trained(seed=0, steps=60):
+    torch.manual_seed(seed)
+    model = ResNetLike()
+    x, y = data(256, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_groups_follow_the_residual_and_depthwise_coupling():
+    _, groups = build_groups(ResNetLike(), torch.randn(1, 1, 8, 8))
+    by_name = {g.name: g for g in groups}
+    assert sorted(by_name) == ["c1", "c3", "stem"]
+    assert set(by_name["stem"].convs) == {"stem", "c2", "dw"}  # residual add + depthwise share channels
+    assert set(by_name["stem"].gates) == {"bn", "b2", "bdw"}
+    assert by_name["c3"].channels == 12
+
+
+def test_exact_oracle_equals_the_loss_change_of_physical_removal():
+    model = trained()
+    x, y = data(64, seed=1)
+    _, groups = build_groups(model, x[:1])
+    deltas = exact_oracle(model, groups, (x, y), nn.functional.cross_entropy)
+    with torch.no_grad():
+        base = nn.functional.cross_entropy(model(x), y)
+    for group in groups:
+        for k in (0, group.channels - 1):
+            smaller = copy.deepcopy(model)
+            prune_groups(smaller, x[:1], {group.name: [k]})
+            with torch.no_grad():
+                removed = nn.functional.cross_entropy(smaller(x), y)
+            assert deltas[group.name][k].item() == pytest.approx((removed - base).item() * len(x), abs=1e-4)
+
+
+def test_taylor_scores_rank_correlate_with_the_oracle():
+    model = trained()
+    x, y = data(256, seed=2)
+    taylor = OraclePruning(model, "oracle", {"normalize": False})
+    oracle = OraclePruning(model, "oracle", {"score": "exact", "normalize": False})
+    for batch in zip(x.split(64), y.split(64), strict=True):
+        taylor.add_batch(batch)
+        oracle.add_batch(batch)
+    t, o = taylor.scores(), oracle.scores()
+    per_group = [spearman(t[name], o[name]) for name in t]
+    assert sum(per_group) / len(per_group) > 0.5, per_group
+    random = OraclePruning(model, "oracle", {"score": "random", "normalize": False}, example_inputs=x[:1]).scores()
+    assert sum(spearman(random[n], o[n]) for n in t) / len(t) < sum(per_group) / len(per_group)
+
+
+def test_surgery_is_exact_and_the_pruned_model_is_plain():
+    model = trained()
+    x, y = data(32, seed=3)
+    handle = create_dl_pruning(model, "oracle", {"percentage": 40})
+    add_dl_pruning_batch(model, handle, (x, y))
+    pruned = gen_dl_pruned_model(model, handle)
+    removed = handle._result["removed"]
+    assert get_dl_pruning_param(handle, "pruned_kernel_num") == round(0.4 * 28)
+    assert get_dl_pruning_param(handle, "pruned_percentage") == pytest.approx(100 * 11 / 28)
+    # the masked original (removed channels' gates zeroed) gives the pruned model's outputs
+    groups = {g.name: g for g in handle.groups}
+    gates = {}
+    for name, idxs in removed.items():
+        mask = torch.ones(groups[name].channels)
+        mask[idxs] = 0
+        gates.update(dict.fromkeys(groups[name].gates, mask))
+    handles = _gate_hooks(model, gates)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), expected, atol=1e-5)
+    # consistent shapes through the residual add and the depthwise conv
+    assert pruned.stem.out_channels == pruned.c2.out_channels == pruned.dw.out_channels == pruned.dw.groups
+    assert pruned.c1.in_channels == pruned.stem.out_channels and pruned.bn.num_features == pruned.stem.out_channels
+    assert get_dl_pruning_param(handle, "num_params_pruned") < get_dl_pruning_param(handle, "num_params")
+    assert get_dl_pruning_param(handle, "macs_pruned") < get_dl_pruning_param(handle, "macs")
+    assert type(pruned) is ResNetLike and isinstance(pruned.c1, nn.Conv2d)
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in pruned.parameters())  # original intact
+
+
+def test_handle_parameters():
+    model = trained(steps=1)
+    handle = create_dl_pruning(model, "oracle", {"percentage": 20, "score": "l1"})
+    set_dl_pruning_param(handle, "percentage", 30)
+    assert get_dl_pruning_param(handle, "percentage") == 30.0
+    assert get_dl_pruning_param(handle, "mode") == "oracle"
+    with pytest.raises(StructuredPruningError, match="add a batch"):
+        handle.get_param("prunable_kernel_num")
+    handle.add_batch({"image": data(8)[0], "label": data(8)[1]})
+    assert handle.get_param("prunable_conv_num") == 3
+    assert handle.get_param("prunable_conv_layer_name") == ["stem", "c1", "c3"]
+    assert handle.get_param("prunable_kernel_num") == 28
+    assert handle.get_param("scored_samples") == 8
+    with pytest.raises(StructuredPruningError, match="known after gen_pruned_model"):
+        handle.get_param("pruned_kernel_num")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: create_dl_pruning(m, "taylor"), r"`mode` must be one of \['oracle'\], got 'taylor'"),
+        (lambda m: create_dl_pruning(m, "oracle", {"percentage": 0}), r"`percentage` must be a number in \(0, 100\)"),
+        (lambda m: create_dl_pruning(m, "oracle", {"percentage": 100}), r"`percentage` must be a number in \(0, 100\)"),
+        (lambda m: create_dl_pruning(m, "oracle", {"percentage": "10"}), r"`percentage` must be a number"),
+        (lambda m: create_dl_pruning(m, "oracle", {"percent": 10}), r"unknown pruning parameter 'percent'"),
+        (lambda m: create_dl_pruning(m, "oracle", {"score": "apoz"}), r"`score` must be one of"),
+        (lambda m: create_dl_pruning(m, "oracle", {"pruned_kernel_num": 3}), r"`pruned_kernel_num` is read-only"),
+    ],
+)
+def test_bad_requests_fail_clearly(call, message):
+    with pytest.raises(StructuredPruningError, match=message):
+        call(ResNetLike())
+
+
+def test_pruning_every_kernel_of_a_layer_fails_clearly():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
+    handle = create_dl_pruning(
+        model, "oracle", {"percentage": 99, "score": "l1"}, example_inputs=torch.randn(1, 1, 8, 8)
+    )
+    with pytest.raises(StructuredPruningError, match="every convolution must keep at least one kernel"):
+        handle.gen_pruned_model()
+
+
+def test_unsupported_layers_fail_clearly():
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 36, 2))
+    with pytest.raises(StructuredPruningError, match=r"`0` is a grouped convolution \(groups=2, not depthwise\)"):
+        create_dl_pruning(grouped, "oracle", example_inputs=torch.randn(1, 4, 8, 8))
+    no_conv = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    with pytest.raises(StructuredPruningError, match="no prunable convolution kernels"):
+        create_dl_pruning(no_conv, "oracle", example_inputs=torch.randn(1, 1, 8, 8))
+    with pytest.raises(StructuredPruningError, match="must be the model the pruning handle was created for"):
+        add_dl_pruning_batch(nn.Linear(2, 2), create_dl_pruning(ResNetLike()), data(4))
+
+
+def test_pruned_model_saves_and_loads_without_lit_prune(tmp_path):
+    model = trained(steps=5)
+    handle = OraclePruning(model, "oracle", {"percentage": 50})
+    handle.add_batch(data(16))
+    pruned = handle.gen_pruned_model()
+    program = torch.export.export(pruned.eval(), (torch.randn(4, 1, 8, 8),))
+    torch.export.save(program, tmp_path / "pruned.pt2")
+    loaded = torch.export.load(tmp_path / "pruned.pt2").module()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(loaded(x), pruned(x), atol=1e-6)
