@@ -15,7 +15,9 @@ first-order Taylor approximation of the oracle from Molchanov et al. (ICLR 2017,
 paper found to track the exact oracle best among cheap criteria and which costs one backward pass
 per batch; ``'exact'`` is the oracle itself (the loss change when each kernel is removed: one
 forward pass per kernel per batch, for small models); ``'l1'`` and ``'random'`` are baselines.
-Scores are L2-normalised per layer (the paper's Section 2.3) so that one ranking spans all layers.
+By default every layer loses the same share of its kernels (the lowest-scored ones), which shrinks
+the network evenly and speeds it up predictably; ``'ranking': 'global'`` is the paper's single
+ranking over all layers, with its per-layer L2 normalisation (Section 2.3).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ __all__ = [
 MODES = ("oracle",)
 SCORES = ("taylor", "exact", "l1", "random")
 #: Parameters that may be set (HALCON's plus lit_prune's), with their defaults.
-SETTABLE: dict[str, Any] = {"percentage": 10.0, "score": "taylor", "normalize": True, "seed": 0}
+SETTABLE: dict[str, Any] = {"percentage": 10.0, "score": "taylor", "ranking": "per_layer", "normalize": True, "seed": 0}
+RANKINGS = ("global", "per_layer")
 #: Read-only figures (HALCON's, plus parameter and MAC counts).
 READ_ONLY = (
     "mode",
@@ -81,7 +84,11 @@ class OraclePruning:
         mode: ``'oracle'``.
         gen_param: Initial settable parameters: ``percentage`` (of the prunable kernels to remove,
             in (0, 100); default 10), ``score`` (``'taylor'``, ``'exact'``, ``'l1'``,
-            ``'random'``), ``normalize`` (per-layer L2 normalisation, default on), ``seed``.
+            ``'random'``), ``ranking`` (``'per_layer'``, the default: the same share from every
+            layer, lowest scores first; ``'global'``: the paper's one ranking over all layers, which
+            on digits kept the costly late layers wide and gave 1.3x instead of 2x speed-up),
+            ``normalize`` (per-layer L2 normalisation, for the global ranking; default on), ``seed``
+            (of ``'random'``).
         loss_fn: The loss the scores refer to (default: cross-entropy).
         example_inputs: An input batch to trace the model with; taken from the first
             :meth:`add_batch` if not given.
@@ -143,6 +150,8 @@ class OraclePruning:
             value = float(value)
         elif name == "score" and value not in SCORES:
             raise StructuredPruningError(f"`score` must be one of {list(SCORES)}, got {value!r}")
+        elif name == "ranking" and value not in RANKINGS:
+            raise StructuredPruningError(f"`ranking` must be one of {list(RANKINGS)}, got {value!r}")
         elif name == "normalize" and not isinstance(value, bool):
             raise StructuredPruningError(f"`normalize` must be a bool, got {value!r}")
         elif name == "seed" and (isinstance(value, bool) or not isinstance(value, int)):
@@ -248,7 +257,7 @@ class OraclePruning:
         scores = self.scores()
         total = sum(g.channels for g in self.groups)
         count = round(self.params["percentage"] / 100 * total)
-        removals = select_removals(scores, count)
+        removals = select_removals(scores, count, per_layer=self.params["ranking"] == "per_layer")
         pruned = copy.deepcopy(self.model)
         example = self._example
         assert example is not None

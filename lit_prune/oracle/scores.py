@@ -174,12 +174,27 @@ def l2_normalize_per_group(scores: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: s / s.norm().clamp_min(1e-30) for name, s in scores.items()}
 
 
-def select_removals(scores: dict[str, Tensor], count: int) -> dict[str, list[int]]:
+def select_removals(scores: dict[str, Tensor], count: int, per_layer: bool = False) -> dict[str, list[int]]:
     """The ``count`` lowest-scored channels over all groups, keeping at least one per group.
+
+    ``per_layer=True`` instead removes the same share from every group (its lowest-scored channels),
+    which shrinks every layer evenly.
 
     Raises:
         StructuredPruningError: ``count`` would take every kernel of some group.
     """
+    if per_layer:
+        total = sum(len(s) for s in scores.values())
+        out = {}
+        for name, s in scores.items():
+            n = round(count * len(s) / total)
+            if n >= len(s):
+                raise StructuredPruningError(
+                    f"cannot remove {n} of the {len(s)} kernels of `{name}`: "
+                    "every convolution must keep at least one kernel"
+                )
+            out[name] = sorted(torch.argsort(s)[:n].tolist())
+        return out
     capacity = sum(len(s) - 1 for s in scores.values())
     if count > capacity:
         raise StructuredPruningError(
