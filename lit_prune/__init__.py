@@ -21,7 +21,11 @@ from lit_prune.strip import strip_pruning_vars
 
 __version__ = "0.1.0"
 
-_LIGHTNING = {"PruningCallback": "lit_prune.callback", "strip_checkpoint": "lit_prune.callback"}
+_LIGHTNING = {
+    "PruningCallback": "lit_prune.callback",
+    "strip_checkpoint": "lit_prune.callback",
+    "StructuredPruningCallback": "lit_prune.oracle.callback",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -42,6 +46,7 @@ __all__ = [
     "MaskedLinear",
     "Pruning",
     "PruningCallback",
+    "StructuredPruningCallback",
     "PruningHParams",
     "get_pruning_hparams",
     "gradual_sparsity",

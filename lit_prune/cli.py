@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
@@ -91,7 +92,7 @@ def _fit_and_test(cfg: DictConfig, with_pruning: bool, version: str) -> tuple[An
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if with_pruning else None)
     results = trainer.test(model, datamodule=datamodule, verbose=False)
     accuracy = float(results[0].get("test_acc", float("nan"))) if results else float("nan")
-    pruning = next((c for c in callbacks if type(c).__name__ == "PruningCallback"), None)
+    pruning = next((c for c in callbacks if type(c).__name__ in ("PruningCallback", "StructuredPruningCallback")), None)
     return trainer, pruning, accuracy
 
 
@@ -112,7 +113,14 @@ def train(cfg: DictConfig) -> float:
         "global_step": trainer.global_step,
         "hparams": spec.to_dict(),
     }
-    if pruning is not None:
+    model = trainer.lightning_module
+    summary["num_params"] = sum(p.numel() for p in model.parameters())
+    if type(pruning).__name__ == "StructuredPruningCallback":
+        summary["kernels_removed"] = [sum(len(v) for v in step.values()) for step in pruning.history]
+        summary["conv_kernels"] = {
+            name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+        }
+    elif pruning is not None:
         summary["model_sparsity"] = float(pruning.pruning.model_sparsity())
         summary["last_mask_update_step"] = pruning.pruning.last_update_step
         summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
@@ -126,14 +134,27 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f} %"
 
+    title = "structured pruning" if "conv_kernels" in summary else f"`{summary['hparams']['name']}`"
     lines = [
-        f"# lit_prune run: `{summary['hparams']['name']}`",
+        f"# lit_prune run: {title}",
         "",
         "| | test accuracy |",
         "| --- | ---: |",
         f"| dense baseline | {pct(summary['dense_test_acc'])} |",
         f"| pruned | {pct(summary['pruned_test_acc'])} |",
         "",
+    ]
+    if "conv_kernels" in summary:
+        lines += [
+            f"Structured pruning: {summary['kernels_removed']} kernels removed per step; "
+            f"{summary['num_params']} parameters left.",
+            "",
+            "| conv | kernels |",
+            "| --- | ---: |",
+        ]
+        lines += [f"| `{name}` | {n} |" for name, n in summary["conv_kernels"].items()]
+        return "\n".join(lines) + "\n"
+    lines += [
         f"Model sparsity {pct(summary.get('model_sparsity'))} (target {pct(summary['target_sparsity'])}), "
         f"last mask update at step {summary.get('last_mask_update_step')} of {summary['global_step']}.",
         "",

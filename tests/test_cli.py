@@ -222,3 +222,15 @@ def test_users_plug_in_their_own_module_by_target(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["weight_sparsity"]) == {"body.1.weight", "body.3.weight"}
     assert summary["weight_sparsity"]["body.1.weight"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.slow
+def test_structured_recipe_runs_briefly_and_shrinks_the_model(tmp_path):
+    result = run_cli("--config-dir", str(RECIPES), "--config-name", "structured_oracle", "trainer.max_epochs=2",
+                     "callbacks.structured_pruning.prune_at_epochs=[0]", "dense_baseline=false", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["kernels_removed"] == [58]  # 30 % of 192 prunable kernels (the residual pair counts once)
+    assert summary["conv_kernels"]["net.4"] == 45 and summary["num_params"] < 75114
+    assert (tmp_path / "run" / "summary.md").read_text().startswith("# lit_prune run: structured pruning")
