@@ -202,3 +202,44 @@ def test_pruned_model_saves_and_loads_without_lit_prune(tmp_path):
     loaded = torch.export.load(tmp_path / "pruned.pt2").module()
     x = torch.randn(4, 1, 8, 8)
     assert torch.allclose(loaded(x), pruned(x), atol=1e-6)
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated, then a 1x1 conv: channels map through the concat offsets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.mix = nn.Conv2d(10, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc(torch.relu(self.mix(y)).mean((2, 3)))
+
+
+def test_concatenation_prunes_consistently():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.randint(0, 3, (8,))
+    handle = OraclePruning(model, "oracle", {"percentage": 50, "score": "l1"})
+    handle.add_batch((x, y))
+    pruned = handle.gen_pruned_model()
+    removed = handle._result["removed"]
+    assert pruned.a.out_channels == 6 - len(removed["a"]) and pruned.b.out_channels == 4 - len(removed["b"])
+    assert pruned.mix.in_channels == pruned.a.out_channels + pruned.b.out_channels
+    gates = {}
+    for group in handle.groups:
+        mask = torch.ones(group.channels)
+        mask[removed[group.name]] = 0
+        gates.update(dict.fromkeys(group.gates, mask))
+    handles = _gate_hooks(model, gates)
+    try:
+        with torch.no_grad():
+            expected = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), expected, atol=1e-5)

@@ -77,3 +77,46 @@ def test_bad_arguments_fail_clearly():
         StructuredPruningCallback(score="exact")
     with pytest.raises(StructuredPruningError, match="`ranking` must be one of"):
         StructuredPruningCallback(ranking="local")
+
+
+DDP_SCRIPT = """
+import sys, torch
+from lightning.pytorch import Trainer, seed_everything
+from lit_prune import StructuredPruningCallback
+from lit_prune.demos import DigitsDataModule, ImageClassifier
+from lit_prune.digits import digits_resnet
+
+seed_everything(0)
+model = ImageClassifier(digits_resnet(width=16), lr=3e-3)
+cb = StructuredPruningCallback(percentage=25, prune_at_epochs=[0], ranking="global")
+trainer = Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=2, limit_train_batches=8,
+                  limit_val_batches=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  callbacks=[cb])
+trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+net = model.net
+widths = [net[0].out_channels, net[3].conv1.out_channels, net[4].out_channels, net[7].out_channels]
+torch.save({"widths": widths, "weights": model.state_dict()}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_remove_the_same_kernels(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "run_ddp.py").write_text(DDP_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "run_ddp.py", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["widths"] == ranks[1]["widths"] and ranks[0]["widths"] != [16, 16, 32, 32]
+    for key, value in ranks[0]["weights"].items():  # global ranking: widths and weights agree across ranks
+        assert torch.equal(ranks[1]["weights"][key], value), key
+
+
+def test_spawning_strategies_are_refused(tmp_path):
+    cb = StructuredPruningCallback(percentage=25, prune_at_epochs=[0])
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, strategy="ddp_spawn", devices=2)
+    with pytest.raises(Exception, match="use `strategy='ddp'`"):
+        trainer.fit(ImageClassifier(digits_resnet(width=16)), datamodule=DigitsDataModule(batch_size=32))

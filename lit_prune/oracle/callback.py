@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
@@ -91,6 +92,14 @@ class StructuredPruningCallback(Callback):
     # ------------------------------------------------------------------ setup and resume
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if type(launcher).__name__ == "_MultiProcessingLauncher":
+            raise StructuredPruningError(
+                "StructuredPruningCallback changes the model's structure, and with a spawning strategy "
+                f"(`{type(trainer.strategy).__name__}` with start method "
+                f"{getattr(launcher, '_start_method', '?')!r}) Lightning copies the trained weights back into "
+                "the unpruned module of the main process, which fails: use `strategy='ddp'`"
+            )
         # Lightning loads a checkpoint's weights into the module before callbacks see their state, and
         # the module's own `on_load_checkpoint` is the only hook that runs before: wrap it to rebuild
         # the pruned architecture from this callback's saved history first.
@@ -156,7 +165,13 @@ class StructuredPruningCallback(Callback):
         prune_groups(pl_module, self._example, removals)
         macs, params = count_macs_and_params(pl_module, self._example)
         self.history.append(removals)
-        trainer.strategy.setup_optimizers(trainer)  # the parameters were replaced: new optimizer state
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            # DDP's wrapper registered the replaced parameters: wrap the smaller module anew (its
+            # construction also broadcasts rank 0's weights, so the ranks stay identical).
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)  # the parameters were replaced: new optimizer state
         removed = sum(len(v) for v in removals.values())
         rank_zero_info(
             f"StructuredPruningCallback: epoch {trainer.current_epoch}: removed {removed} of {total} kernels; "
