@@ -1,0 +1,35 @@
+"""Every benchmark still runs (smoke sizes, no timing assertions): `python bench/run.py --quick`.
+
+Run: pytest tests/test_bench.py   (slow: about 2 minutes)
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_at_smoke_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "REPORT.md").read_text()
+    for section in ("mask_update", "step_overhead", "scaling", "accuracy", "oracle"):
+        assert f"## {section}" in report
+    assert report.count("| --- |") >= 5  # each section printed its table
+    for name in (
+        "mask_update.json",
+        "scaling.json",
+        "accuracy.json",
+        "accuracy_vs_sparsity.png",
+        "mask_update_scaling.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
