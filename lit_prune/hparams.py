@@ -80,6 +80,10 @@ class PruningHParams:
         prune_patterns: Regexes selecting the weights to prune by parameter name; empty = the
             weights of conv, linear, RNN and embedding layers (never biases or norms).
         exclude_patterns: Regexes removing weights from that selection.
+        global_ranking: Rank the weights that have no ``weight_sparsity_map`` entry jointly, with
+            one threshold (google-research's group pruning with a single group; what
+            ``torch.nn.utils.prune.global_unstructured`` does): layers end at different sparsities
+            whose weighted mean follows the schedule.  Needs element-wise (1x1) blocks for them.
 
     Example::
 
@@ -114,6 +118,7 @@ class PruningHParams:
     threshold_method: str = "histogram"
     prune_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
+    global_ranking: bool = False
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -356,6 +361,7 @@ _FIELD_KINDS: dict[str, str] = {
     "threshold_method": "str",
     "prune_patterns": "list",
     "exclude_patterns": "list",
+    "global_ranking": "bool",
 }
 
 

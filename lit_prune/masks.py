@@ -29,6 +29,7 @@ from torch import Tensor
 
 __all__ = [
     "block_pool",
+    "joint_threshold",
     "block_view_shape",
     "compute_mask",
     "exact_threshold",
@@ -271,6 +272,35 @@ def _search_kth_smallest(flat: Tensor, rank: int) -> Tensor | None:
     if hi is not None:
         in_band.logical_and_(flat < hi)
     return torch.kthvalue(flat[in_band], rank - count_lo).values
+
+
+@torch.no_grad()
+def joint_threshold(scores: list[Tensor], sparsity: float, method: str = "histogram", nbins: int = 256) -> Tensor:
+    """One threshold for several weights ranked together, by the same rule as one weight's.
+
+    The histogram rule bins every score over ``[0, max of all]`` and sums the counts (no
+    concatenation); the exact rule takes the ``k``-th largest of all scores (a concatenated copy).
+
+    Example::
+
+        >>> joint_threshold([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])], 0.5, "exact").item()
+        4.0
+    """
+    flat = [s.reshape(-1).to(torch.float32) for s in scores]
+    if method == "exact":
+        return exact_threshold(torch.cat(flat), sparsity, static=True)
+    numel = sum(f.numel() for f in flat)
+    k = histogram_target_count(numel, sparsity)
+    max_value = torch.stack([f.max() for f in flat]).max()
+    if k == 0:
+        return torch.zeros((), dtype=torch.float32, device=max_value.device)
+    safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
+    counts = torch.zeros(nbins, dtype=torch.int64, device=max_value.device)
+    for f in flat:
+        counts.scatter_add_(0, _histogram_bins(f, safe, nbins).long(), torch.ones_like(f, dtype=torch.int64))
+    j = (counts.cumsum(0) < k).sum().to(torch.float32)
+    threshold = torch.div(j, float(nbins)).mul_(max_value)
+    return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
 
 
 def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:

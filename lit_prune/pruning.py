@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lit_prune.hparams import HParamsError, PruningHParams, parse_block_dims_map, parse_weight_sparsity_map
 from lit_prune.layers import MaskedModule
-from lit_prune.masks import compute_mask
+from lit_prune.masks import compute_mask, joint_threshold, smooth_threshold
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
 from lit_prune.selection import match_map, select_weights
@@ -164,6 +164,17 @@ class Pruning:
                 entry.plain_threshold = torch.zeros((), dtype=torch.float32, device=param.device)
             entry.saliency = init_saliency_state(param.detach(), hp.prune_option)
             self._weights[name] = entry
+        if hp.global_ranking:
+            blocked = [w.name for w in self._joint() if w.block_dims != (1, 1)]
+            if blocked:
+                raise HParamsError(
+                    f"`global_ranking` ranks weights element-wise, but {blocked} have block dims: give them a "
+                    "`weight_sparsity_map` entry (their own threshold) or 1x1 blocks"
+                )
+
+    def _joint(self) -> list[_Weight]:
+        """The weights ranked together under ``global_ranking``: those without a map target."""
+        return [w for w in self._weights.values() if w.target is None] if self.hparams.global_ranking else []
 
     @property
     def weight_names(self) -> list[str]:
@@ -232,8 +243,19 @@ class Pruning:
             if not bool(finite.all()):
                 bad = [w.name for w, ok in zip(weights, finite.tolist(), strict=True) if not ok]
                 raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
+        joint = self._joint()
+        if joint:  # one threshold for all of them, from all their scores (held for this update)
+            scores = {w.name: self._scores(w) for w in joint}
+            shared = joint_threshold(list(scores.values()), sparsities[joint[0].name], hp.threshold_method, hp.nbins)
+            shared = smooth_threshold(shared, joint[0].threshold.to(torch.float32), hp.threshold_decay)
+            compare = torch.gt if hp.threshold_method == "histogram" else torch.ge
+            for w in joint:
+                compare(scores[w.name], shared, out=w.mask)
+                w.threshold.copy_(shared)
         scratch = None
         for w, max_abs in zip(weights, maxima, strict=True):
+            if any(w is x for x in joint):
+                continue
             param = w.param.detach()
             if hp.prune_option == "weight":
                 if scratch is None or scratch.numel() < param.numel() or scratch.device != param.device:
@@ -266,6 +288,12 @@ class Pruning:
             self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
         self.last_update_step = step
         self.apply_mask()
+
+    def _scores(self, w: _Weight) -> Tensor:
+        hp = self.hparams
+        if hp.prune_option == "weight":
+            return w.param.detach().abs().to(torch.float32)
+        return update_saliency(w.param.detach(), w.saliency, hp.prune_option, hp.gradient_decay_rate)
 
     @torch.no_grad()
     def apply_mask(self) -> None:

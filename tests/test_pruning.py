@@ -360,3 +360,54 @@ def test_per_weight_update_compiles_fullgraph(method):
     threshold, mask, _ = compiled(w, torch.tensor(0.0), 0.5, method=method)
     eager_threshold, eager_mask, _ = compute_mask(w, torch.tensor(0.0), 0.5, method=method)
     assert torch.equal(mask, eager_mask) and threshold.item() == eager_threshold.item()
+
+
+def test_global_ranking_matches_torch_global_unstructured():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30))
+    with torch.no_grad():
+        model[2].weight.mul_(5)  # layers of different scales end at different sparsities
+    reference = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 30))
+    reference.load_state_dict(model.state_dict())
+    prune.global_unstructured([(reference[0], "weight"), (reference[2], "weight")], prune.L1Unstructured, amount=0.6)
+    pruning = Pruning(model, PruningHParams(global_ranking=True, threshold_method="exact"), sparsity=0.6)
+    pruning.mask_update(0)
+    assert torch.equal(pruning.get_masks()["0.weight"], reference[0].weight_mask.bool())
+    assert torch.equal(pruning.get_masks()["2.weight"], reference[2].weight_mask.bool())
+    assert float(pruning.model_sparsity()) == pytest.approx(0.6)
+    s = pruning.get_weight_sparsity()
+    assert s["0.weight"] > 0.9 and s["2.weight"] < 0.5
+    thresholds = pruning.get_thresholds()
+    assert thresholds["0.weight"].item() == thresholds["2.weight"].item()
+
+
+def test_global_ranking_histogram_is_tf_rule_over_all_weights():
+    import numpy as np
+    from test_masks import _tf_histogram_reference  # tests/ is on sys.path under pytest
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Linear(40, 20))
+    pruning = Pruning(model, PruningHParams(global_ranking=True), sparsity=0.7)
+    pruning.mask_update(0)
+    scores = np.concatenate(
+        [model[0].weight.detach().abs().numpy().ravel(), model[1].weight.detach().abs().numpy().ravel()]
+    )
+    assert pruning.get_thresholds()["0.weight"].item() == _tf_histogram_reference(scores, 0.7, 256)
+
+
+def test_global_ranking_leaves_mapped_weights_their_own_target_and_refuses_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.Linear(50, 30), nn.Linear(30, 10))
+    hp = PruningHParams(
+        global_ranking=True, threshold_method="exact", weight_sparsity_map=["^2:0.5"], target_sparsity=0.8
+    )
+    pruning = Pruning(model, hp)
+    pruning.mask_update(100)  # the end of the schedule: every weight at its target
+    assert float(pruning.get_weight_sparsity()["2.weight"]) == pytest.approx(0.5)
+    joint = pruning.get_masks()["0.weight"].numel() + pruning.get_masks()["1.weight"].numel()
+    kept = int(pruning.get_masks()["0.weight"].sum() + pruning.get_masks()["1.weight"].sum())
+    assert kept == round(joint * 0.2)
+    with pytest.raises(HParamsError, match="`global_ranking` ranks weights element-wise"):
+        Pruning(model, PruningHParams(global_ranking=True, block_height=2, block_width=2))
