@@ -9,7 +9,9 @@ the conv/linear weights:
 
 * dense - no pruning (the reference);
 * lit_prune - ``PruningCallback``, TF's cubic schedule from the end of epoch 1 to two thirds of
-  training, masks every 10 steps, then fine-tuning at the target;
+  training, masks every 10 steps, then fine-tuning at the target; every layer at the target (TF);
+* lit_prune global - the same with ``global_ranking=True``: one threshold over all layers, as
+  ModelPruning's default global ranking;
 * ModelPruning - Lightning's callback with its natural per-epoch schedule: ``l1_unstructured`` at
   the end of the same epochs, a constant share of the remaining weights each time so that the last
   pruning epoch reaches the target (``1 - (1 - s)^(1/n)``), its default global ranking and
@@ -56,8 +58,9 @@ def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[f
     model = ImageClassifier(make_net(), lr=2e-3)
     begin, end = STEPS_PER_EPOCH, int(2 / 3 * epochs) * STEPS_PER_EPOCH  # pruning window, in steps
     callbacks = []
-    if method == "lit_prune":
+    if method in ("lit_prune", "lit_prune global"):
         spec = PruningHParams(
+            global_ranking=method == "lit_prune global",
             begin_pruning_step=begin,
             end_pruning_step=end,
             pruning_frequency=10,
@@ -117,7 +120,7 @@ def main() -> None:
         dense = [run("dense", make_net, 0.0, epochs, seed)[0] for seed in range(seeds)]
         results.append({"model": model_name, "method": "dense", "target": 0.0, "acc": dense, "sparsity": [0.0]})
         for target in targets:
-            for method in ("lit_prune", "ModelPruning", "one-shot"):
+            for method in ("lit_prune", "lit_prune global", "ModelPruning", "one-shot"):
                 runs = [run(method, make_net, target, epochs, seed) for seed in range(seeds)]
                 results.append(
                     {
@@ -134,17 +137,20 @@ def main() -> None:
         return f"{mean:.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
     print(f"\ndigits test accuracy (%), {epochs} epochs, {seeds} seed(s), torch {torch.__version__}")
-    print("\n| model | target sparsity | dense | lit_prune gradual | ModelPruning | one-shot at end |", end="")
-    print(" achieved (lit / MP) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| model | target sparsity | dense | lit_prune gradual | lit_prune global | ModelPruning |", end="")
+    print(" one-shot at end | achieved (lit / MP) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for model_name in models:
         rows = {(r["method"], r["target"]): r for r in results if r["model"] == model_name}
         dense = rows[("dense", 0.0)]["acc"]
         for target in targets:
-            lit, mp, one = (rows[(m, target)] for m in ("lit_prune", "ModelPruning", "one-shot"))
+            lit, glob, mp, one = (
+                rows[(m, target)] for m in ("lit_prune", "lit_prune global", "ModelPruning", "one-shot")
+            )
             achieved = f"{100 * statistics.mean(lit['sparsity']):.1f} / {100 * statistics.mean(mp['sparsity']):.1f}"
             print(
-                f"| {model_name} | {100 * target:.0f} % | {fmt(dense)} | {fmt(lit['acc'])} | {fmt(mp['acc'])} | "
+                f"| {model_name} | {100 * target:.0f} % | {fmt(dense)} | {fmt(lit['acc'])} | {fmt(glob['acc'])} | "
+                f"{fmt(mp['acc'])} | "
                 f"{fmt(one['acc'])} | {achieved} |"
             )
         at90 = rows.get(("lit_prune", 0.9))
@@ -174,7 +180,12 @@ def plot(results: list[dict], models, targets: list[float], path: Path) -> None:
         rows = {(r["method"], r["target"]): r for r in results if r["model"] == model_name}
         dense = statistics.mean(rows[("dense", 0.0)]["acc"])
         ax.axhline(100 * dense, color="grey", linestyle="--", label="dense")
-        for method, style in (("lit_prune", "o-"), ("ModelPruning", "s-"), ("one-shot", "^:")):
+        for method, style in (
+            ("lit_prune", "o-"),
+            ("lit_prune global", "D-"),
+            ("ModelPruning", "s-"),
+            ("one-shot", "^:"),
+        ):
             means = [100 * statistics.mean(rows[(method, t)]["acc"]) for t in targets]
             ax.plot([100 * t for t in targets], means, style, label=method)
         ax.set_title(f"digits {model_name}")

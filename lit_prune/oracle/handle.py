@@ -277,6 +277,13 @@ class OraclePruning:
         pruned.train(self.model.training)
         return pruned
 
+    @property
+    def removed(self) -> dict[str, list[int]]:
+        """``{group name: removed channel indices}`` of the last :meth:`gen_pruned_model`."""
+        if not self._result:
+            raise StructuredPruningError("nothing removed yet: call gen_pruned_model() first")
+        return self._result["removed"]
+
 
 def create_dl_pruning(
     model: nn.Module, mode: str = "oracle", gen_param: Mapping[str, Any] | None = None, **kwargs: Any
