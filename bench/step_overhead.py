@@ -9,7 +9,8 @@ update at step 1 with an external sparsity of 0.5; ModelPruning: ``l1_unstructur
 ``amount=0.5`` at its epoch end), and the second epoch, with pruned masks and no further update,
 is the steady state that is timed: the median step time, best of the rounds, with the three
 configurations interleaved in each round.  Also reports the extra bytes per pruned parameter
-each keeps, and the time PruningCallback's own hook takes per step.
+each keeps, the size of a mid-training checkpoint (optimizer state included), and the time
+PruningCallback's own hook takes per step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +58,7 @@ class StepTimer(Callback):
         self.times: list[float] = []
         self._start = 0.0
         self.extra_bytes = 0
+        self.checkpoint_mb = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
@@ -66,6 +69,10 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self._start)
             if batch_idx == 0:
                 self.extra_bytes = extra_bytes(trainer, pl_module)
+                with tempfile.TemporaryDirectory() as tmp:  # a mid-training checkpoint, pruning state included
+                    path = Path(tmp) / "mid.ckpt"
+                    trainer.save_checkpoint(path)
+                    self.checkpoint_mb = path.stat().st_size / 2**20
 
 
 def extra_bytes(trainer, pl_module) -> int:
@@ -81,7 +88,7 @@ def extra_bytes(trainer, pl_module) -> int:
     return total
 
 
-def run(kind: str, make_net, steps: int, batch: int, size: int) -> tuple[float, float, float]:
+def run(kind: str, make_net, steps: int, batch: int, size: int) -> tuple[float, float, float, float]:
     torch.manual_seed(0)
     model = Classifier(make_net(), steps, batch, size)
     callbacks: list[Callback] = []
@@ -117,7 +124,7 @@ def run(kind: str, make_net, steps: int, batch: int, size: int) -> tuple[float, 
     trainer.fit(model)
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
     hook = statistics.median(hook_times) if hook_times else 0.0
-    return statistics.median(timer.times), timer.extra_bytes / n, hook
+    return statistics.median(timer.times), timer.extra_bytes / n, hook, timer.checkpoint_mb
 
 
 def main() -> None:
@@ -137,21 +144,24 @@ def main() -> None:
     steps, batch = (6, 8) if args.quick else (16, 16)
     kinds = ["no pruning", "lit_prune PruningCallback", "Lightning ModelPruning"]
     best = {k: float("inf") for k in kinds}
-    memory, hook = {}, float("inf")
+    memory, checkpoint, hook = {}, {}, float("inf")
     for _ in range(rounds):
         for kind in kinds:
-            t, extra, h = run(kind, make_net, steps, batch, args.image_size)
+            t, extra, h, ckpt = run(kind, make_net, steps, batch, args.image_size)
+            checkpoint[kind] = ckpt
             best[kind] = min(best[kind], t)
             memory[kind] = extra
             if kind == "lit_prune PruningCallback":
                 hook = min(hook, h)
     label = "small conv net" if args.quick else f"ResNet-18, batch {batch}, 3x{args.image_size}x{args.image_size}"
     print(f"\nsteady-state training step, {label}, torch {torch.__version__}, {args.threads} threads")
-    print("\n| configuration | median step (ms) | overhead vs no pruning | extra bytes / pruned param |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| configuration | median step (ms) | overhead vs no pruning | extra bytes / pruned param |", end="")
+    print(" mid-training checkpoint (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for kind in kinds:
         overhead = best[kind] / best["no pruning"] - 1
-        print(f"| {kind} | {best[kind] * 1e3:.1f} | {overhead * 100:+.1f} % | {memory[kind]:.2f} |")
+        row = f"| {kind} | {best[kind] * 1e3:.1f} | {overhead * 100:+.1f} % | {memory[kind]:.2f} |"
+        print(f"{row} {checkpoint[kind]:.1f} |")
     share = hook / best["no pruning"] * 100
     print(f"\nPruningCallback's own work per step (median of its on_train_batch_end): {hook * 1e3:.2f} ms", end="")
     print(f" = {share:.1f} % of a step without pruning")

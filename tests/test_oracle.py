@@ -89,6 +89,13 @@ def test_groups_follow_the_residual_and_depthwise_coupling():
     assert by_name["c3"].channels == 12
 
 
+def test_surgery_keeps_the_training_mode():
+    model = ResNetLike().train()
+    prune_groups(model, torch.randn(1, 1, 8, 8), {"c1": [0, 1]})
+    assert model.training and all(m.training for m in model.modules())
+    assert model.c1.out_channels == 6
+
+
 def test_exact_oracle_equals_the_loss_change_of_physical_removal():
     model = trained()
     x, y = data(64, seed=1)

@@ -100,15 +100,19 @@ def build_groups(model: nn.Module, example_inputs: torch.Tensor) -> tuple[tp.Dep
 
 def prune_groups(model: nn.Module, example_inputs: torch.Tensor, remove: dict[str, list[int]]) -> None:
     """Remove, in place, the channels ``remove[group name]`` of each group (a fresh trace of ``model``)."""
-    graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_inputs)
-    modules = dict(model.named_modules())
-    for name, idxs in remove.items():
-        if not idxs:
-            continue
-        group = graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=sorted(idxs))
-        if not graph.check_pruning_group(group):
-            raise StructuredPruningError(f"removing {len(idxs)} kernels of `{name}` would empty a layer")
-        group.prune()
+    was_training = model.training
+    try:
+        graph = tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example_inputs)
+        modules = dict(model.named_modules())
+        for name, idxs in remove.items():
+            if not idxs:
+                continue
+            group = graph.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=sorted(idxs))
+            if not graph.check_pruning_group(group):
+                raise StructuredPruningError(f"removing {len(idxs)} kernels of `{name}` would empty a layer")
+            group.prune()
+    finally:
+        model.train(was_training)  # tracing ran in eval mode; training goes on in the mode it had
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
