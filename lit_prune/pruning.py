@@ -227,8 +227,9 @@ class Pruning:
         The update reads two small vectors back to the host for the whole model (whether each
         weight is finite, and whether each mask still keeps everything): no per-weight
         synchronisation.  With ``use_tpu`` it reads nothing back (and so cannot check for NaN),
-        and the thresholds use only static shapes.  One float32 scratch buffer the size of the largest weight lives for
-        the duration of the update.
+        and the thresholds use only static shapes.  One float32 scratch buffer the size of the
+        largest weight lives for the duration of the update (``global_ranking`` holds the scores of
+        all jointly ranked weights instead).
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
@@ -252,23 +253,17 @@ class Pruning:
             for w in joint:
                 compare(scores[w.name], shared, out=w.mask)
                 w.threshold.copy_(shared)
-        scratch = None
+        joint_names = {w.name for w in joint}
+        scratch: Tensor | None = None
         for w, max_abs in zip(weights, maxima, strict=True):
-            if any(w is x for x in joint):
+            if w.name in joint_names:
                 continue
-            param = w.param.detach()
-            if hp.prune_option == "weight":
-                if scratch is None or scratch.numel() < param.numel() or scratch.device != param.device:
-                    scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
-                scores = scratch[: param.numel()].view(param.shape)
-                if param.dtype == torch.float32:
-                    torch.abs(param, out=scores)
-                else:
-                    scores.copy_(param).abs_()
-            else:
-                scores, max_abs = update_saliency(param, w.saliency, hp.prune_option, hp.gradient_decay_rate), None
+            param = w.param
+            stale = scratch is None or scratch.numel() < param.numel() or scratch.device != param.device
+            if hp.prune_option == "weight" and stale:  # |w| goes here; saliency scores are computed anew
+                scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
             threshold, _, _ = compute_mask(
-                scores,
+                self._scores(w, scratch),
                 w.threshold,
                 sparsities[w.name],
                 method=hp.threshold_method,
@@ -277,7 +272,7 @@ class Pruning:
                 block_dims=w.block_dims,
                 pooling=hp.block_pooling_function,
                 sort_count=hp.use_tpu,
-                max_score=max_abs.to(torch.float32) if max_abs is not None else None,
+                max_score=max_abs.to(torch.float32) if hp.prune_option == "weight" else None,
                 out=w.mask,
             )
             w.threshold.copy_(threshold)
@@ -289,11 +284,15 @@ class Pruning:
         self.last_update_step = step
         self.apply_mask()
 
-    def _scores(self, w: _Weight) -> Tensor:
-        hp = self.hparams
-        if hp.prune_option == "weight":
-            return w.param.detach().abs().to(torch.float32)
-        return update_saliency(w.param.detach(), w.saliency, hp.prune_option, hp.gradient_decay_rate)
+    def _scores(self, w: _Weight, scratch: Tensor | None = None) -> Tensor:
+        """The scores ranked for ``w``: ``|w|`` (into ``scratch`` if given) or its saliency (advancing its state)."""
+        hp, param = self.hparams, w.param.detach()
+        if hp.prune_option != "weight":
+            return update_saliency(param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
+        if scratch is None:
+            return param.abs().to(torch.float32)
+        scores = scratch[: param.numel()].view(param.shape)
+        return torch.abs(param, out=scores) if param.dtype == torch.float32 else scores.copy_(param).abs_()
 
     @torch.no_grad()
     def apply_mask(self) -> None:
