@@ -411,3 +411,13 @@ def test_global_ranking_leaves_mapped_weights_their_own_target_and_refuses_block
     assert kept == round(joint * 0.2)
     with pytest.raises(HParamsError, match="`global_ranking` ranks weights element-wise"):
         Pruning(model, PruningHParams(global_ranking=True, block_height=2, block_width=2))
+
+
+def test_tied_weight_is_pruned_once_under_its_first_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight  # one parameter, two layers
+    pruning = Pruning(model, PruningHParams(threshold_method="exact"), sparsity=0.5)
+    assert pruning.weight_names == ["0.weight"]
+    pruning.mask_update(0)
+    assert model[2].weight is model[0].weight and int((model[2].weight == 0).sum()) == 32
