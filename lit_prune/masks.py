@@ -27,6 +27,8 @@ import struct
 import torch
 from torch import Tensor
 
+from lit_prune.schedule import _f32  # float32 rounding of a host float, as TF's float32 ops round
+
 __all__ = [
     "block_pool",
     "joint_threshold",
@@ -40,10 +42,6 @@ __all__ = [
     "smooth_threshold",
     "topk_count",
 ]
-
-
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 # ---------------------------------------------------------------------- counts from size and sparsity

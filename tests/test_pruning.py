@@ -94,35 +94,28 @@ def _three_layers():
     return Named(layer1=("weights", lin), layer2=("weights", lin), layer3=("kernel", lin))
 
 
-def test_weight_sparsity_map_regex():
+def _sparsities_after_tf_map_run(**spec):
+    """TF's per-weight-sparsity test: begin 1, frequency 1, end 100, 110 steps on fixed weights."""
     hp = PruningHParams(
-        begin_pruning_step=1,
-        pruning_frequency=1,
-        end_pruning_step=100,
-        threshold_method="exact",
-        prune_patterns=["weights", "kernel"],
-        weight_sparsity_map=["layer1:0.6", r"layer2\.weights:0.75", ".*kernel:0.6"],
+        begin_pruning_step=1, pruning_frequency=1, end_pruning_step=100, threshold_method="exact", **spec
     )
     pruning = Pruning(_three_layers(), hp)
     for t in range(110):
         pruning.conditional_mask_update(t)
-    sparsity = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
+    return {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
+
+
+def test_weight_sparsity_map_regex():
+    sparsity = _sparsities_after_tf_map_run(
+        prune_patterns=["weights", "kernel"],
+        weight_sparsity_map=["layer1:0.6", r"layer2\.weights:0.75", ".*kernel:0.6"],
+    )
     assert sparsity == {"layer1.weights": 0.6, "layer2.weights": 0.75, "layer3.kernel": 0.6}
 
 
 def test_unmapped_weights_follow_the_global_target():
-    hp = PruningHParams(
-        begin_pruning_step=1,
-        pruning_frequency=1,
-        end_pruning_step=100,
-        threshold_method="exact",
-        prune_patterns=["layer[12]"],
-        weight_sparsity_map=[r"layer2\.weights:0.75"],
-    )
-    pruning = Pruning(_three_layers(), hp)
-    for t in range(110):
-        pruning.conditional_mask_update(t)
-    assert [round(float(v), 4) for v in pruning.get_weight_sparsity().values()] == [0.5, 0.75]
+    sparsity = _sparsities_after_tf_map_run(prune_patterns=["layer[12]"], weight_sparsity_map=[r"layer2\.weights:0.75"])
+    assert list(sparsity.values()) == [0.5, 0.75]
 
 
 def test_weight_matched_twice_is_an_error():
