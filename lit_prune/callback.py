@@ -12,6 +12,9 @@ thresholds and the last update step travel in the Lightning checkpoint; summarie
 
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -220,6 +223,33 @@ class PruningCallback(Callback):
         }
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A truncated or corrupted checkpoint surfaces from torch/fsspec as "Invalid argument" or a
+        # weights-only unpickling hint; say what it really is, on the exception itself.
+        path = trainer.ckpt_path
+        if path is None or not os.path.isfile(path) or zipfile.is_zipfile(path):
+            return
+        exception.add_note(
+            f"lit_prune: the checkpoint {path} is truncated or corrupted (not a complete PyTorch zip archive); "
+            "resume from an earlier checkpoint"
+        )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return
+        others = [k for k in states if str(k).startswith("PruningCallback")]
+        hint = f" It holds {others}: the spec's `name` must match to resume them." if others else ""
+        rank_zero_warn(
+            f"PruningCallback `{self.hparams.name}`: the checkpoint holds no pruning state under "
+            f"`{self.state_key}`.{hint} Masks start dense (all kept) and are recomputed from the loaded weights "
+            f"at the next update the schedule allows after step {checkpoint.get('global_step', 0)}."
+        )
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "pruning" not in state_dict:
             raise ValueError(
@@ -275,13 +305,21 @@ def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None
     buffers, and writes the result to ``output_path`` if given.
 
     Raises:
-        ValueError: the checkpoint holds no ``PruningCallback`` state.
+        ValueError: the file is not a readable checkpoint (truncated, corrupted), or holds no
+            ``PruningCallback`` state.
 
     Example::
 
         >>> strip_checkpoint("last.ckpt", "model_stripped.pt")  # doctest: +SKIP
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"no checkpoint file at {checkpoint_path}")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{checkpoint_path} is not a readable checkpoint (truncated or corrupted?): {str(error)[:200]}"
+        ) from error
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
     if not states:
         raise ValueError(f"{checkpoint_path} holds no PruningCallback state; nothing to strip")

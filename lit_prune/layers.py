@@ -54,6 +54,21 @@ class MaskedModule:
             return "mask", "threshold"
         return f"{weight_name}_mask", f"{weight_name}_threshold"
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the weights (as the plain layer does) and reset every mask to keep all.
+
+        This is what a model materialised from ``meta`` with ``to_empty()`` needs: its mask
+        buffers hold uninitialised memory until reset (or until a ``state_dict`` is loaded).
+        """
+        super().reset_parameters()  # type: ignore[misc]
+        for name in self.masked_weight_names:
+            mask_name, threshold_name = self.mask_buffer_names(name)
+            mask = getattr(self, mask_name, None)
+            if mask is not None:  # absent while the plain layer's __init__ runs
+                with torch.no_grad():
+                    mask.fill_(True)
+                    getattr(self, threshold_name).zero_()
+
     def masked(self, weight_name: str = "weight") -> Tensor:
         """The weight multiplied by its mask (TF's ``masked_weight``)."""
         mask_name, _ = self.mask_buffer_names(weight_name)

@@ -14,6 +14,7 @@ TF's could (TF re-ranked raw weights that momentum or weight decay kept moving).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +59,15 @@ class _Weight:
     def mask(self) -> Tensor:
         if self.buffer_names is not None:
             return getattr(self.module, self.buffer_names[0])
-        assert self.plain_mask is not None
-        if self.plain_mask.device != self.param.device:  # the model moved: masks follow
-            self.plain_mask = self.plain_mask.to(self.param.device)
-            self.plain_threshold = self.plain_threshold.to(self.param.device)  # type: ignore[union-attr]
+        assert self.plain_mask is not None and self.plain_threshold is not None
+        device = self.param.device
+        if self.plain_mask.device != device:  # the model moved: masks follow
+            if self.plain_mask.is_meta:  # bound on `meta` before any update: masks held no data yet
+                self.plain_mask = torch.ones(self.plain_mask.shape, dtype=torch.bool, device=device)
+                self.plain_threshold = torch.zeros((), dtype=torch.float32, device=device)
+            else:
+                self.plain_mask = self.plain_mask.to(device)
+                self.plain_threshold = self.plain_threshold.to(device)
         return self.plain_mask
 
     @property
@@ -77,6 +83,12 @@ def _abs_max(t: Tensor) -> Tensor:
     """``max |t|`` in one pass without an ``|t|`` temporary (NaN if ``t`` holds NaN)."""
     lo, hi = torch.aminmax(t.detach())
     return torch.maximum(hi, lo.neg())
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def _as_hparams(hparams: PruningHParams | Mapping[str, Any] | str | None) -> PruningHParams:
@@ -140,6 +152,7 @@ class Pruning:
         self.sparsity_override = sparsity
         self.last_update_step = 0
         self._weights: dict[str, _Weight] = {}
+        self._warned_new: set[str] = set()
         self._bind()
         # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
         # all ones; a masked layer's own buffers may already hold a pruned mask.
@@ -234,8 +247,12 @@ class Pruning:
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
                 (the saliency state of ``*_gradient`` options has advanced by then).
+            ValueError: a pruned weight changed shape since binding (e.g. after structured
+                pruning).  Weights added to the model since binding are not pruned; a warning
+                names them once.
         """
         hp = self.hparams
+        self._check_model()
         sparsities = self.weight_sparsities(step)
         weights = list(self._weights.values())
         maxima = [_abs_max(w.param) for w in weights]
@@ -284,6 +301,35 @@ class Pruning:
         self.last_update_step = step
         self.apply_mask()
 
+    def _check_model(self) -> None:
+        """Fail clearly if a pruned weight was replaced or changed shape; warn once about weights added."""
+        params = dict(self.model.named_parameters())
+        for w in self._weights.values():
+            if params.get(w.name) is not w.param:
+                raise ValueError(
+                    f"pruned weight {w.name!r} was removed or replaced in the model after pruning was set up; "
+                    "build a new Pruning/PruningCallback for the new model"
+                )
+            if w.param.shape != w.mask.shape:
+                raise ValueError(
+                    f"pruned weight {w.name!r} has shape {tuple(w.param.shape)} but its mask "
+                    f"{tuple(w.mask.shape)}: the model changed after pruning was set up (structured pruning, a "
+                    "replaced layer); build a new Pruning/PruningCallback for the new model"
+                )
+        hp = self.hparams
+        try:
+            now = select_weights(self.model, hp.prune_patterns, hp.exclude_patterns)
+        except HParamsError:  # a pattern that matched at binding no longer does: nothing new to report
+            return
+        new = [n for n in now if n not in self._weights and n not in self._warned_new]
+        if new:
+            self._warned_new.update(new)
+            warnings.warn(
+                f"weights {new} were added to the model after pruning was set up and are not pruned; "
+                "build a new Pruning/PruningCallback to prune them",
+                stacklevel=3,
+            )
+
     def _scores(self, w: _Weight, scratch: Tensor | None = None) -> Tensor:
         """The scores ranked for ``w``: ``|w|`` (into ``scratch`` if given) or its saliency (advancing its state)."""
         hp, param = self.hparams, w.param.detach()
@@ -303,7 +349,11 @@ class Pruning:
         """
         for name, w in self._weights.items():
             if not self._dense[name]:
-                w.param.detach().mul_(w.mask.view(torch.uint8))
+                try:
+                    w.param.detach().mul_(w.mask.view(torch.uint8))
+                except RuntimeError:
+                    self._check_model()  # names the weight whose shape changed
+                    raise
 
     def is_dense(self, name: str) -> bool:
         """Whether the mask of weight ``name`` keeps everything (as known since the last update or load)."""
@@ -379,23 +429,39 @@ class Pruning:
         """Restore what :meth:`state_dict` saved; the weights named must be the ones pruned here.
 
         Raises:
-            ValueError: the state comes from another lit_prune version, names other weights, or
-                holds a tensor of the wrong shape; nothing is changed then.
+            ValueError: the state comes from another lit_prune version, lacks a key, names other
+                weights, or holds a tensor of the wrong kind or shape; nothing is changed then.
         """
+        if not isinstance(state, Mapping):
+            raise ValueError(f"pruning state must be a mapping, got {type(state).__name__} (corrupted checkpoint?)")
         version = state.get("version")
         if version != STATE_VERSION:
             raise ValueError(
-                f"pruning state version {version!r} is not supported (this lit_prune reads {STATE_VERSION})"
+                f"pruning state version {version!r} is not supported (this lit_prune reads {STATE_VERSION}); "
+                "it was written by another lit_prune version: strip it with that version, or re-run pruning"
             )
+        missing_keys = sorted({"last_update_step", "masks", "thresholds"} - set(state))
+        if missing_keys:
+            raise ValueError(f"pruning state lacks {missing_keys} (corrupted checkpoint?)")
         masks, thresholds = state["masks"], state["thresholds"]
-        if set(masks) != set(self._weights):
+        if not isinstance(masks, Mapping) or not isinstance(thresholds, Mapping):
+            raise ValueError("pruning state: `masks` and `thresholds` must map weight names to tensors")
+        if set(masks) != set(self._weights) or set(thresholds) != set(self._weights):
             missing, extra = sorted(set(self._weights) - set(masks)), sorted(set(masks) - set(self._weights))
             raise ValueError(f"pruning state does not match the pruned weights: missing {missing}, unexpected {extra}")
         for name, w in self._weights.items():
-            if tuple(masks[name].shape) != tuple(w.param.shape):
+            mask, threshold = masks[name], thresholds[name]
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise ValueError(f"pruning state: mask of {name!r} must be a bool tensor, got {_describe(mask)}")
+            if tuple(mask.shape) != tuple(w.param.shape):
                 raise ValueError(
-                    f"pruning state: mask of {name!r} has shape {tuple(masks[name].shape)}, "
+                    f"pruning state: mask of {name!r} has shape {tuple(mask.shape)}, "
                     f"the weight has {tuple(w.param.shape)}"
+                )
+            if not isinstance(threshold, Tensor) or threshold.numel() != 1 or not threshold.is_floating_point():
+                raise ValueError(
+                    f"pruning state: threshold of {name!r} must be a one-element float tensor, "
+                    f"got {_describe(threshold)}"
                 )
             expected = set(SALIENCY_STATE[self.hparams.prune_option])
             if expected and set(state.get("saliency", {}).get(name, {})) != expected:
