@@ -15,9 +15,10 @@ from lit_prune.layers import (
     masked_conv2d,
     masked_fully_connected,
 )
+from lit_prune.nm import check_nm_sparse, is_nm_sparse
 from lit_prune.pruning import Pruning
 from lit_prune.schedule import gradual_sparsity
-from lit_prune.strip import strip_pruning_vars
+from lit_prune.strip import strip_pruning_vars, to_semi_structured
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,8 @@ __all__ = [
     "Pruning",
     "PruningCallback",
     "StructuredPruningCallback",
+    "check_nm_sparse",
+    "is_nm_sparse",
     "PruningHParams",
     "get_pruning_hparams",
     "gradual_sparsity",
@@ -54,4 +57,5 @@ __all__ = [
     "masked_fully_connected",
     "strip_checkpoint",
     "strip_pruning_vars",
+    "to_semi_structured",
 ]

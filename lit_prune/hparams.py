@@ -29,6 +29,8 @@ __all__ = [
     "PruningHParams",
     "get_pruning_hparams",
     "parse_block_dims_map",
+    "parse_nm",
+    "parse_nm_sparsity_map",
     "parse_weight_sparsity_map",
 ]
 
@@ -84,6 +86,12 @@ class PruningHParams:
             one threshold (google-research's group pruning with a single group; what
             ``torch.nn.utils.prune.global_unstructured`` does): layers end at different sparsities
             whose weighted mean follows the schedule.  Needs element-wise (1x1) blocks for them.
+        nm_sparsity: ``"N:M"`` (e.g. ``"2:4"``) makes every pruned weight N:M semi-structured:
+            at most N non-zeros in each group of M consecutive input elements; ``""`` = off.
+            Gradual: each weight's schedule runs to its own target ``1 - N/M`` and each group
+            prunes ``floor(M * s)`` elements (google-research's ``intra_block_sparsity``).
+        nm_sparsity_map: ``["regex:N:M", ...]`` N:M for the weights a regex matches (over
+            ``nm_sparsity``); also ``{regex: "N:M"}``.
 
     Example::
 
@@ -119,6 +127,8 @@ class PruningHParams:
     prune_patterns: list[str] = field(default_factory=list)
     exclude_patterns: list[str] = field(default_factory=list)
     global_ranking: bool = False
+    nm_sparsity: str = ""
+    nm_sparsity_map: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._coerce_types()
@@ -221,6 +231,9 @@ class PruningHParams:
         # The maps and patterns are parsed here so that malformed entries fail before training.
         parse_weight_sparsity_map(self.weight_sparsity_map)
         parse_block_dims_map(self.block_dims_map)
+        parse_nm_sparsity_map(self.nm_sparsity_map)
+        if self.nm_sparsity:
+            _parse_nm_value("nm_sparsity", self.nm_sparsity, self.nm_sparsity)
         for name in ("prune_patterns", "exclude_patterns"):
             for pattern in getattr(self, name):
                 _compile(name, pattern)
@@ -287,6 +300,52 @@ def parse_block_dims_map(entries: list[str]) -> dict[str, tuple[int, int]]:
             )
         out[pattern] = (dims[0], dims[1])
     return out
+
+
+def parse_nm_sparsity_map(entries: list[str]) -> dict[str, tuple[int, int]]:
+    """``["regex:N:M", ...]`` -> ``{regex: (N, M)}`` with ints ``1 <= N < M``.
+
+    Example::
+
+        >>> parse_nm_sparsity_map(["fc.*:2:4", "head:1:8"])
+        {'fc.*': (2, 4), 'head': (1, 8)}
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for entry in entries:
+        if not entry:
+            continue
+        pattern, sep, n = entry.rpartition(":")
+        pattern, sep2, m = pattern.rpartition(":")
+        if not sep or not sep2 or not pattern:
+            raise HParamsError(f"`nm_sparsity_map` entry {entry!r} is malformed; expected 'regex:N:M', e.g. 'fc.*:2:4'")
+        _compile("nm_sparsity_map", pattern)
+        if pattern.strip() in out:
+            raise HParamsError(f"`nm_sparsity_map` names the regex {pattern!r} twice")
+        out[pattern.strip()] = _parse_nm_value("nm_sparsity_map", f"{m}:{n}", entry)
+    return out
+
+
+def parse_nm(field_name: str, text: str, entry: str | None = None) -> tuple[int, int]:
+    """``"N:M"`` -> ``(N, M)`` with ints ``1 <= N < M``; the error names ``field_name``.
+
+    Example::
+
+        >>> parse_nm("nm_sparsity", "2:4")
+        (2, 4)
+    """
+    return _parse_nm_value(field_name, text, text if entry is None else entry)
+
+
+def _parse_nm_value(field_name: str, text: str, entry: str) -> tuple[int, int]:
+    parts = text.strip().split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        n = m = 0
+    if not 1 <= n < m:
+        where = f"`{field_name}` entry {entry!r}" if entry != text else f"`{field_name}`"
+        raise HParamsError(f"{where}: N:M must be ints with 1 <= N < M (e.g. '2:4'), got {text!r}")
+    return n, m
 
 
 def _split_entries(field_name: str, entries: list[str], form: str) -> list[tuple[str, str]]:
@@ -362,6 +421,8 @@ _FIELD_KINDS: dict[str, str] = {
     "prune_patterns": "list",
     "exclude_patterns": "list",
     "global_ranking": "bool",
+    "nm_sparsity": "str",
+    "nm_sparsity_map": "map",
 }
 
 

@@ -14,6 +14,7 @@ TF's could (TF re-ranked raw weights that momentum or weight decay kept moving).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_prune.hparams import HParamsError, PruningHParams, parse_block_dims_map, parse_weight_sparsity_map
+from lit_prune.hparams import (
+    HParamsError,
+    PruningHParams,
+    parse_block_dims_map,
+    parse_nm,
+    parse_nm_sparsity_map,
+    parse_weight_sparsity_map,
+)
 from lit_prune.layers import MaskedModule
 from lit_prune.masks import compute_mask, joint_threshold, smooth_threshold
+from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
 from lit_prune.selection import match_map, select_weights
@@ -46,6 +55,7 @@ class _Weight:
     param_name: str
     target: float | None  # weight_sparsity_map value, if any
     block_dims: tuple[int, int]
+    nm: tuple[int, int] | None = None  # N:M semi-structured, if any
     plain_mask: Tensor | None = None  # masks of plain layers live here ...
     plain_threshold: Tensor | None = None
     buffer_names: tuple[str, str] | None = None  # ... those of masked layers in the layer's buffers
@@ -164,12 +174,17 @@ class Pruning:
         names = select_weights(self.model, hp.prune_patterns, hp.exclude_patterns)
         targets = match_map("weight_sparsity_map", parse_weight_sparsity_map(hp.weight_sparsity_map), names)
         blocks = match_map("block_dims_map", parse_block_dims_map(hp.block_dims_map), names)
+        nm_map = match_map("nm_sparsity_map", parse_nm_sparsity_map(hp.nm_sparsity_map), names)
+        nm_default = parse_nm("nm_sparsity", hp.nm_sparsity) if hp.nm_sparsity else None
         default_block = (hp.block_height, hp.block_width)
         for name in names:
             module_name, _, param_name = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             param = getattr(module, param_name)
             entry = _Weight(name, module, param_name, targets.get(name), blocks.get(name, default_block))
+            entry.nm = nm_map.get(name, nm_default)
+            if entry.nm is not None:
+                entry.target = self._check_nm_weight(entry, tuple(param.shape))
             if isinstance(module, MaskedModule) and param_name in module.masked_weight_names:
                 entry.buffer_names = module.mask_buffer_names(param_name)
             else:
@@ -184,6 +199,27 @@ class Pruning:
                     f"`global_ranking` ranks weights element-wise, but {blocked} have block dims: give them a "
                     "`weight_sparsity_map` entry (their own threshold) or 1x1 blocks"
                 )
+
+    def _check_nm_weight(self, w: _Weight, shape: tuple[int, ...]) -> float:
+        """Validate an N:M weight at binding; return its own target ``1 - N/M``."""
+        n, m = w.nm  # type: ignore[misc]
+        if nm_group_view(shape, m) is None:
+            inner = math.prod(shape[1:]) if len(shape) > 1 else None
+            raise HParamsError(
+                f"weight {w.name!r} of shape {shape} cannot be {n}:{m}: N:M needs 2+ dims and an input size "
+                f"(in*kh*kw = {inner}) divisible by {m}; give N:M only to the weights that fit, with `nm_sparsity_map`"
+            )
+        if w.target is not None:
+            raise HParamsError(
+                f"weight {w.name!r} has both a `weight_sparsity_map` target ({w.target}) and N:M {n}:{m}, whose "
+                f"target is 1 - N/M = {1 - n / m}: give it one of the two"
+            )
+        if w.block_dims != (1, 1):
+            raise HParamsError(
+                f"weight {w.name!r} has block dims {w.block_dims[0]}x{w.block_dims[1]} and N:M {n}:{m}; both cannot "
+                "hold (N:M keeps N of every M elements, blocks prune whole blocks): give it one of the two"
+            )
+        return 1.0 - n / m
 
     def _joint(self) -> list[_Weight]:
         """The weights ranked together under ``global_ranking``: those without a map target."""
@@ -279,6 +315,9 @@ class Pruning:
             stale = scratch is None or scratch.numel() < param.numel() or scratch.device != param.device
             if hp.prune_option == "weight" and stale:  # |w| goes here; saliency scores are computed anew
                 scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
+            if w.nm is not None:
+                self._nm_update(w, self._scores(w, scratch), sparsities[w.name])
+                continue
             threshold, _, _ = compute_mask(
                 self._scores(w, scratch),
                 w.threshold,
@@ -300,6 +339,39 @@ class Pruning:
             self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
         self.last_update_step = step
         self.apply_mask()
+
+    def _nm_update(self, w: _Weight, scores: Tensor, sparsity: float) -> None:
+        """N:M mask of ``w``: each group of M prunes ``floor(M * s)`` of its lowest scores (at most M - N).
+
+        The threshold recorded is the largest pruned score (0 while nothing is pruned).
+        """
+        n, m = w.nm  # type: ignore[misc]
+        pruned = nm_pruned_per_group(m, sparsity, n)
+        nm_mask(scores, m, pruned, out=w.mask)
+        w.threshold.copy_(torch.where(w.mask, 0.0, scores.to(torch.float32)).amax())
+
+    def nm_weights(self) -> dict[str, tuple[int, int]]:
+        """``{weight name: (N, M)}`` of the weights pruned N:M."""
+        return {name: w.nm for name, w in self._weights.items() if w.nm is not None}
+
+    def check_nm(self) -> None:
+        """Raise ``ValueError`` unless every N:M weight is N:M sparse now (reads one value per N:M weight).
+
+        Before the schedule reaches ``1 - N/M`` a 2:4 weight is still 3:4 or 4:4, and this says so.
+
+        Example::
+
+            >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+            >>> p = Pruning(model, "nm_sparsity=2:4,sparsity_function_end_step=10")
+            >>> p.check_nm()
+            Traceback (most recent call last):
+            ...
+            ValueError: 0.weight is not 2:4 sparse: group 0 (row 0, input elements 0..3) holds 4 non-zeros
+            >>> p.mask_update(10)
+            >>> p.check_nm()
+        """
+        for name, (n, m) in self.nm_weights().items():
+            check_nm_sparse(self._weights[name].param.detach(), n, m, name)
 
     def _check_model(self) -> None:
         """Fail clearly if a pruned weight was replaced or changed shape; warn once about weights added."""

@@ -5,19 +5,24 @@ Here the result is a plain ``nn.Module``: masked layers become their PyTorch bas
 (``MaskedConv2d`` -> ``nn.Conv2d``, ...) without mask or threshold buffers, and weights pruned
 through a :class:`~lit_prune.Pruning` object are multiplied by its masks, so the ``state_dict``
 loads into the unpruned architecture.  Like TF's, the result is dense (zeros are stored).
+
+:func:`to_semi_structured` goes further for 2:4 weights: it swaps ``nn.Linear`` weights for
+``torch.sparse`` semi-structured tensors, which NVIDIA GPUs of compute capability 8.0+ multiply
+with sparse tensor cores (fp16/bf16, inference).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lit_prune.layers import MaskedModule
 from lit_prune.pruning import Pruning
 
-__all__ = ["strip_pruning_vars"]
+__all__ = ["semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
 
 _MASKED_ATTRS = ("masked_weight_names", "_in_masked_forward")
 
@@ -30,7 +35,9 @@ def _plain_base(cls: type) -> type[nn.Module]:
 
 
 @torch.no_grad()
-def strip_pruning_vars(model: nn.Module, pruning: Pruning | None = None, *, inplace: bool = False) -> nn.Module:
+def strip_pruning_vars(
+    model: nn.Module, pruning: Pruning | None = None, *, inplace: bool = False, semi_structured: bool = False
+) -> nn.Module:
     """A plain copy of ``model`` with masks folded into the weights and masked layers made plain.
 
     Args:
@@ -38,6 +45,14 @@ def strip_pruning_vars(model: nn.Module, pruning: Pruning | None = None, *, inpl
         pruning: The :class:`Pruning` whose masks cover weights of plain layers (masked layers
             carry their own).
         inplace: Modify ``model`` itself instead of a deep copy.
+        semi_structured: Also convert the ``nn.Linear`` weights that ``pruning`` made 2:4 (N:M
+            with M = 4, N <= 2) with :func:`to_semi_structured` (CUDA, compute capability
+            8.0+, fp16/bf16).
+
+    Raises:
+        ValueError: an N:M weight of ``pruning`` is not N:M sparse (the schedule has not reached
+            it yet); with ``semi_structured``, no weight is eligible, or one cannot be converted
+            (the message names it and why: device, GPU, dtype, pattern).
 
     Example::
 
@@ -53,6 +68,7 @@ def strip_pruning_vars(model: nn.Module, pruning: Pruning | None = None, *, inpl
         if pruning.model is not model:
             raise ValueError("`pruning` must have been built on `model`")
         masks = {name: mask.detach().clone() for name, mask in pruning.get_masks().items()}
+        pruning.check_nm()  # refuse to export an N:M weight that is not N:M
     out = model if inplace else copy.deepcopy(model)
     params = dict(out.named_parameters())
     for name, mask in masks.items():
@@ -68,4 +84,86 @@ def strip_pruning_vars(model: nn.Module, pruning: Pruning | None = None, *, inpl
         for attr in _MASKED_ATTRS:
             module.__dict__.pop(attr, None)
         module.__class__ = _plain_base(type(module))
+    if semi_structured:
+        eligible = [] if pruning is None else [n for n, (k, m) in pruning.nm_weights().items() if m == 4 and k <= 2]
+        eligible = [n for n in eligible if isinstance(out.get_submodule(n.rpartition(".")[0]), nn.Linear)]
+        if not eligible:
+            raise ValueError(
+                "`semi_structured=True` found no nn.Linear weight pruned 2:4 by `pruning` (set `nm_sparsity` or "
+                "`nm_sparsity_map` to 2:4 for Linear weights)"
+            )
+        to_semi_structured(out, eligible, inplace=True)
+    return out
+
+
+def semi_structured_problem(name: str, weight: Tensor) -> str | None:
+    """Why ``weight`` cannot become a semi-structured sparse tensor, or ``None`` if it can.
+
+    Checks, in order: a CUDA device, compute capability 8.0 or higher, fp16/bf16, and the 2:4
+    pattern (``torch.sparse`` accepts a tensor that is not 2:4 without complaint).
+
+    Example::
+
+        >>> semi_structured_problem("fc.weight", torch.zeros(64, 64))
+        'fc.weight is on cpu: 2:4 sparse kernels need a CUDA GPU (compute capability 8.0+)'
+    """
+    from lit_prune.nm import is_nm_sparse
+
+    if weight.device.type != "cuda":
+        return f"{name} is on {weight.device.type}: 2:4 sparse kernels need a CUDA GPU (compute capability 8.0+)"
+    major, minor = torch.cuda.get_device_capability(weight.device)
+    if major < 8:
+        return f"{name} is on a GPU of compute capability {major}.{minor}: semi-structured sparsity needs 8.0+"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} is {weight.dtype}: semi-structured sparsity needs float16 or bfloat16 (call .half() first)"
+    if not is_nm_sparse(weight, 2, 4):
+        return f"{name} is not 2:4 sparse: prune it with nm_sparsity=2:4 to the end of its schedule first"
+    return None
+
+
+@torch.no_grad()
+def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, inplace: bool = False) -> nn.Module:
+    """Swap 2:4-sparse ``nn.Linear`` weights for ``torch.sparse.to_sparse_semi_structured`` tensors (inference).
+
+    Args:
+        model: A model whose named Linear weights are 2:4 sparse, fp16/bf16, on a CUDA GPU of
+            compute capability 8.0+.
+        names: Parameter names (``"<module>.weight"``) to convert; default every ``nn.Linear`` weight.
+        inplace: Modify ``model`` itself instead of a deep copy.
+
+    Raises:
+        ValueError: a named weight is not a Linear weight, or cannot be converted (the message
+            names it and why); nothing is converted then.
+
+    Example::
+
+        >>> to_semi_structured(torch.nn.Sequential(torch.nn.Linear(64, 64)))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot convert to semi-structured sparsity: 0.weight is on cpu: 2:4 sparse kernels need a CUDA...
+    """
+    if names is None:
+        names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = list(names)
+    params = dict(model.named_parameters())
+    problems = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear) or attr != "weight":
+            problems.append(f"{name} is not an nn.Linear weight")
+        elif (problem := semi_structured_problem(name, params[name].detach())) is not None:
+            problems.append(problem)
+    if problems:
+        raise ValueError("cannot convert to semi-structured sparsity: " + "; ".join(problems))
+    from torch.sparse import to_sparse_semi_structured
+
+    out = model if inplace else copy.deepcopy(model)
+    for name in names:
+        module = out.get_submodule(name.rpartition(".")[0])
+        try:
+            sparse = to_sparse_semi_structured(module.weight.detach())
+        except (RuntimeError, ValueError) as error:  # shape constraints of the sparse kernels
+            raise ValueError(f"{name} of shape {tuple(module.weight.shape)}: {error}") from error
+        module.weight = nn.Parameter(sparse, requires_grad=False)
     return out
