@@ -95,8 +95,9 @@ def histogram_threshold(
 
     ``sort_count=True`` counts the bins by sorting and ``searchsorted`` instead of a histogram
     scatter (TF's ``use_tpu`` swapped in a ``while_loop`` CDF for the same reason: no
-    scatter/atomics); both give the same threshold.  An all-zero ``scores`` gives threshold 0
-    (TF produced NaN there).
+    scatter/atomics); both give the same threshold.  CUDA tensors always take it: it is
+    deterministic (``torch.histc`` and atomics are not) and needs no host read.  An all-zero
+    ``scores`` gives threshold 0 (TF produced NaN there).
 
     Example::
 
@@ -105,6 +106,7 @@ def histogram_threshold(
         (50.0, 49.80392074584961)
     """
     flat = scores.reshape(-1)
+    sort_count = sort_count or flat.device.type == "cuda"  # no atomics: deterministic, as the CPU path
     k = histogram_target_count(flat.numel(), sparsity)
     if max_value is None:
         max_value = flat.max()
@@ -239,6 +241,8 @@ def exact_threshold(scores: Tensor, sparsity: float, *, static: bool = False) ->
     if k == flat.numel():
         return flat.min()
     rank = flat.numel() - k + 1  # the threshold is the rank-th smallest score
+    if flat.device.type == "cuda":  # kthvalue is slow on CUDA; its radix sort is fast, static and deterministic
+        return torch.sort(flat).values[rank - 1]
     if not static and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
         found = _search_kth_smallest(flat, rank)
         if found is not None:

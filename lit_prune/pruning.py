@@ -275,8 +275,9 @@ class Pruning:
 
         The update reads two small vectors back to the host for the whole model (whether each
         weight is finite, and whether each mask still keeps everything): no per-weight
-        synchronisation.  With ``use_tpu`` it reads nothing back (and so cannot check for NaN),
-        and the thresholds use only static shapes.  One float32 scratch buffer the size of the
+        synchronisation.  On a GPU it reads only the first (one synchronisation per update).
+        With ``use_tpu`` it reads nothing back (and so cannot check for NaN), and the thresholds
+        use only static shapes.  One float32 scratch buffer the size of the
         largest weight lives for the duration of the update (``global_ranking`` holds the scores of
         all jointly ranked weights instead).
 
@@ -332,7 +333,7 @@ class Pruning:
                 out=w.mask,
             )
             w.threshold.copy_(threshold)
-        if hp.use_tpu:
+        if hp.use_tpu or weights[0].mask.device.type != "cpu":  # no second read back on accelerators
             self._dense = dict.fromkeys(self._weights, False)
         else:
             kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
