@@ -124,6 +124,7 @@ def train(cfg: DictConfig) -> float:
         summary["model_sparsity"] = float(pruning.pruning.model_sparsity())
         summary["last_mask_update_step"] = pruning.pruning.last_update_step
         summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
+        summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in pruning.pruning.nm_weights().items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(summary))
     log.info("\n%s", _summary_markdown(summary))
@@ -158,10 +159,12 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         f"Model sparsity {pct(summary.get('model_sparsity'))} (target {pct(summary['target_sparsity'])}), "
         f"last mask update at step {summary.get('last_mask_update_step')} of {summary['global_step']}.",
         "",
-        "| weight | sparsity |",
-        "| --- | ---: |",
+        "| weight | sparsity | N:M |",
+        "| --- | ---: | ---: |",
     ]
-    lines += [f"| `{name}` | {pct(value)} |" for name, value in summary.get("weight_sparsity", {}).items()]
+    nm = summary.get("nm_weights", {})
+    for name, value in summary.get("weight_sparsity", {}).items():
+        lines.append(f"| `{name}` | {pct(value)} | {nm.get(name, '-')} |")
     return "\n".join(lines) + "\n"
 
 

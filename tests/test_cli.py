@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.utils import instantiate
 
 import lit_prune.cli  # noqa: F401 - registers the pruning schema
-from lit_prune import HParamsError, PruningCallback
+from lit_prune import HParamsError, PruningCallback, is_nm_sparse
 from lit_prune.cli import resolve_pruning
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -67,6 +68,16 @@ def test_tf_string_and_list_form(tmp_path):
     assert resolve_pruning(cfg).weight_sparsity_map == [r"layer[0-9]+\.conv:0.8", "a{1,2} b:0.5"]
 
 
+def test_nm_overrides_in_list_mapping_and_string_forms(tmp_path):
+    for override in (
+        "pruning.nm_sparsity_map=[net.*weight:2:4]",
+        'pruning.nm_sparsity_map={net.*weight: "2:4"}',
+        'pruning_hparams="nm_sparsity_map=[net.*weight:2:4]"',
+    ):
+        assert resolve_pruning(compose_main([override])).nm_sparsity_map == ["net.*weight:2:4"], override
+    assert resolve_pruning(compose_main(["pruning.nm_sparsity=1:4"])).nm_sparsity == "1:4"
+
+
 def test_plus_tilde_and_null_overrides(tmp_path):
     cfg = compose_main(["+pruning.weight_sparsity_map.fc=0.7", "~callbacks.model_checkpoint", "~logger"])
     assert resolve_pruning(cfg).weight_sparsity_map == ["fc:0.7"]
@@ -99,7 +110,7 @@ def test_malformed_map_fails_before_training():
         resolve_pruning(cfg)
 
 
-@pytest.mark.parametrize("pruning", ["gradual", "tf_default", "block_4x4", "block_1x16", "per_layer"])
+@pytest.mark.parametrize("pruning", ["gradual", "tf_default", "block_4x4", "block_1x16", "per_layer", "nm_2of4"])
 def test_every_pruning_spec_is_valid(pruning):
     resolve_pruning(compose_main([f"pruning={pruning}"]))
 
@@ -152,15 +163,19 @@ def test_bad_command_lines_exit_non_zero_with_a_clear_message(tmp_path, override
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gradual_90", "block_4x4", "per_layer"])
+@pytest.mark.parametrize("name", ["gradual_90", "block_4x4", "per_layer", "nm_2of4"])
 def test_recipes_run_briefly(tmp_path, name):
     result = run_cli("--config-dir", str(RECIPES), "--config-name", name, *SHORT, "dense_baseline=false",
                      "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["hparams"]["name"] in {"gradual_90", "digits_block_4x4", "digits_per_layer"}
+    assert summary["hparams"]["name"] in {"gradual_90", "digits_block_4x4", "digits_per_layer", "digits_nm_2of4"}
     if name == "per_layer":
         assert summary["weight_sparsity"]["net.0.weight"] == pytest.approx(0.5, abs=0.02)
+    if name == "nm_2of4":
+        assert summary["nm_weights"] == dict.fromkeys(["net.1.weight", "net.3.weight", "net.5.weight"], "2:4")
+        exported = torch.load(tmp_path / "run" / "model_stripped.pt", weights_only=True)
+        assert all(is_nm_sparse(exported[name], 2, 4) for name in summary["nm_weights"])
 
 
 @pytest.mark.slow
@@ -186,7 +201,6 @@ def test_plain_multirun_two_points(tmp_path):
 
 
 USER_MODULE = """
-import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
