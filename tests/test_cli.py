@@ -201,6 +201,7 @@ def test_plain_multirun_two_points(tmp_path):
 
 
 USER_MODULE = """
+import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
