@@ -284,9 +284,9 @@ class Pruning:
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
                 (the saliency state of ``*_gradient`` options has advanced by then).
-            ValueError: a pruned weight changed shape since binding (e.g. after structured
-                pruning).  Weights added to the model since binding are not pruned; a warning
-                names them once.
+            ValueError: a pruned weight was replaced or changed shape since binding (e.g. after
+                structured pruning).  Weights added to the model (or unfrozen) since binding are
+                not pruned; a warning names them once.
         """
         hp = self.hparams
         self._check_model()
@@ -398,8 +398,8 @@ class Pruning:
         if new:
             self._warned_new.update(new)
             warnings.warn(
-                f"weights {new} were added to the model after pruning was set up and are not pruned; "
-                "build a new Pruning/PruningCallback to prune them",
+                f"weights {new} became candidates for pruning after it was set up (added to the model, or "
+                "unfrozen) and are not pruned; build a new Pruning/PruningCallback to prune them",
                 stacklevel=3,
             )
 

@@ -107,7 +107,7 @@ def test_parameters_added_after_setup_are_named_in_a_warning_once():
     model = nn.Sequential(nn.Linear(4, 4))
     pruning = Pruning(model, sparsity=0.5)
     model.append(nn.Linear(4, 2))
-    with pytest.warns(UserWarning, match=r"\['1.weight'\] were added .* not pruned"):
+    with pytest.warns(UserWarning, match=r"\['1.weight'\] became candidates .* \(added to the model, or unfrozen\)"):
         pruning.mask_update(1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
