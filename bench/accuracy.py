@@ -53,6 +53,36 @@ def sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
+def parse_bench_args(doc: str) -> argparse.Namespace:
+    """The digits benchmarks' command line; sets the thread count and quiets Lightning."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    return args
+
+
+def digits_trainer(epochs: int, callbacks: list) -> tuple[Trainer, DigitsDataModule]:
+    """A quiet CPU ``Trainer`` for ``epochs`` epochs of digits (batch 64, no validation), and the data."""
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return trainer, DigitsDataModule(batch_size=64, seed=0)
+
+
 def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[float, float]:
     seed_everything(seed, verbose=False)
     model = ImageClassifier(make_net(), lr=2e-3)
@@ -81,18 +111,7 @@ def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[f
                 verbose=0,
             )
         )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    data = DigitsDataModule(batch_size=64, seed=0)
+    trainer, data = digits_trainer(epochs, callbacks)
     trainer.fit(model, datamodule=data)
     if method == "one-shot":
         pruning = Pruning(model, PruningHParams(threshold_method="exact"), sparsity=target)
@@ -102,15 +121,7 @@ def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args = parse_bench_args(__doc__)
     seeds = args.seeds or (1 if args.quick else 2)
     epochs = args.epochs or (6 if args.quick else 15)
     targets = [0.75, 0.9] if args.quick else [0.5, 0.75, 0.9, 0.95]

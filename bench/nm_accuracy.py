@@ -20,20 +20,22 @@ Prints a markdown table (mean ± spread over seeds) and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
+import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch import nn
 
 from lit_prune import Pruning, PruningCallback, PruningHParams, is_nm_sparse
-from lit_prune.demos import DigitsDataModule, ImageClassifier
+from lit_prune.demos import ImageClassifier
 from lit_prune.digits import digits_cnn, mlp
 from lit_prune.nm import nm_group_view
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import digits_trainer, parse_bench_args  # noqa: E402
 
 MODELS = {"MLP": lambda: mlp(), "CNN": lambda: digits_cnn(masked=False)}
 METHODS = ("gradual", "one-shot at begin", "one-shot at end")
@@ -71,18 +73,7 @@ def run(method: str, make_net, epochs: int, seed: int) -> tuple[float, float]:
         callbacks.append(PruningCallback(spec(model, begin, end), log_histograms=False))
     elif method == "one-shot at begin":
         callbacks.append(PruningCallback(spec(model, begin, end), sparsity=0.5, log_histograms=False))
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    data = DigitsDataModule(batch_size=64, seed=0)
+    trainer, data = digits_trainer(epochs, callbacks)
     trainer.fit(model, datamodule=data)
     if method == "one-shot at end":
         Pruning(model, spec(model, begin, end), sparsity=0.5).mask_update(0)
@@ -96,15 +87,7 @@ def run(method: str, make_net, epochs: int, seed: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    args = parse_bench_args(__doc__)
     seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (6 if args.quick else 15)
     models = {"MLP": MODELS["MLP"]} if args.quick else MODELS

@@ -5,8 +5,9 @@
 
 Sections, each also runnable alone: mask_update (lit_prune vs torch.nn.utils.prune, memory),
 step_overhead (PruningCallback vs ModelPruning vs none in Trainer.fit), scaling (1 M to 100 M
-weights), accuracy (digits, lit_prune vs ModelPruning vs one-shot, with a plot) and oracle
-(structured pruning vs L1 and random).  JSON and PNG files land in bench/results/.
+weights), accuracy (digits, lit_prune vs ModelPruning vs one-shot, with a plot), oracle
+(structured pruning vs L1 and random) and nm_accuracy (2:4, gradual vs one-shot).  JSON and PNG
+files land in bench/results/.  The GPU benchmarks (bench/gpu.py) need CUDA and run on their own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SECTIONS = {
     "scaling": [],
     "accuracy": ["--seeds", "1"],
     "oracle": ["--seeds", "1"],
+    "nm_accuracy": ["--seeds", "1"],
 }
 
 
@@ -43,7 +45,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if args.quick else extra)]
-        if name in ("accuracy", "scaling"):
+        if name in ("accuracy", "scaling", "nm_accuracy"):
             cmd += ["--out", str(out)]
         if name == "mask_update":
             cmd += ["--out", str(out / "mask_update.json")]

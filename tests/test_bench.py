@@ -22,13 +22,14 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
-    for section in ("mask_update", "step_overhead", "scaling", "accuracy", "oracle"):
+    for section in ("mask_update", "step_overhead", "scaling", "accuracy", "oracle", "nm_accuracy"):
         assert f"## {section}" in report
-    assert report.count("| --- |") >= 5  # each section printed its table
+    assert report.count("| --- |") >= 6  # each section printed its table
     for name in (
         "mask_update.json",
         "scaling.json",
         "accuracy.json",
+        "nm_accuracy.json",
         "accuracy_vs_sparsity.png",
         "mask_update_scaling.png",
     ):
