@@ -34,3 +34,17 @@ def test_every_benchmark_runs_at_smoke_size(tmp_path):
         "mask_update_scaling.png",
     ):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_code_runs_on_cpu_at_smoke_size():
+    # The figures need CUDA; this only proves the script's code paths run (tables printed).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--width", "32", "--quick",
+         "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lit_prune 2:4 (N:M)" in result.stdout and "`torch.nn.utils.prune` reparametrisation" in result.stdout
