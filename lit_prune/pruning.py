@@ -163,6 +163,7 @@ class Pruning:
         self.last_update_step = 0
         self._weights: dict[str, _Weight] = {}
         self._warned_new: set[str] = set()
+        self._pending_check: tuple[Tensor, Any, int, list[str]] | None = None
         self._bind()
         # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
         # all ones; a masked layer's own buffers may already hold a pruned mask.
@@ -273,17 +274,20 @@ class Pruning:
     def mask_update(self, step: int) -> None:
         """Recompute every mask and threshold at ``step`` (unconditionally), then zero pruned weights.
 
-        The update reads two small vectors back to the host for the whole model (whether each
-        weight is finite, and whether each mask still keeps everything): no per-weight
-        synchronisation.  On a GPU it reads only the first (one synchronisation per update).
-        With ``use_tpu`` it reads nothing back (and so cannot check for NaN), and the thresholds
-        use only static shapes.  One float32 scratch buffer the size of the
+        On the CPU the update reads two small vectors back for the whole model (whether each
+        weight is finite, and whether each mask still keeps everything).  On an accelerator it
+        synchronises nothing: the finiteness flags are copied back asynchronously, a non-finite
+        weight keeps its old mask and threshold, and the error is raised by the first
+        :meth:`apply_mask` (or update) that finds the copy complete.  With ``use_tpu`` it reads
+        nothing back at all (and so cannot check for NaN), and the thresholds use only static
+        shapes.  One float32 scratch buffer the size of the
         largest weight lives for the duration of the update (``global_ranking`` holds the scores of
         all jointly ranked weights instead).
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
-                (the saliency state of ``*_gradient`` options has advanced by then).
+                (the saliency state of ``*_gradient`` options has advanced by then).  On an
+                accelerator this comes from a later call, as above.
             ValueError: a pruned weight was replaced or changed shape since binding (e.g. after
                 structured pruning).  Weights added to the model (or unfrozen) since binding are
                 not pruned; a warning names them once.
@@ -293,20 +297,42 @@ class Pruning:
         sparsities = self.weight_sparsities(step)
         weights = list(self._weights.values())
         maxima = [_abs_max(w.param) for w in weights]
-        if not hp.use_tpu:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
-            finite = torch.isfinite(torch.stack(maxima)).cpu()
-            if not bool(finite.all()):
-                bad = [w.name for w, ok in zip(weights, finite.tolist(), strict=True) if not ok]
+        self._raise_pending_nonfinite()
+        finite = torch.isfinite(torch.stack(maxima))
+        defer = not hp.use_tpu and self._defer_checks(weights[0].param)
+        if defer:  # accelerators: no host read; the check is read back later, and bad weights keep their masks
+            self._queue_nonfinite_check(finite, step, [w.name for w in weights])
+        elif not hp.use_tpu:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
+            flags = finite.cpu()
+            if not bool(flags.all()):
+                bad = [w.name for w, ok in zip(weights, flags.tolist(), strict=True) if not ok]
                 raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
+        index = {w.name: i for i, w in enumerate(weights)}
+        staged: Tensor | None = None  # deferred checks: new masks land here first
+
+        def target(w: _Weight) -> Tensor:
+            nonlocal staged
+            if not defer:
+                return w.mask
+            if staged is None or staged.numel() < w.mask.numel():
+                staged = torch.empty(max(x.mask.numel() for x in weights), dtype=torch.bool, device=w.mask.device)
+            return staged[: w.mask.numel()].view(w.mask.shape)
+
+        def commit(w: _Weight, mask: Tensor, threshold: Tensor, ok: Tensor) -> None:
+            if defer:  # a non-finite weight keeps its mask and threshold
+                torch.where(ok, mask, w.mask, out=w.mask)
+                threshold = torch.where(ok, threshold, w.threshold.to(threshold.dtype))
+            w.threshold.copy_(threshold)
+
         joint = self._joint()
         if joint:  # one threshold for all of them, from all their scores (held for this update)
             scores = {w.name: self._scores(w) for w in joint}
             shared = joint_threshold(list(scores.values()), sparsities[joint[0].name], hp.threshold_method, hp.nbins)
             shared = smooth_threshold(shared, joint[0].threshold.to(torch.float32), hp.threshold_decay)
             compare = torch.gt if hp.threshold_method == "histogram" else torch.ge
+            all_ok = torch.stack([finite[index[w.name]] for w in joint]).all()  # device ops only
             for w in joint:
-                compare(scores[w.name], shared, out=w.mask)
-                w.threshold.copy_(shared)
+                commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
         joint_names = {w.name for w in joint}
         scratch: Tensor | None = None
         for w, max_abs in zip(weights, maxima, strict=True):
@@ -317,9 +343,10 @@ class Pruning:
             if hp.prune_option == "weight" and stale:  # |w| goes here; saliency scores are computed anew
                 scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
             if w.nm is not None:
-                self._nm_update(w, self._scores(w, scratch), sparsities[w.name])
+                mask, threshold = self._nm_mask(w, self._scores(w, scratch), sparsities[w.name], target(w))
+                commit(w, mask, threshold, finite[index[w.name]])
                 continue
-            threshold, _, _ = compute_mask(
+            threshold, mask, _ = compute_mask(
                 self._scores(w, scratch),
                 w.threshold,
                 sparsities[w.name],
@@ -330,10 +357,10 @@ class Pruning:
                 pooling=hp.block_pooling_function,
                 sort_count=hp.use_tpu,
                 max_score=max_abs.to(torch.float32) if hp.prune_option == "weight" else None,
-                out=w.mask,
+                out=target(w),
             )
-            w.threshold.copy_(threshold)
-        if hp.use_tpu or weights[0].mask.device.type != "cpu":  # no second read back on accelerators
+            commit(w, mask, threshold, finite[index[w.name]])
+        if hp.use_tpu or defer:  # no second read back
             self._dense = dict.fromkeys(self._weights, False)
         else:
             kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
@@ -341,15 +368,45 @@ class Pruning:
         self.last_update_step = step
         self.apply_mask()
 
-    def _nm_update(self, w: _Weight, scores: Tensor, sparsity: float) -> None:
-        """N:M mask of ``w``: each group of M prunes ``floor(M * s)`` of its lowest scores (at most M - N).
+    @staticmethod
+    def _defer_checks(param: Tensor) -> bool:
+        """Whether the NaN check is read back later instead of now: on accelerators (not CPU, not meta)."""
+        return param.device.type not in ("cpu", "meta")
 
-        The threshold recorded is the largest pruned score (0 while nothing is pruned).
+    def _queue_nonfinite_check(self, finite: Tensor, step: int, names: list[str]) -> None:
+        host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=finite.device.type == "cuda")
+        host.copy_(finite, non_blocking=True)
+        event = None
+        if finite.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._pending_check = (host, event, step, names)
+
+    def _raise_pending_nonfinite(self, wait: bool = True) -> None:
+        """Raise for a NaN/Inf found by an earlier deferred check (``wait=False``: only if it is already read back)."""
+        if self._pending_check is None:
+            return
+        host, event, step, names = self._pending_check
+        if event is not None and not (wait or event.query()):
+            return
+        if event is not None:
+            event.synchronize()
+        self._pending_check = None
+        if not bool(host.all()):
+            bad = [n for n, ok in zip(names, host.tolist(), strict=True) if not ok]
+            raise FloatingPointError(
+                f"NaN or Inf in pruned weight(s) {bad} at the mask update of step {step}; their masks were left "
+                "unchanged"
+            )
+
+    def _nm_mask(self, w: _Weight, scores: Tensor, sparsity: float, out: Tensor) -> tuple[Tensor, Tensor]:
+        """N:M mask of ``w`` into ``out``: each group of M prunes ``floor(M * s)`` of its lowest scores.
+
+        Returns ``(mask, threshold)``; the threshold is the largest pruned score (0 while nothing is pruned).
         """
         n, m = w.nm  # type: ignore[misc]
-        pruned = nm_pruned_per_group(m, sparsity, n)
-        nm_mask(scores, m, pruned, out=w.mask)
-        w.threshold.copy_(torch.where(w.mask, 0.0, scores.to(torch.float32)).amax())
+        mask = nm_mask(scores, m, nm_pruned_per_group(m, sparsity, n), out=out)
+        return mask, torch.where(mask, 0.0, scores.to(torch.float32)).amax()
 
     def nm_weights(self) -> dict[str, tuple[int, int]]:
         """``{weight name: (N, M)}`` of the weights pruned N:M."""
@@ -427,6 +484,7 @@ class Pruning:
                 except RuntimeError:
                     self._check_model()  # names the weight whose shape changed
                     raise
+        self._raise_pending_nonfinite(wait=False)  # an accelerator's deferred NaN check, once read back
 
     def is_dense(self, name: str) -> bool:
         """Whether the mask of weight ``name`` keeps everything (as known since the last update or load)."""

@@ -426,3 +426,49 @@ def test_sigkill_mid_schedule_then_resume_equals_uninterrupted_run(tmp_path):
         for name in a[kind]:
             assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
     assert a["masks"]["net.0.weight"].float().mean().item() == pytest.approx(0.15, abs=0.01)
+
+
+# ---------------------------------------------------------------------------- accelerator path, forced on CPU
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "threshold_method=histogram",
+        "threshold_method=exact",
+        "block_height=2,block_width=4",
+        "nm_sparsity=2:4",
+        "global_ranking=true,threshold_method=exact",
+    ],
+)
+def test_deferred_check_path_gives_the_same_masks(monkeypatch, spec):
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8))
+    b = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 8))
+    b.load_state_dict(a.state_dict())
+    pa = Pruning(a, spec, sparsity=0.6)
+    pa.mask_update(1)
+    monkeypatch.setattr(Pruning, "_defer_checks", staticmethod(lambda param: True))
+    pb = Pruning(b, spec, sparsity=0.6)
+    pb.mask_update(1)
+    for name, mask in pa.get_masks().items():
+        assert torch.equal(pb.get_masks()[name], mask), name
+        assert torch.equal(pb.get_thresholds()[name], pa.get_thresholds()[name]), name
+    assert torch.equal(a[0].weight, b[0].weight)
+
+
+@pytest.mark.parametrize("spec", ["threshold_method=histogram", "nm_sparsity=2:4", "global_ranking=true"])
+def test_deferred_nan_check_keeps_the_masks_and_raises_at_the_next_call(monkeypatch, spec):
+    monkeypatch.setattr(Pruning, "_defer_checks", staticmethod(lambda param: True))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    pruning = Pruning(model, spec, sparsity=0.5)
+    pruning.mask_update(1)
+    before = {k: v.clone() for k, v in pruning.get_masks().items()}
+    thresholds = {k: v.clone() for k, v in pruning.get_thresholds().items()}
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\['1.weight'\] at the mask update of step 2"):
+        pruning.mask_update(2)  # no host read during it: the apply_mask that ends it finds the copy done
+        pruning.apply_mask()  # (on a GPU it may be this one, or a later one)
+    assert torch.equal(pruning.get_masks()["1.weight"], before["1.weight"])
+    assert torch.equal(pruning.get_thresholds()["1.weight"], thresholds["1.weight"])
+    pruning.apply_mask()  # reported once
