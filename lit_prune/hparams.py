@@ -233,7 +233,7 @@ class PruningHParams:
         parse_block_dims_map(self.block_dims_map)
         parse_nm_sparsity_map(self.nm_sparsity_map)
         if self.nm_sparsity:
-            _parse_nm_value("nm_sparsity", self.nm_sparsity, self.nm_sparsity)
+            parse_nm("nm_sparsity", self.nm_sparsity)
         for name in ("prune_patterns", "exclude_patterns"):
             for pattern in getattr(self, name):
                 _compile(name, pattern)
@@ -321,29 +321,24 @@ def parse_nm_sparsity_map(entries: list[str]) -> dict[str, tuple[int, int]]:
         _compile("nm_sparsity_map", pattern)
         if pattern.strip() in out:
             raise HParamsError(f"`nm_sparsity_map` names the regex {pattern!r} twice")
-        out[pattern.strip()] = _parse_nm_value("nm_sparsity_map", f"{m}:{n}", entry)
+        out[pattern.strip()] = parse_nm("nm_sparsity_map", f"{m}:{n}", entry)
     return out
 
 
 def parse_nm(field_name: str, text: str, entry: str | None = None) -> tuple[int, int]:
-    """``"N:M"`` -> ``(N, M)`` with ints ``1 <= N < M``; the error names ``field_name``.
+    """``"N:M"`` -> ``(N, M)`` with ints ``1 <= N < M``; the error names ``field_name`` (and the map ``entry``).
 
     Example::
 
         >>> parse_nm("nm_sparsity", "2:4")
         (2, 4)
     """
-    return _parse_nm_value(field_name, text, text if entry is None else entry)
-
-
-def _parse_nm_value(field_name: str, text: str, entry: str) -> tuple[int, int]:
-    parts = text.strip().split(":")
     try:
-        n, m = (int(p) for p in parts)
+        n, m = (int(p) for p in text.strip().split(":"))
     except ValueError:
         n = m = 0
     if not 1 <= n < m:
-        where = f"`{field_name}` entry {entry!r}" if entry != text else f"`{field_name}`"
+        where = f"`{field_name}` entry {entry!r}" if entry is not None else f"`{field_name}`"
         raise HParamsError(f"{where}: N:M must be ints with 1 <= N < M (e.g. '2:4'), got {text!r}")
     return n, m
 

@@ -90,6 +90,12 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None) -> T
     return out
 
 
+def _nonzeros_per_group(t: Tensor, m: int) -> Tensor | None:
+    """Non-zeros in each group of ``M`` (``None`` if ``t`` cannot be viewed in groups of ``M``)."""
+    view = nm_group_view(t.shape, m)
+    return None if view is None else (t.reshape(view) != 0).sum(dim=1)
+
+
 def is_nm_sparse(t: Tensor, n: int, m: int) -> bool:
     """Whether every group of ``M`` consecutive input elements of ``t`` holds at most ``N`` non-zeros.
 
@@ -100,10 +106,8 @@ def is_nm_sparse(t: Tensor, n: int, m: int) -> bool:
         >>> is_nm_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4), is_nm_sparse(torch.ones(1, 4), 2, 4)
         (True, False)
     """
-    view = nm_group_view(t.shape, m)
-    if view is None:
-        return False
-    return bool(((t.reshape(view) != 0).sum(dim=1) <= n).all())
+    counts = _nonzeros_per_group(t, m)
+    return counts is not None and bool((counts <= n).all())
 
 
 def check_nm_sparse(t: Tensor, n: int, m: int, name: str = "tensor") -> None:
@@ -116,18 +120,16 @@ def check_nm_sparse(t: Tensor, n: int, m: int, name: str = "tensor") -> None:
         ...
         ValueError: fc.weight is not 2:4 sparse: group 0 (row 0, input elements 0..3) holds 4 non-zeros
     """
-    view = nm_group_view(t.shape, m)
-    if view is None:
+    counts = _nonzeros_per_group(t, m)
+    if counts is None:
         raise ValueError(
             f"{name} of shape {tuple(t.shape)} cannot be {n}:{m} sparse: it needs 2+ dims and an input size "
             f"(in*kh*kw) divisible by {m}"
         )
-    counts = (t.reshape(view) != 0).sum(dim=1)
     bad = torch.nonzero(counts > n)
     if bad.numel():
         g = int(bad[0, 0])
-        per_row = view[0] // t.shape[0]
-        row, first = divmod(g, per_row)
+        row, first = divmod(g, counts.numel() // t.shape[0])
         raise ValueError(
             f"{name} is not {n}:{m} sparse: group {g} (row {row}, input elements {first * m}..{first * m + m - 1}) "
             f"holds {int(counts[g])} non-zeros"

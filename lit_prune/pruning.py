@@ -280,9 +280,8 @@ class Pruning:
         weight keeps its old mask and threshold, and the error is raised by the first
         :meth:`apply_mask` (or update) that finds the copy complete.  With ``use_tpu`` it reads
         nothing back at all (and so cannot check for NaN), and the thresholds use only static
-        shapes.  One float32 scratch buffer the size of the
-        largest weight lives for the duration of the update (``global_ranking`` holds the scores of
-        all jointly ranked weights instead).
+        shapes.  One float32 scratch buffer the size of the largest weight lives for the duration
+        of the update (``global_ranking`` holds the scores of all jointly ranked weights instead).
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
@@ -307,7 +306,6 @@ class Pruning:
             if not bool(flags.all()):
                 bad = [w.name for w, ok in zip(weights, flags.tolist(), strict=True) if not ok]
                 raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
-        index = {w.name: i for i, w in enumerate(weights)}
         staged: Tensor | None = None  # deferred checks: new masks land here first
 
         def target(w: _Weight) -> Tensor:
@@ -325,17 +323,17 @@ class Pruning:
             w.threshold.copy_(threshold)
 
         joint = self._joint()
+        joint_names = {w.name for w in joint}
         if joint:  # one threshold for all of them, from all their scores (held for this update)
             scores = {w.name: self._scores(w) for w in joint}
             shared = joint_threshold(list(scores.values()), sparsities[joint[0].name], hp.threshold_method, hp.nbins)
             shared = smooth_threshold(shared, joint[0].threshold.to(torch.float32), hp.threshold_decay)
             compare = torch.gt if hp.threshold_method == "histogram" else torch.ge
-            all_ok = torch.stack([finite[index[w.name]] for w in joint]).all()  # device ops only
+            all_ok = torch.stack([finite[i] for i, w in enumerate(weights) if w.name in joint_names]).all()
             for w in joint:
                 commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
-        joint_names = {w.name for w in joint}
         scratch: Tensor | None = None
-        for w, max_abs in zip(weights, maxima, strict=True):
+        for i, (w, max_abs) in enumerate(zip(weights, maxima, strict=True)):
             if w.name in joint_names:
                 continue
             param = w.param
@@ -344,7 +342,7 @@ class Pruning:
                 scratch = torch.empty(max(x.param.numel() for x in weights), device=param.device)
             if w.nm is not None:
                 mask, threshold = self._nm_mask(w, self._scores(w, scratch), sparsities[w.name], target(w))
-                commit(w, mask, threshold, finite[index[w.name]])
+                commit(w, mask, threshold, finite[i])
                 continue
             threshold, mask, _ = compute_mask(
                 self._scores(w, scratch),
@@ -359,7 +357,7 @@ class Pruning:
                 max_score=max_abs.to(torch.float32) if hp.prune_option == "weight" else None,
                 out=target(w),
             )
-            commit(w, mask, threshold, finite[index[w.name]])
+            commit(w, mask, threshold, finite[i])
         if hp.use_tpu or defer:  # no second read back
             self._dense = dict.fromkeys(self._weights, False)
         else:

@@ -18,8 +18,10 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.sparse import to_sparse_semi_structured
 
 from lit_prune.layers import MaskedModule
+from lit_prune.nm import is_nm_sparse
 from lit_prune.pruning import Pruning
 
 __all__ = ["semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
@@ -107,8 +109,6 @@ def semi_structured_problem(name: str, weight: Tensor) -> str | None:
         >>> semi_structured_problem("fc.weight", torch.zeros(64, 64))
         'fc.weight is on cpu: 2:4 sparse kernels need a CUDA GPU (compute capability 8.0+)'
     """
-    from lit_prune.nm import is_nm_sparse
-
     if weight.device.type != "cuda":
         return f"{name} is on {weight.device.type}: 2:4 sparse kernels need a CUDA GPU (compute capability 8.0+)"
     major, minor = torch.cuda.get_device_capability(weight.device)
@@ -156,8 +156,6 @@ def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, 
             problems.append(problem)
     if problems:
         raise ValueError("cannot convert to semi-structured sparsity: " + "; ".join(problems))
-    from torch.sparse import to_sparse_semi_structured
-
     out = model if inplace else copy.deepcopy(model)
     for name in names:
         module = out.get_submodule(name.rpartition(".")[0])
