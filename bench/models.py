@@ -19,9 +19,20 @@ class BasicBlock(nn.Module):
         return (out + (x if self.down is None else self.down(x))).relu()
 
 
-def resnet18(num_classes: int = 1000) -> nn.Module:
-    """ResNet-18 (He et al. 2016): 11.7 M parameters, 11.2 M of them in conv/linear weights."""
-    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+def resnet18(num_classes: int = 1000, stem: str = "imagenet") -> nn.Module:
+    """ResNet-18 (He et al. 2016): 11.7 M parameters, 11.2 M of them in conv/linear weights.
+
+    ``stem="imagenet"``: the 7x7 stride-2 convolution and max-pool of the ImageNet network (a 32x32
+    input leaves 1x1 maps in the last stage).  ``stem="cifar"``: one 3x3 stride-1 convolution and no
+    pool, the usual ResNet-18 for 32x32 images (He et al.'s CIFAR setting; 11.2 M weights as well).
+    """
+    if stem == "imagenet":
+        stem_layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    elif stem == "cifar":
+        stem_layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    else:
+        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+    stem = stem_layers
     layers: list[nn.Module] = stem
     cin = 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):

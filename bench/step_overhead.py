@@ -2,6 +2,7 @@
 
     python bench/step_overhead.py            # ResNet-18 (11.2 M pruned weights), CPU, 5 rounds
     python bench/step_overhead.py --quick    # a smaller net, 1 round
+    python bench/step_overhead.py --stem cifar   # the 3x3-stem ResNet-18 usual for 32x32 images
 
 Each run trains two epochs on random 3x32x32 images (``--image-size`` for larger ones).  Both
 pruners prune half of every conv and linear weight at the end of the first epoch (lit_prune: one
@@ -133,13 +134,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=32, help="input images are 3 x size x size")
+    parser.add_argument(
+        "--stem", choices=["imagenet", "cifar"], default="imagenet", help="ResNet-18 stem (cifar: 3x3, no pool)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 5)
     make_net = (
         (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 30 * 30, 10)))
         if args.quick
-        else (lambda: resnet18(10))
+        else (lambda: resnet18(10, stem=args.stem))
     )
     steps, batch = (6, 8) if args.quick else (16, 16)
     kinds = ["no pruning", "lit_prune PruningCallback", "Lightning ModelPruning"]
@@ -153,7 +157,8 @@ def main() -> None:
             memory[kind] = extra
             if kind == "lit_prune PruningCallback":
                 hook = min(hook, h)
-    label = "small conv net" if args.quick else f"ResNet-18, batch {batch}, 3x{args.image_size}x{args.image_size}"
+    size = f"3x{args.image_size}x{args.image_size}"
+    label = "small conv net" if args.quick else f"ResNet-18 ({args.stem} stem), batch {batch}, {size}"
     print(f"\nsteady-state training step, {label}, torch {torch.__version__}, {args.threads} threads")
     print("\n| configuration | median step (ms) | overhead vs no pruning | extra bytes / pruned param |", end="")
     print(" mid-training checkpoint (MiB) |")

@@ -27,6 +27,7 @@ import struct
 import torch
 from torch import Tensor
 
+from lit_prune import cpu_kernels
 from lit_prune.schedule import _f32  # float32 rounding of a host float, as TF's float32 ops round
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "expand_blocks",
     "histogram_threshold",
     "histogram_target_count",
+    "histogram_update_",
     "resolve_block_dims",
     "smooth_threshold",
     "topk_count",
@@ -316,6 +318,58 @@ def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
     if decay == 0.0:
         return current
     return current * _f32(1.0 - decay) + previous * _f32(decay)
+
+
+@torch.no_grad()
+def histogram_update_(
+    weights: list[Tensor],
+    maxima: list[Tensor],
+    previous_thresholds: list[Tensor],
+    sparsities: list[float],
+    masks: list[Tensor],
+    *,
+    nbins: int = 256,
+    threshold_decay: float = 0.0,
+) -> tuple[list[Tensor], list[int]]:
+    """TF's histogram mask update of several weights at once: new thresholds and masks, pruned weights zeroed.
+
+    The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise, histogram rule)
+    followed by zeroing the pruned weights, bit for bit, in three passes over the weights instead of
+    a dozen: ``maxima`` (``max |w|``, finite) come in; :func:`lit_prune.cpu_kernels.histogram_bins`
+    finds every threshold bin in one counting pass; :func:`lit_prune.cpu_kernels.mask_and_zero`
+    writes the masks and zeroes, rewriting only cache lines that hold a weight newly pruned.  Every
+    weight must be :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool``
+    tensor of its shape.  Returns ``(thresholds, kept counts)``.
+
+    Example::
+
+        >>> w, mask = torch.tensor([-4.0, 3.0, -2.0, 1.0]), torch.ones(4, dtype=torch.bool)
+        >>> if cpu_kernels.eligible(w):
+        ...     thresholds, kept = histogram_update_([w], [w.abs().max()], [torch.tensor(0.0)], [0.5], [mask])
+        ...     assert kept == [2] and mask.tolist() == [True, True, False, False] and w.tolist() == [-4.0, 3.0, 0, 0]
+    """
+    flats = [w.reshape(-1) for w in weights]
+    targets = [histogram_target_count(f.numel(), s) for f, s in zip(flats, sparsities, strict=True)]
+    host_maxima = torch.stack([m.reshape(()).to(torch.float32) for m in maxima])
+    searched = [i for i, (m, k) in enumerate(zip(host_maxima.tolist(), targets, strict=True)) if m > 0 and k > 0]
+    bins = torch.zeros(len(flats), dtype=torch.float32)  # K = 0 or an all-zero weight: threshold 0
+    if searched:
+        found = cpu_kernels.histogram_bins(
+            [flats[i] for i in searched],
+            [float(host_maxima[i]) for i in searched],
+            [targets[i] for i in searched],
+            nbins,
+        )
+        bins[searched] = torch.tensor(found, dtype=torch.float32)
+    thresholds, cuts = [], []
+    for j, max_value, previous in zip(bins, host_maxima, previous_thresholds, strict=True):
+        current = torch.div(j, float(nbins)).mul_(max_value)  # as histogram_threshold: float32
+        current = torch.where(max_value > 0, current, torch.zeros_like(current))
+        threshold = smooth_threshold(current, previous.to(torch.float32), threshold_decay)
+        thresholds.append(threshold)
+        cuts.append(torch.where(max_value > 0, threshold, torch.full_like(threshold, -1.0)))  # all-zero: keep all
+    kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks])
+    return thresholds, kept
 
 
 # ---------------------------------------------------------------------- blocks

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_prune import cpu_kernels
 from lit_prune.hparams import (
     HParamsError,
     PruningHParams,
@@ -32,7 +33,7 @@ from lit_prune.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.layers import MaskedModule
-from lit_prune.masks import compute_mask, joint_threshold, smooth_threshold
+from lit_prune.masks import compute_mask, histogram_update_, joint_threshold, smooth_threshold
 from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
@@ -332,9 +333,24 @@ class Pruning:
             all_ok = torch.stack([finite[i] for i, w in enumerate(weights) if w.name in joint_names]).all()
             for w in joint:
                 commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
+        # CPU float32 weights pruned element-wise by the histogram rule: the fused kernels, all at once.
+        fused = [] if defer or hp.use_tpu else [i for i, w in enumerate(weights) if self._fusable(w, joint_names)]
+        if fused:
+            thresholds, kept_fused = histogram_update_(
+                [weights[i].param.detach() for i in fused],
+                [maxima[i] for i in fused],
+                [weights[i].threshold for i in fused],
+                [sparsities[weights[i].name] for i in fused],
+                [weights[i].mask for i in fused],
+                nbins=hp.nbins,
+                threshold_decay=hp.threshold_decay,
+            )
+            for i, threshold in zip(fused, thresholds, strict=True):
+                weights[i].threshold.copy_(threshold)
+        fused_names = {weights[i].name for i in fused}
         scratch: Tensor | None = None
         for i, (w, max_abs) in enumerate(zip(weights, maxima, strict=True)):
-            if w.name in joint_names:
+            if w.name in joint_names or w.name in fused_names:
                 continue
             param = w.param
             stale = scratch is None or scratch.numel() < param.numel() or scratch.device != param.device
@@ -361,10 +377,26 @@ class Pruning:
         if hp.use_tpu or defer:  # no second read back
             self._dense = dict.fromkeys(self._weights, False)
         else:
-            kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
-            self._dense = {w.name: k == w.mask.numel() for k, w in zip(kept, weights, strict=True)}
+            others = [w for w in weights if w.name not in fused_names]
+            kept = torch.stack([torch.count_nonzero(w.mask) for w in others]).tolist() if others else []
+            kept_by_name = dict(zip([w.name for w in others], kept, strict=True))
+            kept_by_name.update((weights[i].name, k) for i, k in zip(fused, kept_fused if fused else [], strict=True))
+            self._dense = {w.name: kept_by_name[w.name] == w.mask.numel() for w in weights}
         self.last_update_step = step
-        self.apply_mask()
+        self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
+
+    def _fusable(self, w: _Weight, joint_names: set[str]) -> bool:
+        """Whether ``w``'s update can take the fused CPU kernels (:func:`~lit_prune.masks.histogram_update_`)."""
+        hp = self.hparams
+        return (
+            hp.prune_option == "weight"
+            and hp.threshold_method == "histogram"
+            and w.name not in joint_names
+            and w.nm is None
+            and w.block_dims == (1, 1)
+            and cpu_kernels.eligible(w.param)
+            and w.mask.is_contiguous()
+        )
 
     @staticmethod
     def _defer_checks(param: Tensor) -> bool:
@@ -475,8 +507,11 @@ class Pruning:
         Call it after every optimizer step so pruned weights stay exactly zero.  Weights whose
         mask keeps everything (all of them before the first update) are skipped.
         """
+        self._apply_masks()
+
+    def _apply_masks(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
         for name, w in self._weights.items():
-            if not self._dense[name]:
+            if not self._dense[name] and name not in skip:
                 try:
                     w.param.detach().mul_(w.mask.view(torch.uint8))
                 except RuntimeError:

@@ -1,0 +1,185 @@
+"""Fused CPU kernels for the TF histogram mask update, built from ``cpu_kernels.c`` at first use.
+
+A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
+tensors, counts, the mask, the zeroing).  Two hand-written passes do the same work for every weight
+of a model at once, split across ``torch.get_num_threads()`` threads:
+
+* :func:`histogram_bins` - TF r1.11-r1.13's threshold bin ``j`` of each weight, exactly: a sample
+  predicts it, one counting pass at the float32 bin edges around it confirms it.
+* :func:`mask_and_zero` - ``mask = |w| > cut`` and the pruned weights set to ``0``, in one pass.
+
+The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
+(``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
+:mod:`ctypes`; it needs no Python headers and builds in well under a second.  Without a compiler,
+or with ``LIT_PRUNE_NATIVE=0``, :func:`available` is ``False`` and the engine keeps its eager
+PyTorch path, which gives the same masks (tested bit for bit).
+
+Example::
+
+    >>> w = torch.linspace(-1, 1, 1 << 17)
+    >>> if available():
+    ...     j = histogram_bins([w], [w.abs().max().item()], [1 << 16], nbins=256)[0]
+    ...     assert j == 127.0
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "eligible", "histogram_bins", "mask_and_zero"]
+
+_log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fopenmp"]
+_I64P = ctypes.POINTER(ctypes.c_int64)
+_I32P = ctypes.POINTER(ctypes.c_int32)
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+def _cache_dir() -> Path:
+    if "LIT_PRUNE_CACHE" in os.environ:
+        return Path(os.environ["LIT_PRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit_prune"
+
+
+def _cpu_id() -> str:
+    # -march=native: a library built on one CPU may not run on another that shares the cache.
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return next(
+            (line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.processor()
+        )
+    except OSError:
+        return platform.processor()
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LIT_PRUNE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None or platform.system() != "Linux":
+        _log.info("lit_prune: no C compiler found; CPU mask updates use the eager PyTorch path")
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_id().encode()]))
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent processes (DDP ranks) never load half a file.
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run(
+                    [compiler, *_FLAGS, "-o", str(built), str(_SOURCE)],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                )
+                os.replace(built, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        _log.warning("lit_prune: building the CPU kernels failed (%s %s); using the eager path", error, detail[-500:])
+        return None
+    lib.lp_histogram_bins.restype = ctypes.c_int64
+    lib.lp_histogram_bins.argtypes = [ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P]
+    lib.lp_mask_zero.restype = ctypes.c_int
+    lib.lp_mask_zero.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I64P, ctypes.c_int, ctypes.c_int, _I64P]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (``False`` without a C compiler or with ``LIT_PRUNE_NATIVE=0``)."""
+    return _library() is not None
+
+
+def eligible(t: Tensor) -> bool:
+    """Whether the kernels can work on ``t`` in place: a contiguous float32 CPU tensor, outside ``torch.compile``."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def _checked_library(weights: list[Tensor]) -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
+    for i, w in enumerate(weights):
+        if not eligible(w):
+            raise ValueError(f"weight {i} must be a contiguous float32 CPU tensor, got {w.dtype} on {w.device}")
+    return lib
+
+
+def _array(ctype: type, values: list) -> ctypes.Array:
+    return (ctype * len(values))(*values)
+
+
+def histogram_bins(weights: list[Tensor], maxima: list[float], targets: list[int], nbins: int) -> list[float]:
+    """TF's threshold bin ``j = #{i : C_i < K}`` of each weight's ``|w|`` over ``[0, max]`` in ``nbins`` bins.
+
+    ``weights`` must be :func:`eligible`, ``maxima`` their ``max |w|`` (finite, > 0), ``targets``
+    the counts ``K`` (``1 <= K <= numel``, see :func:`lit_prune.masks.histogram_target_count`).
+    """
+    lib = _checked_library(weights)
+    n = len(weights)
+    out = (ctypes.c_float * n)()
+    passes = lib.lp_histogram_bins(
+        n,
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.numel() for w in weights]),
+        _array(ctypes.c_float, maxima),
+        _array(ctypes.c_int64, targets),
+        nbins,
+        torch.get_num_threads(),
+        out,
+    )
+    if passes < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    return list(out)
+
+
+def mask_and_zero(weights: list[Tensor], cuts: list[Tensor], masks: list[Tensor], zero: bool = True) -> list[int]:
+    """``mask = |w| > cut`` per weight (``cut < 0`` keeps everything), pruned weights set to ``0``; kept counts.
+
+    ``weights`` must be :func:`eligible`, ``masks`` contiguous ``torch.bool`` tensors of the same
+    sizes, ``cuts`` 0-d float32 CPU tensors.
+    """
+    lib = _checked_library(weights)
+    for i, (m, w) in enumerate(zip(masks, weights, strict=True)):
+        if m.dtype != torch.bool or not m.is_contiguous() or m.device.type != "cpu" or m.numel() != w.numel():
+            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+    n = len(weights)
+    values = torch.stack([c.to(torch.float32).reshape(()) for c in cuts])
+    # |w| bits > cut bits is |w| > cut for cut >= 0 (+ 0.0 turns -0.0 into +0.0); a negative cut keeps all.
+    cut_bits = torch.where(values < 0, -1, (values + 0.0).view(torch.int32))
+    kept = (ctypes.c_int64 * n)()
+    status = lib.lp_mask_zero(
+        n,
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.numel() for w in weights]),
+        _array(ctypes.c_int32, cut_bits.tolist()),
+        _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
+        int(zero),
+        torch.get_num_threads(),
+        kept,
+    )
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    return list(kept)

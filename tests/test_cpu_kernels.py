@@ -1,0 +1,212 @@
+"""The fused CPU kernels give the eager path's thresholds, masks and zeroed weights, bit for bit."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lit_prune import Pruning, PruningHParams, cpu_kernels
+from lit_prune import pruning as pruning_module
+from lit_prune.masks import _bin_edge, compute_mask, histogram_target_count, histogram_update_
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
+
+
+def eager_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float):
+    threshold, mask, _ = compute_mask(
+        w.abs(), previous, sparsity, nbins=nbins, threshold_decay=decay, max_score=w.abs().max()
+    )
+    return threshold, mask, w * mask
+
+
+def fused_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float):
+    w = w.clone()
+    mask = torch.ones_like(w, dtype=torch.bool)
+    (threshold,), (kept,) = histogram_update_(
+        [w], [w.abs().max()], [previous], [sparsity], [mask], nbins=nbins, threshold_decay=decay
+    )
+    assert kept == int(mask.sum())
+    return threshold, mask, w
+
+
+def assert_same(w, previous, sparsity, nbins=256, decay=0.0):
+    t_ref, m_ref, w_ref = eager_update(w, previous, sparsity, nbins, decay)
+    t, m, w_out = fused_update(w, previous, sparsity, nbins, decay)
+    assert torch.equal(t, t_ref), (t, t_ref)
+    assert torch.equal(m, m_ref)
+    assert torch.equal(w_out, w_ref)
+
+
+@needs_kernels
+@settings(max_examples=120, deadline=None)
+@given(
+    n=st.integers(1, 70_000),
+    kind=st.sampled_from(["normal", "uniform", "half_zero", "ties", "constant"]),
+    sparsity=st.floats(0.0, 0.999),
+    nbins=st.sampled_from([1, 2, 7, 256, 1000]),
+    decay=st.sampled_from([0.0, 0.5, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_update_equals_eager(n, kind, sparsity, nbins, decay, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    if kind == "uniform":
+        w = torch.rand(n, generator=g) * 2 - 1
+    elif kind == "half_zero":  # a later update: pruned weights are zero already
+        w[torch.rand(n, generator=g) < 0.5] = 0.0
+    elif kind == "ties":
+        w = (w * 4).round() / 4
+    elif kind == "constant":
+        w = torch.full((n,), -0.75)
+    previous = torch.rand((), generator=g) * 0.1
+    assert_same(w, previous, sparsity, nbins, decay)
+
+
+@needs_kernels
+@pytest.mark.parametrize("nbins", [256, 255, 3])
+def test_scores_on_and_beside_every_bin_edge(nbins):
+    m = 1.7
+    edges = torch.tensor([_bin_edge(m, i, nbins) for i in range(1, nbins)], dtype=torch.float32)
+    below = torch.nextafter(edges, torch.zeros_like(edges))
+    w = torch.cat([edges, below, -edges, torch.tensor([m])]).repeat(40)  # large enough to be sampled
+    for s in [0.1, 0.33, 0.5, 0.77, 0.95]:
+        assert_same(w, torch.tensor(0.0), s, nbins)
+
+
+@needs_kernels
+def test_a_misleading_sample_moves_the_window_and_stays_exact():
+    # The sample reads runs of 64 elements spread over the weight; make exactly those tiny.
+    n = 1 << 18
+    w = torch.linspace(0.5, 1.0, n)
+    runs = torch.zeros(n, dtype=torch.bool)
+    stride = n // 4096 * 64
+    for start in range(0, n, stride):
+        runs[start : start + 64] = True
+    w[runs] = torch.linspace(1e-4, 1e-3, int(runs.sum()))
+    for s in [0.02, 0.3, 0.6, 0.97]:
+        assert_same(w, torch.tensor(0.0), s)
+
+
+@needs_kernels
+def test_all_zero_weight_and_zero_sparsity():
+    assert_same(torch.zeros(1000), torch.tensor(0.0), 0.5)
+    assert_same(torch.randn(1000), torch.tensor(0.0), 0.0)
+    assert_same(torch.randn(1000), torch.tensor(0.3), 0.0, decay=0.5)
+
+
+@needs_kernels
+def test_only_lines_with_a_newly_pruned_weight_are_rewritten():
+    # Pruned weights stored as -0.0 (as `mul_` by a mask leaves them) keep their sign bit unless
+    # their group of 8 holds a non-zero weight to prune now.
+    w = torch.randn(64).abs() + 1.0
+    w[:8] = -0.0  # group 0: already pruned and zeroed
+    w[8:15] = -0.0
+    w[15] = 0.01  # group 1: one newly pruned weight
+    mask = torch.ones(64, dtype=torch.bool)
+    cut = torch.tensor(0.5)
+    kept = cpu_kernels.mask_and_zero([w], [cut], [mask])
+    assert kept == [48]
+    assert torch.signbit(w[:8]).all()  # untouched
+    assert not torch.signbit(w[8:16]).any() and (w[8:16] == 0).all()  # rewritten as +0.0
+    assert mask[16:].all() and not mask[:16].any()
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3), torch.nn.Flatten(), torch.nn.Linear(64 * 30 * 30, 32), torch.nn.Linear(32, 7)
+    )
+
+
+def train_and_prune(use_kernels: bool, monkeypatch) -> Pruning:
+    monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
+    calls = []
+    monkeypatch.setattr(
+        pruning_module, "histogram_update_", lambda *a, **k: calls.append(1) or histogram_update_(*a, **k)
+    )
+    net = model()
+    spec = PruningHParams(
+        begin_pruning_step=0,
+        end_pruning_step=40,
+        pruning_frequency=10,
+        sparsity_function_end_step=30,
+        target_sparsity=0.9,
+        threshold_decay=0.3,
+        weight_sparsity_map=["2\\.weight:0.5"],
+    )
+    pruning = Pruning(net, spec)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(41):
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4,), generator=g)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        pruning.apply_mask()
+        pruning.conditional_mask_update(step)
+    assert len(calls) == (4 if use_kernels else 0)  # TF's rule: updates at steps 10, 20, 30, 40
+    return pruning
+
+
+@needs_kernels
+def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
+    fast = train_and_prune(True, monkeypatch)
+    slow = train_and_prune(False, monkeypatch)
+    for name in fast.weight_names:
+        assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
+        assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
+        assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
+    sparsity = fast.get_weight_sparsity()
+    assert float(sparsity["0.weight"]) == pytest.approx(0.9, abs=0.02)
+    assert float(sparsity["2.weight"]) == pytest.approx(0.5, abs=0.02)
+
+
+@needs_kernels
+def test_histogram_bins_matches_the_definition():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(100_000, generator=g)
+    a = w.abs()
+    m = float(a.max())
+    for s in [0.1, 0.5, 0.9]:
+        k = histogram_target_count(w.numel(), s)
+        bins = torch.clamp(torch.floor(256.0 * (a / m)), max=255).long()
+        expected = int((torch.bincount(bins, minlength=256).cumsum(0) < k).sum())
+        assert cpu_kernels.histogram_bins([w], [m], [k], 256) == [float(expected)]
+
+
+def test_without_a_compiler_the_eager_path_is_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path / "cache"))
+    cpu_kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lit_prune.cpu_kernels"):
+            assert not cpu_kernels.available()
+        assert "building the CPU kernels failed" in caplog.text
+        net = model()
+        pruning = Pruning(net, PruningHParams(), sparsity=0.5)
+        pruning.mask_update(0)
+        assert float(pruning.model_sparsity()) == pytest.approx(0.5, abs=0.01)
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+def test_native_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("LIT_PRUNE_NATIVE", "0")
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        assert not cpu_kernels.eligible(torch.ones(3))
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+@needs_kernels
+def test_only_contiguous_float32_cpu_tensors_are_eligible():
+    assert cpu_kernels.eligible(torch.ones(4, 4))
+    assert not cpu_kernels.eligible(torch.ones(4, 4).t())
+    assert not cpu_kernels.eligible(torch.ones(4, 4, dtype=torch.bfloat16))
+    assert not cpu_kernels.eligible(torch.ones(4, 4, dtype=torch.float64))
