@@ -94,9 +94,7 @@ def run(kind: str, make_net, steps: int, batch: int, size: int) -> tuple[float, 
     model = Classifier(make_net(), steps, batch, size)
     callbacks: list[Callback] = []
     if kind == "lit_prune PruningCallback":
-        spec = PruningHParams(
-            begin_pruning_step=1, end_pruning_step=2, pruning_frequency=1, prune_patterns=[r"\.weight$"]
-        )
+        spec = PruningHParams(begin_pruning_step=1, end_pruning_step=2, pruning_frequency=1)
         callbacks.append(PruningCallback(spec, sparsity=0.5, log_histograms=False))
     elif kind == "Lightning ModelPruning":
         params = [(m, "weight") for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]

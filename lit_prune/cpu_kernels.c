@@ -183,10 +183,9 @@ static int32_t edge_or_sentinel(float max_value, int64_t i, int64_t nbins) {
     return bin_edge(max_value, i, nbins);
 }
 
-/* Predict the threshold bin from a sample: runs of LP_SAMPLE_RUN elements spread over the weight.
- * The sample's bins use a reciprocal multiply (a prediction need not be exact; the count is). */
-static int64_t predict_bin(const uint32_t *b, int64_t n, float max_value, int64_t k, int64_t nbins, int64_t *hist) {
-    memset(hist, 0, sizeof(int64_t) * nbins);
+/* The sample: runs of LP_SAMPLE_RUN elements spread over the weight, binned into hist[nbins] with a
+ * reciprocal multiply (a prediction need not be exact; the counts are).  Returns its size. */
+static int64_t sample_histogram(const uint32_t *b, int64_t n, float max_value, int64_t nbins, int64_t *hist) {
     int64_t taken = 0;
     int64_t stride = n / LP_SAMPLE_MIN * LP_SAMPLE_RUN;
     stride = stride < LP_SAMPLE_RUN ? LP_SAMPLE_RUN : (stride > 64 * LP_SAMPLE_RUN ? 64 * LP_SAMPLE_RUN : stride);
@@ -201,74 +200,134 @@ static int64_t predict_bin(const uint32_t *b, int64_t n, float max_value, int64_
         for (int64_t i = 0; i < len; i++) hist[idx[i]]++;
         taken += len;
     }
-    double rank = (double)k * (double)taken / (double)n;
-    int64_t below = 0, j = 0;
-    while (j < nbins - 1 && (double)(below + hist[j]) < rank) below += hist[j++];
-    return j;
+    return taken;
+}
+
+/* The search state of one weight: j lies in (below, above], with C_below < K <= C_above known; the
+ * next pass counts C at window[0 .. LP_EDGES - 1]. */
+typedef struct {
+    int64_t below, above, c_below, c_above;
+    int64_t window[LP_EDGES];
+} lp_search;
+
+/* The bin where the sample's cumulative count within (below, above] reaches `rank`. */
+static int64_t sample_bin(const lp_search *st, const int64_t *hist, double rank) {
+    double seen = 0.0;
+    int64_t bin = st->below + 1;
+    while (bin < st->above && seen + (double)hist[bin] < rank) seen += (double)hist[bin++];
+    return bin;
+}
+
+/* Fill window[] with LP_EDGES bins inside (below, above) where the sample puts the K-th score:
+ * the bins around its rank +- 3 standard deviations.  When those two ends lie far apart (a
+ * bimodal sample: weights zeroed by the last update, a gap, then the rest), half the window goes
+ * to the lower end and half to the first filled bins above it, as the counts are flat in between. */
+static void place_window(lp_search *st, const int64_t *hist, int64_t k) {
+    int64_t in_range = 0;
+    for (int64_t i = st->below + 1; i <= st->above; i++) in_range += hist[i];
+    double frac = (double)(k - st->c_below) / (double)(st->c_above - st->c_below);
+    int64_t lo, hi;
+    if (in_range == 0) { /* the sample saw none of these bins: interpolate */
+        lo = hi = st->below + 1 + (int64_t)(frac * (double)(st->above - st->below - 1));
+    } else {
+        double rank = frac * (double)in_range;
+        double spread = 3.0 * sqrt(rank * (1.0 - frac)) + 1.0;
+        lo = sample_bin(st, hist, rank - spread);
+        hi = sample_bin(st, hist, rank + spread);
+    }
+    int64_t starts[2], sizes[2];
+    if (hi - lo < LP_EDGES) { /* one run of consecutive bins, centred on [lo, hi] */
+        starts[0] = lo - (LP_EDGES - 1 - (hi - lo)) / 2;
+        sizes[0] = LP_EDGES;
+        sizes[1] = 0;
+        starts[1] = 0;
+    } else { /* two runs: around lo, and from the first bin the sample fills above that run */
+        starts[0] = lo - LP_EDGES / 4;
+        int64_t next = starts[0] + LP_EDGES / 2;
+        while (next < hi && hist[next] == 0) next++;
+        starts[1] = next - 1 > starts[0] + LP_EDGES / 2 ? next - 1 : starts[0] + LP_EDGES / 2;
+        sizes[0] = sizes[1] = LP_EDGES / 2;
+    }
+    int n = 0;
+    for (int r = 0; r < 2; r++) {
+        int64_t start = starts[r];
+        if (start > st->above - sizes[r]) start = st->above - sizes[r];
+        if (start < st->below + 1) start = st->below + 1;
+        for (int64_t i = 0; i < sizes[r]; i++) st->window[n++] = start + i;
+    }
 }
 
 /* For each weight w (float32, |w| with max maxima[w] > 0 and finite), the TF threshold bin
  * j = #{i : C_i < K} with K = targets[w] (1 <= K <= size), written to bins[w] (a float, as TF's j).
- * Returns the number of counting passes it took. */
+ * Each counting pass narrows every unfinished weight's range of possible bins by a window of
+ * LP_EDGES bins; a sample places the windows, so one pass is the rule and two are rare (e.g. when
+ * the sample's share of already-zeroed weights is off).  Returns the number of passes, or -1 when
+ * out of memory. */
 int64_t lp_histogram_bins(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const float *maxima,
                           const int64_t *targets, int64_t nbins, int nthreads, float *bins) {
     int64_t *starts = calloc(nweights + 1, sizeof(int64_t));
     int32_t *edges = calloc(nweights * LP_EDGES, sizeof(int32_t));
-    int64_t *low = calloc(nweights, sizeof(int64_t));     /* first bin of each weight's window */
+    lp_search *search = calloc(nweights, sizeof(lp_search));
     uint8_t *active = calloc(nweights, 1);
-    int64_t *hist = calloc(nbins, sizeof(int64_t));
+    int64_t *hist = calloc((size_t)nweights * nbins, sizeof(int64_t));
     int64_t *counts = calloc((size_t)LP_MAX_THREADS * nweights * LP_EDGES, sizeof(int64_t));
     lp_job *jobs = calloc(LP_MAX_THREADS, sizeof(lp_job));
     int64_t passes = 0;
-    if (!starts || !edges || !low || !active || !hist || !counts || !jobs) {
+    if (!starts || !edges || !search || !active || !hist || !counts || !jobs) {
         passes = -1;
         goto done;
     }
+    int64_t remaining = 0;
     for (int64_t w = 0; w < nweights; w++) {
         starts[w + 1] = starts[w] + sizes[w];
-        int64_t j = predict_bin((const uint32_t *)(intptr_t)ptrs[w], sizes[w], maxima[w], targets[w], nbins, hist);
-        low[w] = j - LP_EDGES / 2; /* the window confirms bins j-3 .. j+3 */
+        int64_t *h = hist + (size_t)w * nbins;
+        sample_histogram((const uint32_t *)(intptr_t)ptrs[w], sizes[w], maxima[w], nbins, h);
+        lp_search st = {-1, nbins - 1, 0, sizes[w], {0}}; /* C_{-1} = 0, C_{nbins-1} = n */
+        search[w] = st;
+        if (nbins == 1) {
+            bins[w] = 0.0f;
+            continue;
+        }
+        place_window(&search[w], h, targets[w]);
         active[w] = 1;
+        remaining++;
     }
-    int64_t remaining = nweights;
     while (remaining > 0) {
         for (int64_t w = 0; w < nweights; w++) {
             if (!active[w]) continue;
-            /* edges e_{low+1} .. e_{low+8} give C_low .. C_{low+7}: bins low+1 .. low+7 can be confirmed */
-            for (int k = 0; k < LP_EDGES; k++) edges[w * LP_EDGES + k] = edge_or_sentinel(maxima[w], low[w] + 1 + k, nbins);
+            /* edge e_{i+1} counts C_i */
+            for (int k = 0; k < LP_EDGES; k++)
+                edges[w * LP_EDGES + k] = edge_or_sentinel(maxima[w], search[w].window[k] + 1, nbins);
         }
         lp_job base = {nweights, ptrs, sizes, starts, 0, 0, edges, active, NULL, NULL, NULL, 0, NULL};
         int nt = parallel(&base, nthreads, 1, counts, nweights * LP_EDGES, jobs);
         passes++;
         for (int64_t w = 0; w < nweights; w++) {
             if (!active[w]) continue;
-            int64_t c[LP_EDGES] = {0};
-            for (int t = 0; t < nt; t++)
-                for (int k = 0; k < LP_EDGES; k++) c[k] += counts[((size_t)t * nweights + w) * LP_EDGES + k];
-            /* c[k] = C_{low+k}; j = #{i : C_i < K} is the first i with C_i >= K */
-            int64_t K = targets[w];
-            if (c[0] >= K && low[w] >= 0) {
-                low[w] -= LP_EDGES - 1; /* below the window (C_low >= K): move down */
-                continue;
-            }
-            int found = 0;
-            for (int k = 0; k < LP_EDGES; k++) {
-                if (c[k] >= K) {
-                    bins[w] = (float)(low[w] + k);
-                    found = 1;
-                    break;
+            lp_search *st = &search[w];
+            for (int k = 0; k < LP_EDGES; k++) { /* window bins ascend, and C with them */
+                int64_t bin = st->window[k], c = 0;
+                if (bin <= st->below || bin >= st->above) continue; /* outside the open range: known */
+                for (int t = 0; t < nt; t++) c += counts[((size_t)t * nweights + w) * LP_EDGES + k];
+                if (c < targets[w]) {
+                    st->below = bin;
+                    st->c_below = c;
+                } else if (bin < st->above) {
+                    st->above = bin;
+                    st->c_above = c;
                 }
             }
-            if (found) {
+            if (st->above == st->below + 1) {
+                bins[w] = (float)st->above;
                 active[w] = 0;
                 remaining--;
             } else {
-                low[w] += LP_EDGES - 1; /* above the window: move up */
+                place_window(st, hist + (size_t)w * nbins, targets[w]);
             }
         }
     }
 done:
-    free(starts); free(edges); free(low); free(active); free(hist); free(counts); free(jobs);
+    free(starts); free(edges); free(search); free(active); free(hist); free(counts); free(jobs);
     return passes;
 }
 

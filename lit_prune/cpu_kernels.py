@@ -155,18 +155,20 @@ def histogram_bins(weights: list[Tensor], maxima: list[float], targets: list[int
     return list(out)
 
 
-def mask_and_zero(weights: list[Tensor], cuts: list[Tensor], masks: list[Tensor], zero: bool = True) -> list[int]:
+def mask_and_zero(
+    weights: list[Tensor], cuts: Tensor | list[Tensor], masks: list[Tensor], zero: bool = True
+) -> list[int]:
     """``mask = |w| > cut`` per weight (``cut < 0`` keeps everything), pruned weights set to ``0``; kept counts.
 
     ``weights`` must be :func:`eligible`, ``masks`` contiguous ``torch.bool`` tensors of the same
-    sizes, ``cuts`` 0-d float32 CPU tensors.
+    sizes, ``cuts`` 0-d CPU tensors or one vector of them.
     """
     lib = _checked_library(weights)
     for i, (m, w) in enumerate(zip(masks, weights, strict=True)):
         if m.dtype != torch.bool or not m.is_contiguous() or m.device.type != "cpu" or m.numel() != w.numel():
             raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
     n = len(weights)
-    values = torch.stack([c.to(torch.float32).reshape(()) for c in cuts])
+    values = cuts.to(torch.float32) if isinstance(cuts, Tensor) else torch.stack([c.reshape(()) for c in cuts]).float()
     # |w| bits > cut bits is |w| > cut for cut >= 0 (+ 0.0 turns -0.0 into +0.0); a negative cut keeps all.
     cut_bits = torch.where(values < 0, -1, (values + 0.0).view(torch.int32))
     kept = (ctypes.c_int64 * n)()

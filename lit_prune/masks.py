@@ -59,14 +59,16 @@ def histogram_target_count(numel: int, sparsity: float) -> int:
         (50, 0)
     """
     s, n = _f32(sparsity), _f32(float(numel))
-    lo, hi = 0, numel  # the predicate is monotone in c and holds at c = n (cdf = 1 > s)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _f32(_f32(float(mid)) / n) >= s:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+
+    def reaches(c: int) -> bool:  # monotone in c, true at c = n (cdf = 1 > s)
+        return _f32(_f32(float(c)) / n) >= s
+
+    count = min(numel, max(0, math.ceil(s * numel)))  # within a few counts of the answer
+    while count > 0 and reaches(count - 1):
+        count -= 1
+    while not reaches(count):
+        count += 1
+    return count
 
 
 def topk_count(numel: int, sparsity: float) -> int:
@@ -361,15 +363,14 @@ def histogram_update_(
             nbins,
         )
         bins[searched] = torch.tensor(found, dtype=torch.float32)
-    thresholds, cuts = [], []
-    for j, max_value, previous in zip(bins, host_maxima, previous_thresholds, strict=True):
-        current = torch.div(j, float(nbins)).mul_(max_value)  # as histogram_threshold: float32
-        current = torch.where(max_value > 0, current, torch.zeros_like(current))
-        threshold = smooth_threshold(current, previous.to(torch.float32), threshold_decay)
-        thresholds.append(threshold)
-        cuts.append(torch.where(max_value > 0, threshold, torch.full_like(threshold, -1.0)))  # all-zero: keep all
+    # The thresholds of all weights as one float32 vector: the same float32 operations, elementwise.
+    current = torch.div(bins, float(nbins)).mul_(host_maxima)  # as histogram_threshold
+    current = torch.where(host_maxima > 0, current, torch.zeros_like(current))
+    previous = torch.stack([t.reshape(()).to(torch.float32) for t in previous_thresholds])
+    thresholds = smooth_threshold(current, previous, threshold_decay)
+    cuts = torch.where(host_maxima > 0, thresholds, torch.full_like(thresholds, -1.0))  # all-zero: keep all
     kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks])
-    return thresholds, kept
+    return list(thresholds.unbind()), kept
 
 
 # ---------------------------------------------------------------------- blocks

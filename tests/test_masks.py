@@ -95,6 +95,17 @@ def test_histogram_threshold_by_hand():
     assert mask_of(v, 0.3, nbins=4)[1].sum() == 6
 
 
+@settings(max_examples=300, deadline=None)
+@given(numel=st.integers(1, 1 << 30), sparsity=st.floats(0.0, 0.999999))
+def test_histogram_target_count_is_the_least_count_whose_float32_cdf_reaches_s(numel, sparsity):
+    # K = min{c : float32(float32(c) / float32(n)) >= float32(s)}, checked against float32 numpy arithmetic.
+    k = histogram_target_count(numel, sparsity)
+    n, s = np.float32(numel), np.float32(sparsity)
+    assert 0 <= k <= numel
+    assert np.float32(np.float32(k) / n) >= s
+    assert k == 0 or np.float32(np.float32(k - 1) / n) < s
+
+
 def test_histogram_all_zero_keeps_everything():
     thr, mask = mask_of(torch.zeros(10), 0.5)
     assert thr.item() == 0.0 and mask.all()
