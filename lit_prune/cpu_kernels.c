@@ -218,41 +218,43 @@ static int64_t sample_bin(const lp_search *st, const int64_t *hist, double rank)
     return bin;
 }
 
-/* Fill window[] with LP_EDGES bins inside (below, above) where the sample puts the K-th score:
- * the bins around its rank +- 3 standard deviations.  When those two ends lie far apart (a
- * bimodal sample: weights zeroed by the last update, a gap, then the rest), half the window goes
- * to the lower end and half to the first filled bins above it, as the counts are flat in between. */
+/* Fill window[] with LP_EDGES bins inside (below, above) where the sample puts the K-th score.
+ * The sample's rank +- 3 standard deviations falls in bins [lo, hi]: a window that fits covers
+ * them; a wider spread gets a window centred on the sample's own bin, except when the sample is
+ * bimodal (weights zeroed by the last update at lo, a gap, then the rest): then half the window
+ * goes to lo and half to the first filled bins above the gap, as the counts are flat in between. */
 static void place_window(lp_search *st, const int64_t *hist, int64_t k) {
     int64_t in_range = 0;
     for (int64_t i = st->below + 1; i <= st->above; i++) in_range += hist[i];
     double frac = (double)(k - st->c_below) / (double)(st->c_above - st->c_below);
-    int64_t lo, hi;
+    int64_t lo, mid, hi;
     if (in_range == 0) { /* the sample saw none of these bins: interpolate */
-        lo = hi = st->below + 1 + (int64_t)(frac * (double)(st->above - st->below - 1));
+        lo = mid = hi = st->below + 1 + (int64_t)(frac * (double)(st->above - st->below - 1));
     } else {
         double rank = frac * (double)in_range;
         double spread = 3.0 * sqrt(rank * (1.0 - frac)) + 1.0;
         lo = sample_bin(st, hist, rank - spread);
+        mid = sample_bin(st, hist, rank);
         hi = sample_bin(st, hist, rank + spread);
     }
-    int64_t starts[2], sizes[2];
-    if (hi - lo < LP_EDGES) { /* one run of consecutive bins, centred on [lo, hi] */
+    int64_t starts[2] = {0, 0}, sizes[2] = {LP_EDGES, 0};
+    int64_t next = lo + 1;
+    while (next < hi && hist[next] == 0) next++;
+    if (hi - lo < LP_EDGES) {
         starts[0] = lo - (LP_EDGES - 1 - (hi - lo)) / 2;
-        sizes[0] = LP_EDGES;
-        sizes[1] = 0;
-        starts[1] = 0;
-    } else { /* two runs: around lo, and from the first bin the sample fills above that run */
-        starts[0] = lo - LP_EDGES / 4;
-        int64_t next = starts[0] + LP_EDGES / 2;
-        while (next < hi && hist[next] == 0) next++;
-        starts[1] = next - 1 > starts[0] + LP_EDGES / 2 ? next - 1 : starts[0] + LP_EDGES / 2;
+    } else if (next - lo > 2) { /* bimodal: lo - 1 .. lo + 2 and next - 1 .. next + 2 */
+        starts[0] = lo - 1;
+        starts[1] = next - 1;
         sizes[0] = sizes[1] = LP_EDGES / 2;
+    } else {
+        starts[0] = mid - LP_EDGES / 2 + 1;
     }
     int n = 0;
     for (int r = 0; r < 2; r++) {
         int64_t start = starts[r];
         if (start > st->above - sizes[r]) start = st->above - sizes[r];
         if (start < st->below + 1) start = st->below + 1;
+        if (n > 0 && start <= st->window[n - 1]) start = st->window[n - 1] + 1; /* keep bins ascending */
         for (int64_t i = 0; i < sizes[r]; i++) st->window[n++] = start + i;
     }
 }
