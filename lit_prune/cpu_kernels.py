@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eligible", "histogram_bins", "mask_and_zero"]
+__all__ = ["apply_masks", "available", "eligible", "histogram_bins", "mask_and_zero"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -98,6 +98,8 @@ def _library() -> ctypes.CDLL | None:
     lib.lp_histogram_bins.argtypes = [ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P]
     lib.lp_mask_zero.restype = ctypes.c_int
     lib.lp_mask_zero.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I64P, ctypes.c_int, ctypes.c_int, _I64P]
+    lib.lp_apply.restype = ctypes.c_int
+    lib.lp_apply.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_int, _I64P]
     return lib
 
 
@@ -125,6 +127,12 @@ def _checked_library(weights: list[Tensor]) -> ctypes.CDLL:
         if not eligible(w):
             raise ValueError(f"weight {i} must be a contiguous float32 CPU tensor, got {w.dtype} on {w.device}")
     return lib
+
+
+def _check_masks(masks: list[Tensor], weights: list[Tensor]) -> None:
+    for i, (m, w) in enumerate(zip(masks, weights, strict=True)):
+        if m.dtype != torch.bool or not m.is_contiguous() or m.device.type != "cpu" or m.numel() != w.numel():
+            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
 
 
 def _array(ctype: type, values: list) -> ctypes.Array:
@@ -164,9 +172,7 @@ def mask_and_zero(
     sizes, ``cuts`` 0-d CPU tensors or one vector of them.
     """
     lib = _checked_library(weights)
-    for i, (m, w) in enumerate(zip(masks, weights, strict=True)):
-        if m.dtype != torch.bool or not m.is_contiguous() or m.device.type != "cpu" or m.numel() != w.numel():
-            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+    _check_masks(masks, weights)
     n = len(weights)
     values = cuts.to(torch.float32) if isinstance(cuts, Tensor) else torch.stack([c.reshape(()) for c in cuts]).float()
     # |w| bits > cut bits is |w| > cut for cut >= 0 (+ 0.0 turns -0.0 into +0.0); a negative cut keeps all.
@@ -179,6 +185,29 @@ def mask_and_zero(
         _array(ctypes.c_int32, cut_bits.tolist()),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         int(zero),
+        torch.get_num_threads(),
+        kept,
+    )
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    return list(kept)
+
+
+def apply_masks(weights: list[Tensor], masks: list[Tensor]) -> list[int]:
+    """Zero every weight where its ``torch.bool`` mask is ``False``, in place; kept counts.
+
+    The same as ``w.mul_(mask)`` (pruned weights become ``+0.0``), reading a group of 8 weights
+    only if its mask prunes one and writing it back only if one of those is non-zero.
+    """
+    lib = _checked_library(weights)
+    _check_masks(masks, weights)
+    n = len(weights)
+    kept = (ctypes.c_int64 * n)()
+    status = lib.lp_apply(
+        n,
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.numel() for w in weights]),
+        _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         torch.get_num_threads(),
         kept,
     )

@@ -210,3 +210,45 @@ def test_only_contiguous_float32_cpu_tensors_are_eligible():
     assert not cpu_kernels.eligible(torch.ones(4, 4).t())
     assert not cpu_kernels.eligible(torch.ones(4, 4, dtype=torch.bfloat16))
     assert not cpu_kernels.eligible(torch.ones(4, 4, dtype=torch.float64))
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 200_000),
+    keep=st.floats(0.0, 1.0),
+    blocky=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_apply_masks_equals_multiplying_by_the_mask(n, keep, blocky, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    if blocky:  # runs of 8 that are kept whole, or pruned whole and already zero
+        mask = (torch.rand((n + 7) // 8, generator=g) < keep).repeat_interleave(8)[:n]
+        w[~mask & (torch.rand(n, generator=g) < 0.5)] = 0.0
+    else:
+        mask = torch.rand(n, generator=g) < keep
+    expected = w * mask
+    kept = cpu_kernels.apply_masks([w], [mask])
+    assert kept == [int(mask.sum())]
+    assert torch.equal(w, expected)
+
+
+@needs_kernels
+def test_apply_mask_uses_the_kernel_and_names_a_reshaped_weight(monkeypatch):
+    net = model()
+    pruning = Pruning(net, PruningHParams(), sparsity=0.5)
+    pruning.mask_update(0)
+    calls = []
+    apply = cpu_kernels.apply_masks
+    monkeypatch.setattr(cpu_kernels, "apply_masks", lambda w, m: calls.append(len(w)) or apply(w, m))
+    with torch.no_grad():
+        for p in pruning.get_weights().values():
+            p.add_(1.0)
+    pruning.apply_mask()
+    assert calls == [3]
+    for name, p in pruning.get_weights().items():
+        assert torch.equal(p * ~pruning.get_masks()[name], torch.zeros_like(p))
+    net[3].weight.data = net[3].weight.data.reshape(32, 7).clone()
+    with pytest.raises(ValueError, match="3.weight"):
+        pruning.apply_mask()
