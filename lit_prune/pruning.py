@@ -164,6 +164,7 @@ class Pruning:
         self.last_update_step = 0
         self._weights: dict[str, _Weight] = {}
         self._warned_new: set[str] = set()
+        self._model_signature: tuple | None = None  # the parameters as last checked (skip unchanged models)
         self._pending_check: tuple[Tensor, Any, int, list[str]] | None = None
         self._bind()
         # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
@@ -464,6 +465,9 @@ class Pruning:
     def _check_model(self) -> None:
         """Fail clearly if a pruned weight was replaced or changed shape; warn once about weights added."""
         params = dict(self.model.named_parameters())
+        signature = tuple((n, id(p), p.requires_grad, p.shape) for n, p in params.items())
+        if signature == self._model_signature:
+            return  # same parameter objects, shapes and trainability as at the last check
         for w in self._weights.values():
             if params.get(w.name) is not w.param:
                 raise ValueError(
@@ -481,6 +485,7 @@ class Pruning:
             now = select_weights(self.model, hp.prune_patterns, hp.exclude_patterns)
         except HParamsError:  # a pattern that matched at binding no longer does: nothing new to report
             return
+        self._model_signature = signature
         new = [n for n in now if n not in self._weights and n not in self._warned_new]
         if new:
             self._warned_new.update(new)
