@@ -35,7 +35,7 @@ typedef struct {
     const uint8_t *active;  /* weights still searching */
     int64_t *counts;        /* this thread's nweights * LP_EDGES counts */
     /* masking */
-    const int32_t *cuts;    /* keep |w| bits > cut (NULL: apply the masks as they are) */
+    const int32_t *cuts;    /* keep |w| bits > cut */
     const int64_t *masks;   /* bool mask pointers */
     int zero;               /* also set pruned weights to 0 */
     int64_t *kept;          /* this thread's nweights kept counts */
@@ -111,34 +111,6 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut, int z
     return kept;
 }
 
-/* Zero the weights whose mask byte is 0 (apply_mask); kept count.  A group of 8 that the mask keeps
- * whole is not even read, and a group is stored back only if a pruned weight in it is non-zero. */
-static int64_t apply_block(uint32_t *b, const uint8_t *m, int64_t n) {
-    int64_t kept = 0;
-    int64_t i = 0;
-#ifdef __AVX2__
-    const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), zeros = _mm256_setzero_si256();
-    for (; i + 8 <= n; i += 8) {
-        uint64_t bytes;
-        memcpy(&bytes, m + i, 8);
-        if (bytes == 0x0101010101010101ULL) {
-            kept += 8;
-            continue;
-        }
-        __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes)), zeros);
-        kept += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(keep)));
-        __m256i x = _mm256_loadu_si256((const __m256i *)(b + i));
-        if (!_mm256_testc_si256(keep, _mm256_and_si256(x, abs_bits)))
-            _mm256_storeu_si256((__m256i *)(b + i), _mm256_and_si256(x, keep));
-    }
-#endif
-    for (; i < n; i++) {
-        kept += m[i] != 0;
-        if (!m[i]) b[i] = 0u;
-    }
-    return kept;
-}
-
 /* Run fn over [lo, hi) of weight w for each weight overlapping the job's range. */
 static void *run_job(void *arg, int counting) {
     lp_job *job = (lp_job *)arg;
@@ -151,8 +123,6 @@ static void *run_job(void *arg, int counting) {
         uint32_t *data = (uint32_t *)(intptr_t)job->ptrs[w];
         if (counting) {
             count_block(data + a, z - a, job->edges + w * LP_EDGES, job->counts + w * LP_EDGES);
-        } else if (job->cuts == NULL) {
-            job->kept[w] += apply_block(data + a, (const uint8_t *)(intptr_t)job->masks[w] + a, z - a);
         } else {
             uint8_t *mask = (uint8_t *)(intptr_t)job->masks[w];
             job->kept[w] += mask_block(data + a, mask + a, z - a, job->cuts[w], job->zero);
@@ -385,11 +355,4 @@ int lp_mask_zero(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, co
     free(jobs);
     free(starts);
     return 0;
-}
-
-/* w[i] = 0 where mask[i] == 0, for every weight (apply_mask); kept[w] receives the kept counts.
- * Returns 0, or -1 when out of memory. */
-int lp_apply(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks, int nthreads,
-             int64_t *kept) {
-    return lp_mask_zero(nweights, ptrs, sizes, NULL, masks, 1, nthreads, kept);
 }

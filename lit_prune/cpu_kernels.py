@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["apply_masks", "available", "eligible", "histogram_bins", "mask_and_zero"]
+__all__ = ["available", "eligible", "histogram_bins", "mask_and_zero"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -98,8 +98,6 @@ def _library() -> ctypes.CDLL | None:
     lib.lp_histogram_bins.argtypes = [ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P]
     lib.lp_mask_zero.restype = ctypes.c_int
     lib.lp_mask_zero.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I64P, ctypes.c_int, ctypes.c_int, _I64P]
-    lib.lp_apply.restype = ctypes.c_int
-    lib.lp_apply.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_int, _I64P]
     return lib
 
 
@@ -185,29 +183,6 @@ def mask_and_zero(
         _array(ctypes.c_int32, cut_bits.tolist()),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         int(zero),
-        torch.get_num_threads(),
-        kept,
-    )
-    if status < 0:
-        raise MemoryError("lit_prune CPU kernels: out of memory")
-    return list(kept)
-
-
-def apply_masks(weights: list[Tensor], masks: list[Tensor]) -> list[int]:
-    """Zero every weight where its ``torch.bool`` mask is ``False``, in place; kept counts.
-
-    The same as ``w.mul_(mask)`` (pruned weights become ``+0.0``), reading a group of 8 weights
-    only if its mask prunes one and writing it back only if one of those is non-zero.
-    """
-    lib = _checked_library(weights)
-    _check_masks(masks, weights)
-    n = len(weights)
-    kept = (ctypes.c_int64 * n)()
-    status = lib.lp_apply(
-        n,
-        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
-        _array(ctypes.c_int64, [w.numel() for w in weights]),
-        _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         torch.get_num_threads(),
         kept,
     )

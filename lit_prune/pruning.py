@@ -510,22 +510,13 @@ class Pruning:
         """Zero the pruned weights in place (one multiply per weight by its 1-byte mask, no host sync).
 
         Call it after every optimizer step so pruned weights stay exactly zero.  Weights whose
-        mask keeps everything (all of them before the first update) are skipped.  Contiguous
-        float32 CPU weights take the fused kernel instead (:func:`lit_prune.cpu_kernels.apply_masks`):
-        one pass over all of them that reads and writes only the groups of weights a mask prunes.
+        mask keeps everything (all of them before the first update) are skipped.
         """
         self._apply_masks()
 
     def _apply_masks(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
-        pending = [w for name, w in self._weights.items() if not self._dense[name] and name not in skip]
-        fused = [w for w in pending if cpu_kernels.eligible(w.param) and w.mask.is_contiguous()]
-        if fused:  # CPU float32: one pass over all of them, rewriting only what an optimizer step moved
-            if any(w.param.shape != w.mask.shape for w in fused):
-                self._check_model()  # names the weight whose shape changed
-            cpu_kernels.apply_masks([w.param.detach() for w in fused], [w.mask for w in fused])
-        fused_names = {w.name for w in fused}
-        for w in pending:
-            if w.name not in fused_names:
+        for name, w in self._weights.items():
+            if not self._dense[name] and name not in skip:
                 try:
                     w.param.detach().mul_(w.mask.view(torch.uint8))
                 except RuntimeError:
