@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -184,6 +185,38 @@ def bench_model(label: str, make: Callable[[], nn.Module], repeats: int, slow_pe
     return rows
 
 
+def in_training_loop(steps: int) -> dict[str, float]:
+    """Median ms of the update (fused, eager) and of one read, each right after a training step of ResNet-18.
+
+    The weights are cold there (the backward pass and the optimizer step went through memory since
+    they were last read), unlike in the repeated timings above; the three are alternated step by step.
+    """
+    torch.manual_seed(0)
+    net = resnet18(10)
+    pruning = Pruning(net, PruningHParams(), sparsity=lambda step: 0.3 + 0.001 * step)
+    pruning.mask_update(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    weights = [w.detach() for w in pruning.get_weights().values()]
+    times: dict[str, list[float]] = {"one read (floor)": [], "lit_prune histogram": [], "eager path": []}
+    for step in range(1, steps + 1):
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        pruning.apply_mask()
+        kind = list(times)[step % 3]
+        start = time.perf_counter()
+        if kind == "one read (floor)":
+            for w in weights:
+                w.sum()
+        elif kind == "eager path":
+            without_kernels(pruning.mask_update, step)
+        else:
+            pruning.mask_update(step)
+        times[kind].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, few repeats")
@@ -221,6 +254,12 @@ def main() -> None:
             peer_ok = "met" if peer >= 10 * lit else "MISSED"
             print(f"\n{label}, {name.removeprefix('lit_prune ')}: {lit / floor:.1f}x one read ", end="")
             print(f"(target <= 3x: {read_ok}); {peer / lit:.0f}x faster than global_unstructured (>= 10x: {peer_ok})")
+    loop = in_training_loop(15 if args.quick else 60)
+    print("\nin a training loop (ResNet-18, SGD momentum; each right after a step, alternated; median):")
+    print("\n| method | ms | x one read |\n| --- | ---: | ---: |")
+    for name, ms in loop.items():
+        print(f"| {name} | {ms:.1f} | {ms / loop['one read (floor)']:.1f} |")
+    rows += [{"model": "ResNet-18, in a training loop", "method": k, "ms": v} for k, v in loop.items()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "threads": args.threads, "rows": rows}, indent=2))
