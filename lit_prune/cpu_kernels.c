@@ -6,11 +6,13 @@
  *     equal-width bins over [0, max |w|], j = #{i : C_i < K}).  A sample of the weight predicts j;
  *     one pass counts #{|w| < e_i} at the float32 edges e_i of a window of bins around it, which
  *     confirms j exactly (or moves the window and counts again).
- *   lp_mask_zero: mask = |w| > cut (or >= cut), pruned weights set to +0.0, kept count per weight.
+ *   lp_mask_zero: mask = |w| > cut, pruned weights set to +0.0 (only cache lines holding a
+ *     non-zero weight to prune are written back), kept count per weight.
  *
  * |w| is compared through its bits: for non-negative floats the int32 order of the bit patterns is
- * the float order, so every comparison is an exact integer compare the compiler vectorises.  Float
- * arithmetic is IEEE float32 (built with -ffp-contract=off), as TF's float32 ops.
+ * the float order, so every comparison is an exact integer compare (auto-vectorised, or AVX2
+ * intrinsics for the mask pass).  Float arithmetic is IEEE float32 (built with -ffp-contract=off),
+ * as TF's float32 ops.
  */
 #include <math.h>
 #include <stdint.h>

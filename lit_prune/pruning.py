@@ -46,6 +46,10 @@ STATE_VERSION = 1
 
 SparsityFn = Callable[[int], float]
 
+#: The fused CPU kernels keep a sample histogram of ``nbins`` counts per weight; beyond this many bins
+#: the eager path (one histogram at a time) is used.
+_FUSED_MAX_NBINS = 1 << 16
+
 
 @dataclass
 class _Weight:
@@ -392,6 +396,7 @@ class Pruning:
         return (
             hp.prune_option == "weight"
             and hp.threshold_method == "histogram"
+            and hp.nbins <= _FUSED_MAX_NBINS
             and w.name not in joint_names
             and w.nm is None
             and w.block_dims == (1, 1)
