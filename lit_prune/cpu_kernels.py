@@ -65,34 +65,42 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _build(compiler: str, flags: list[str]) -> Path:
+    """Compile the kernels with ``flags`` into the cache (once per source, flags, compiler and CPU)."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_id().encode()]))
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes (DDP ranks) never load half a file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run(
+                [compiler, *flags, "-o", str(built), str(_SOURCE)], check=True, capture_output=True, timeout=120
+            )
+            os.replace(built, target)
+    return target
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("LIT_PRUNE_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None or platform.system() != "Linux":
-        _log.info("lit_prune: no C compiler found; CPU mask updates use the eager PyTorch path")
+        _log.warning("lit_prune: no C compiler (or not Linux); CPU mask updates use the eager PyTorch path")
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_id().encode()]))
-    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: concurrent processes (DDP ranks) never load half a file.
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                subprocess.run(
-                    [compiler, *_FLAGS, "-o", str(built), str(_SOURCE)],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
-                os.replace(built, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        _log.warning("lit_prune: building the CPU kernels failed (%s %s); using the eager path", error, detail[-500:])
+    errors = []
+    # With OpenMP (the runtime torch has loaded) first; a compiler without it builds a one-thread library.
+    for flags in (_FLAGS, [f for f in _FLAGS if f != "-fopenmp"]):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = (getattr(error, "stderr", b"") or b"")[-500:]
+            errors.append(f"{error} {detail.decode(errors='replace')}".strip())
+    else:
+        _log.warning("lit_prune: building the CPU kernels failed (%s); using the eager path", " | ".join(errors))
         return None
     lib.lp_histogram_bins.restype = ctypes.c_int64
     lib.lp_histogram_bins.argtypes = [ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P]
