@@ -262,13 +262,16 @@ static void place_window(lp_search *st, const int64_t *hist, int64_t k) {
 }
 
 /* For each weight w (float32, |w| with max maxima[w] > 0 and finite), the TF threshold bin
- * j = #{i : C_i < K} with K = targets[w] (1 <= K <= size), written to bins[w] (a float, as TF's j).
+ * j = #{i : C_i < K} with K = targets[w] (1 <= K <= size), written to bins[w] (a float, as TF's j),
+ * and, unless `bounds` is NULL, C_{j-1} and C_j (the scores in bins below j, and up to j) to
+ * bounds[2w] and bounds[2w + 1].
  * Each counting pass narrows every unfinished weight's range of possible bins by a window of
  * LP_EDGES bins; a sample places the windows, so one pass is the rule and two are rare (e.g. when
  * the sample's share of already-zeroed weights is off).  Returns the number of passes, or -1 when
  * out of memory. */
 int64_t lp_histogram_bins(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const float *maxima,
-                          const int64_t *targets, int64_t nbins, int nthreads, float *bins) {
+                          const int64_t *targets, int64_t nbins, int nthreads, float *bins,
+                          int64_t *bounds) {
     int64_t *starts = calloc(nweights + 1, sizeof(int64_t));
     int32_t *edges = calloc(nweights * LP_EDGES, sizeof(int32_t));
     lp_search *search = calloc(nweights, sizeof(lp_search));
@@ -290,6 +293,7 @@ int64_t lp_histogram_bins(int64_t nweights, const int64_t *ptrs, const int64_t *
         search[w] = st;
         if (nbins == 1) {
             bins[w] = 0.0f;
+            if (bounds) bounds[2 * w] = 0, bounds[2 * w + 1] = sizes[w];
             continue;
         }
         place_window(&search[w], h, targets[w]);
@@ -323,6 +327,7 @@ int64_t lp_histogram_bins(int64_t nweights, const int64_t *ptrs, const int64_t *
             }
             if (st->above == st->below + 1) {
                 bins[w] = (float)st->above;
+                if (bounds) bounds[2 * w] = st->c_below, bounds[2 * w + 1] = st->c_above; /* C_{j-1}, C_j */
                 active[w] = 0;
                 remaining--;
             } else {
@@ -357,4 +362,73 @@ int lp_mask_zero(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, co
     free(jobs);
     free(starts);
     return 0;
+}
+
+/* Copy every |w| whose bits lie in [lo[w], hi[w]) into out[w] (capacity[w] floats), for every weight,
+ * in index order; found[w] receives how many there were (more than capacity: only capacity copied).
+ * The exact threshold's last step: the scores of the one bin that holds it.  Each thread scans its
+ * share of each weight, 64 elements at a time with a vectorised count, copying only from blocks
+ * that hold a hit, into its own buffer; the buffers are joined in thread order.  Returns 0, or -1
+ * when out of memory. */
+int lp_gather_range(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int32_t *lo,
+                    const int32_t *hi, const int64_t *out, const int64_t *capacity, int nthreads, int64_t *found) {
+    int nt = nthreads < 1 ? 1 : (nthreads > LP_MAX_THREADS ? LP_MAX_THREADS : nthreads);
+    int64_t total_capacity = 0;
+    for (int64_t w = 0; w < nweights; w++) total_capacity += capacity[w];
+    uint32_t *local = malloc(sizeof(uint32_t) * (size_t)(total_capacity + 1) * nt);
+    int64_t *taken = calloc((size_t)nt * nweights, sizeof(int64_t));
+    if (!local || !taken) {
+        free(local); free(taken);
+        return -1;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; t++) {
+        uint32_t *buffer = local + (size_t)t * (total_capacity + 1);
+        int64_t offset = 0;
+        for (int64_t w = 0; w < nweights; w++) {
+            const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
+            int64_t begin = sizes[w] * t / nt, end = sizes[w] * (t + 1) / nt, n = 0;
+            const int32_t low = lo[w], high = hi[w];
+            for (int64_t s = begin; s < end; s += 64) {
+                int64_t len = end - s < 64 ? end - s : 64;
+                int32_t hits = 0;
+                for (int64_t i = 0; i < len; i++) {
+                    int32_t a = (int32_t)(b[s + i] & LP_ABS);
+                    hits += (a >= low) & (a < high);
+                }
+                if (!hits) continue;
+                for (int64_t i = 0; i < len; i++) {
+                    int32_t a = (int32_t)(b[s + i] & LP_ABS);
+                    if (a >= low && a < high && n < capacity[w]) buffer[offset + n++] = (uint32_t)a;
+                    else if (a >= low && a < high) n++;
+                }
+            }
+            taken[(size_t)t * nweights + w] = n;
+            offset += capacity[w];
+        }
+    }
+    int64_t offset = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        uint32_t *dst = (uint32_t *)(intptr_t)out[w];
+        int64_t filled = 0;
+        found[w] = 0;
+        for (int t = 0; t < nt; t++) {
+            int64_t n = taken[(size_t)t * nweights + w];
+            int64_t copy = n < capacity[w] - filled ? n : capacity[w] - filled;
+            if (copy > 0) memcpy(dst + filled, local + (size_t)t * (total_capacity + 1) + offset, sizeof(uint32_t) * copy);
+            filled += copy;
+            found[w] += n;
+        }
+        offset += capacity[w];
+    }
+    free(local);
+    free(taken);
+    return 0;
+}
+
+/* The edge bit patterns of bin j (0 <= j < nbins) under TF's binning of [0, max]: |w| bits in
+ * [*lo, *hi) are the scores of bin j. */
+void lp_bin_range(float max_value, int64_t j, int64_t nbins, int32_t *lo, int32_t *hi) {
+    *lo = j <= 0 ? 0 : bin_edge(max_value, j, nbins);
+    *hi = edge_or_sentinel(max_value, j + 1, nbins);
 }

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eligible", "histogram_bins", "mask_and_zero"]
+__all__ = ["available", "bin_scores", "eligible", "histogram_bins", "mask_and_zero"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -103,7 +103,13 @@ def _library() -> ctypes.CDLL | None:
         _log.warning("lit_prune: building the CPU kernels failed (%s); using the eager path", " | ".join(errors))
         return None
     lib.lp_histogram_bins.restype = ctypes.c_int64
-    lib.lp_histogram_bins.argtypes = [ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P]
+    lib.lp_histogram_bins.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P, _I64P
+    ]  # fmt: skip
+    lib.lp_gather_range.restype = ctypes.c_int
+    lib.lp_gather_range.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I32P, _I64P, _I64P, ctypes.c_int, _I64P]
+    lib.lp_bin_range.restype = None
+    lib.lp_bin_range.argtypes = [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, _I32P, _I32P]
     lib.lp_mask_zero.restype = ctypes.c_int
     lib.lp_mask_zero.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I64P, ctypes.c_int, ctypes.c_int, _I64P]
     return lib
@@ -145,15 +151,20 @@ def _array(ctype: type, values: list) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-def histogram_bins(weights: list[Tensor], maxima: list[float], targets: list[int], nbins: int) -> list[float]:
+def histogram_bins(
+    weights: list[Tensor], maxima: list[float], targets: list[int], nbins: int, *, bounds: bool = False
+) -> list[float] | tuple[list[float], list[tuple[int, int]]]:
     """TF's threshold bin ``j = #{i : C_i < K}`` of each weight's ``|w|`` over ``[0, max]`` in ``nbins`` bins.
 
     ``weights`` must be :func:`eligible`, ``maxima`` their ``max |w|`` (finite, > 0), ``targets``
     the counts ``K`` (``1 <= K <= numel``, see :func:`lit_prune.masks.histogram_target_count`).
+    With ``bounds=True`` also returns ``(C_{j-1}, C_j)`` per weight: the scores below bin ``j``, and
+    up to it.
     """
     lib = _checked_library(weights)
     n = len(weights)
     out = (ctypes.c_float * n)()
+    counts = (ctypes.c_int64 * (2 * n))()
     passes = lib.lp_histogram_bins(
         n,
         _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
@@ -163,19 +174,61 @@ def histogram_bins(weights: list[Tensor], maxima: list[float], targets: list[int
         nbins,
         torch.get_num_threads(),
         out,
+        counts,
     )
     if passes < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")
+    if bounds:
+        return list(out), [(counts[2 * i], counts[2 * i + 1]) for i in range(n)]
     return list(out)
 
 
+def bin_scores(
+    weights: list[Tensor], maxima: list[float], bins: list[int], nbins: int, sizes: list[int]
+) -> list[Tensor]:
+    """The ``|w|`` that TF's binning over ``[0, max]`` puts in bin ``bins[i]`` of weight ``i`` (``sizes[i]`` of them).
+
+    In index order (float32 CPU tensors); the exact threshold's last step.
+    """
+    lib = _checked_library(weights)
+    lo, hi = [], []
+    for m, j in zip(maxima, bins, strict=True):
+        low, high = ctypes.c_int32(), ctypes.c_int32()
+        lib.lp_bin_range(m, j, nbins, ctypes.byref(low), ctypes.byref(high))
+        lo.append(low.value)
+        hi.append(high.value)
+    out = [torch.empty(size, dtype=torch.float32) for size in sizes]
+    found = (ctypes.c_int64 * len(weights))()
+    status = lib.lp_gather_range(
+        len(weights),
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.numel() for w in weights]),
+        _array(ctypes.c_int32, lo),
+        _array(ctypes.c_int32, hi),
+        _array(ctypes.c_int64, [o.data_ptr() for o in out]),
+        _array(ctypes.c_int64, sizes),
+        torch.get_num_threads(),
+        found,
+    )
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    if list(found) != list(sizes):
+        raise RuntimeError(f"lit_prune CPU kernels: bin sizes {list(found)} differ from the counts {sizes}")
+    return out
+
+
 def mask_and_zero(
-    weights: list[Tensor], cuts: Tensor | list[Tensor], masks: list[Tensor], zero: bool = True
+    weights: list[Tensor],
+    cuts: Tensor | list[Tensor],
+    masks: list[Tensor],
+    zero: bool = True,
+    *,
+    inclusive: bool = False,
 ) -> list[int]:
-    """``mask = |w| > cut`` per weight (``cut < 0`` keeps everything), pruned weights set to ``0``; kept counts.
+    """``mask = |w| > cut`` (``>=`` if ``inclusive``; ``cut < 0`` keeps all) per weight, pruned weights set to 0.
 
     ``weights`` must be :func:`eligible`, ``masks`` contiguous ``torch.bool`` tensors of the same
-    sizes, ``cuts`` 0-d CPU tensors or one vector of them.
+    sizes, ``cuts`` 0-d CPU tensors or one vector of them.  Returns the kept counts.
     """
     lib = _checked_library(weights)
     _check_masks(masks, weights)
@@ -183,6 +236,8 @@ def mask_and_zero(
     values = cuts.to(torch.float32) if isinstance(cuts, Tensor) else torch.stack([c.reshape(()) for c in cuts]).float()
     # |w| bits > cut bits is |w| > cut for cut >= 0 (+ 0.0 turns -0.0 into +0.0); a negative cut keeps all.
     cut_bits = torch.where(values < 0, -1, (values + 0.0).view(torch.int32))
+    if inclusive:  # |w| >= cut is |w| bits > cut bits - 1 (cut = 0 keeps everything, as it should)
+        cut_bits = torch.where(values < 0, -1, cut_bits - 1)
     kept = (ctypes.c_int64 * n)()
     status = lib.lp_mask_zero(
         n,

@@ -40,6 +40,7 @@ __all__ = [
     "histogram_threshold",
     "histogram_target_count",
     "histogram_update_",
+    "exact_update_",
     "resolve_block_dims",
     "smooth_threshold",
     "topk_count",
@@ -365,11 +366,79 @@ def histogram_update_(
         bins[searched] = torch.tensor(found, dtype=torch.float32)
     # The thresholds of all weights as one float32 vector: the same float32 operations, elementwise.
     current = torch.div(bins, float(nbins)).mul_(host_maxima)  # as histogram_threshold
+    return _finish_update(flats, current, host_maxima, previous_thresholds, masks, threshold_decay, inclusive=False)
+
+
+@torch.no_grad()
+def exact_update_(
+    weights: list[Tensor],
+    maxima: list[Tensor],
+    previous_thresholds: list[Tensor],
+    sparsities: list[float],
+    masks: list[Tensor],
+    *,
+    threshold_decay: float = 0.0,
+) -> tuple[list[Tensor], list[int]]:
+    """TF r1.14+'s exact update of several weights at once (:func:`exact_threshold`, ``mask = |w| >= t``), zeroing.
+
+    The same thresholds and masks as :func:`compute_mask` with ``method="exact"``, bit for bit:
+    the 256-bin counting pass of :func:`histogram_update_` finds the bin that holds the
+    ``rank``-th smallest ``|w|``, one more pass gathers that bin's scores
+    (:func:`lit_prune.cpu_kernels.bin_scores`, about 1/256 of them) and ``kthvalue`` picks the
+    threshold among them; then the mask-and-zero pass.  Arguments and result as for
+    :func:`histogram_update_`.
+
+    Example::
+
+        >>> w, mask = torch.tensor([-4.0, 3.0, -2.0, 1.0]), torch.ones(4, dtype=torch.bool)
+        >>> if cpu_kernels.eligible(w):
+        ...     thresholds, kept = exact_update_([w], [w.abs().max()], [torch.tensor(0.0)], [0.5], [mask])
+        ...     assert thresholds[0].item() == 3.0 and kept == [2] and w.tolist() == [-4.0, 3.0, 0, 0]
+    """
+    nbins = 256
+    flats = [w.reshape(-1) for w in weights]
+    host_maxima = torch.stack([m.reshape(()).to(torch.float32) for m in maxima])
+    current = torch.zeros(len(flats), dtype=torch.float32)
+    searched, ranks = [], []
+    for i, (flat, sparsity, m) in enumerate(zip(flats, sparsities, host_maxima.tolist(), strict=True)):
+        n, k = flat.numel(), topk_count(flat.numel(), sparsity)
+        if not m > 0:
+            continue  # all zero: kept whole below
+        if k == 0:  # as exact_threshold: just above the largest score, so everything is pruned
+            current[i] = torch.nextafter(host_maxima[i], torch.tensor(math.inf))
+        elif k == n:
+            current[i] = flat.abs().min()
+        else:
+            searched.append(i)
+            ranks.append(n - k + 1)  # the threshold is the rank-th smallest score
+    if searched:
+        picked = [flats[i] for i in searched]
+        picked_maxima = [float(host_maxima[i]) for i in searched]
+        bins, bounds = cpu_kernels.histogram_bins(picked, picked_maxima, ranks, nbins, bounds=True)
+        scores = cpu_kernels.bin_scores(
+            picked, picked_maxima, [int(j) for j in bins], nbins, [hi - lo for lo, hi in bounds]
+        )
+        for i, rank, (below, _), in_bin in zip(searched, ranks, bounds, scores, strict=True):
+            current[i] = torch.kthvalue(in_bin, rank - below).values
+    return _finish_update(flats, current, host_maxima, previous_thresholds, masks, threshold_decay, inclusive=True)
+
+
+def _finish_update(
+    flats: list[Tensor],
+    current: Tensor,
+    host_maxima: Tensor,
+    previous_thresholds: list[Tensor],
+    masks: list[Tensor],
+    threshold_decay: float,
+    *,
+    inclusive: bool,
+) -> tuple[list[Tensor], list[int]]:
+    """Smooth the thresholds, write the masks and zero (an all-zero weight has threshold 0 and keeps its mask)."""
     current = torch.where(host_maxima > 0, current, torch.zeros_like(current))
     previous = torch.stack([t.reshape(()).to(torch.float32) for t in previous_thresholds])
     thresholds = smooth_threshold(current, previous, threshold_decay)
     cuts = torch.where(host_maxima > 0, thresholds, torch.full_like(thresholds, -1.0))  # all-zero: keep all
-    kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks])
+    kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks], inclusive=inclusive)
     return list(thresholds.unbind()), kept
 
 
@@ -504,6 +573,7 @@ def compute_mask(
         current = exact_threshold(ranked, sparsity, static=sort_count)
     else:
         raise ValueError(f"`threshold_method` must be one of ['histogram', 'exact'], got {method!r}")
+    current = torch.where(max_score > 0, current, torch.zeros_like(current))  # all-zero weight: threshold 0
     threshold = smooth_threshold(current, previous_threshold.to(torch.float32), threshold_decay)
     # Compare against -1 for an all-zero weight so that everything is kept.
     cut = torch.where(max_score > 0, threshold, torch.full_like(threshold, -1.0))

@@ -18,6 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from lit_prune.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.layers import MaskedModule
-from lit_prune.masks import compute_mask, histogram_update_, joint_threshold, smooth_threshold
+from lit_prune.masks import compute_mask, exact_update_, histogram_update_, joint_threshold, smooth_threshold
 from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
@@ -338,16 +339,18 @@ class Pruning:
             all_ok = torch.stack([finite[i] for i, w in enumerate(weights) if w.name in joint_names]).all()
             for w in joint:
                 commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
-        # CPU float32 weights pruned element-wise by the histogram rule: the fused kernels, all at once.
+        # CPU float32 weights pruned element-wise by magnitude: the fused kernels, all at once.
         fused = [] if defer or hp.use_tpu else [i for i, w in enumerate(weights) if self._fusable(w, joint_names)]
         if fused:
-            thresholds, kept_fused = histogram_update_(
+            update_ = (
+                partial(histogram_update_, nbins=hp.nbins) if hp.threshold_method == "histogram" else exact_update_
+            )
+            thresholds, kept_fused = update_(
                 [weights[i].param.detach() for i in fused],
                 [maxima[i] for i in fused],
                 [weights[i].threshold for i in fused],
                 [sparsities[weights[i].name] for i in fused],
                 [weights[i].mask for i in fused],
-                nbins=hp.nbins,
                 threshold_decay=hp.threshold_decay,
             )
             for i, threshold in zip(fused, thresholds, strict=True):
@@ -391,12 +394,11 @@ class Pruning:
         self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
 
     def _fusable(self, w: _Weight, joint_names: set[str]) -> bool:
-        """Whether ``w``'s update can take the fused CPU kernels (:func:`~lit_prune.masks.histogram_update_`)."""
+        """Whether ``w``'s update can take the fused CPU kernels (``histogram_update_``/``exact_update_`` in masks)."""
         hp = self.hparams
         return (
             hp.prune_option == "weight"
-            and hp.threshold_method == "histogram"
-            and hp.nbins <= _FUSED_MAX_NBINS
+            and (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS)
             and w.name not in joint_names
             and w.nm is None
             and w.block_dims == (1, 1)

@@ -11,31 +11,33 @@ from hypothesis import strategies as st
 
 from lit_prune import Pruning, PruningHParams, cpu_kernels
 from lit_prune import pruning as pruning_module
-from lit_prune.masks import _bin_edge, compute_mask, histogram_target_count, histogram_update_
+from lit_prune.masks import _bin_edge, compute_mask, exact_update_, histogram_target_count, histogram_update_
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
 
-def eager_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float):
+def eager_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float, method: str):
     threshold, mask, _ = compute_mask(
-        w.abs(), previous, sparsity, nbins=nbins, threshold_decay=decay, max_score=w.abs().max()
+        w.abs(), previous, sparsity, method=method, nbins=nbins, threshold_decay=decay, max_score=w.abs().max()
     )
     return threshold, mask, w * mask
 
 
-def fused_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float):
+def fused_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float, method: str):
     w = w.clone()
     mask = torch.ones_like(w, dtype=torch.bool)
-    (threshold,), (kept,) = histogram_update_(
-        [w], [w.abs().max()], [previous], [sparsity], [mask], nbins=nbins, threshold_decay=decay
-    )
+    args = ([w], [w.abs().max()], [previous], [sparsity], [mask])
+    if method == "histogram":
+        (threshold,), (kept,) = histogram_update_(*args, nbins=nbins, threshold_decay=decay)
+    else:
+        (threshold,), (kept,) = exact_update_(*args, threshold_decay=decay)
     assert kept == int(mask.sum())
     return threshold, mask, w
 
 
-def assert_same(w, previous, sparsity, nbins=256, decay=0.0):
-    t_ref, m_ref, w_ref = eager_update(w, previous, sparsity, nbins, decay)
-    t, m, w_out = fused_update(w, previous, sparsity, nbins, decay)
+def assert_same(w, previous, sparsity, nbins=256, decay=0.0, method="histogram"):
+    t_ref, m_ref, w_ref = eager_update(w, previous, sparsity, nbins, decay, method)
+    t, m, w_out = fused_update(w, previous, sparsity, nbins, decay, method)
     assert torch.equal(t, t_ref), (t, t_ref)
     assert torch.equal(m, m_ref)
     assert torch.equal(w_out, w_ref)
@@ -49,9 +51,10 @@ def assert_same(w, previous, sparsity, nbins=256, decay=0.0):
     sparsity=st.floats(0.0, 0.999),
     nbins=st.sampled_from([1, 2, 7, 256, 1000]),
     decay=st.sampled_from([0.0, 0.5, 0.9]),
+    method=st.sampled_from(["histogram", "exact"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fused_update_equals_eager(n, kind, sparsity, nbins, decay, seed):
+def test_fused_update_equals_eager(n, kind, sparsity, nbins, decay, method, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, generator=g)
     if kind == "uniform":
@@ -63,7 +66,7 @@ def test_fused_update_equals_eager(n, kind, sparsity, nbins, decay, seed):
     elif kind == "constant":
         w = torch.full((n,), -0.75)
     previous = torch.rand((), generator=g) * 0.1
-    assert_same(w, previous, sparsity, nbins, decay)
+    assert_same(w, previous, sparsity, nbins, decay, method)
 
 
 @needs_kernels
@@ -89,13 +92,24 @@ def test_a_misleading_sample_moves_the_window_and_stays_exact():
     w[runs] = torch.linspace(1e-4, 1e-3, int(runs.sum()))
     for s in [0.02, 0.3, 0.6, 0.97]:
         assert_same(w, torch.tensor(0.0), s)
+        assert_same(w, torch.tensor(0.0), s, method="exact")
 
 
 @needs_kernels
-def test_all_zero_weight_and_zero_sparsity():
-    assert_same(torch.zeros(1000), torch.tensor(0.0), 0.5)
-    assert_same(torch.randn(1000), torch.tensor(0.0), 0.0)
-    assert_same(torch.randn(1000), torch.tensor(0.3), 0.0, decay=0.5)
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_all_zero_weight_and_extreme_sparsities(method):
+    assert_same(torch.zeros(1000), torch.tensor(0.0), 0.5, method=method)
+    assert_same(torch.randn(1000), torch.tensor(0.0), 0.0, method=method)
+    assert_same(torch.randn(1000), torch.tensor(0.3), 0.0, decay=0.5, method=method)
+    assert_same(torch.randn(1000), torch.tensor(0.0), 0.9999, method=method)  # k = 0: everything pruned
+    assert_same(torch.randn(1000), torch.tensor(0.0), 0.0004, method=method)  # k = n
+
+
+@needs_kernels
+def test_exact_rule_with_many_ties_at_the_threshold():
+    w = torch.tensor([0.5] * 5000 + [1.0] * 5000 + [-0.5] * 3000)
+    for s in [0.1, 0.38, 0.5, 0.9]:
+        assert_same(w, torch.tensor(0.0), s, method="exact")
 
 
 @needs_kernels
@@ -122,12 +136,11 @@ def model() -> torch.nn.Module:
     )
 
 
-def train_and_prune(use_kernels: bool, monkeypatch) -> Pruning:
+def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram") -> Pruning:
     monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
     calls = []
-    monkeypatch.setattr(
-        pruning_module, "histogram_update_", lambda *a, **k: calls.append(1) or histogram_update_(*a, **k)
-    )
+    fused = histogram_update_ if method == "histogram" else exact_update_
+    monkeypatch.setattr(pruning_module, fused.__name__, lambda *a, **k: calls.append(1) or fused(*a, **k))
     net = model()
     spec = PruningHParams(
         begin_pruning_step=0,
@@ -137,6 +150,7 @@ def train_and_prune(use_kernels: bool, monkeypatch) -> Pruning:
         target_sparsity=0.9,
         threshold_decay=0.3,
         weight_sparsity_map=["2\\.weight:0.5"],
+        threshold_method=method,
     )
     pruning = Pruning(net, spec)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -153,9 +167,10 @@ def train_and_prune(use_kernels: bool, monkeypatch) -> Pruning:
 
 
 @needs_kernels
-def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
-    fast = train_and_prune(True, monkeypatch)
-    slow = train_and_prune(False, monkeypatch)
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch, method):
+    fast = train_and_prune(True, monkeypatch, method)
+    slow = train_and_prune(False, monkeypatch, method)
     for name in fast.weight_names:
         assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
         assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
