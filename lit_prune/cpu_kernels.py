@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the TF histogram mask update, built from ``cpu_kernels.c`` at first use.
+"""Fused CPU kernels for TF's magnitude mask update, built from ``cpu_kernels.c`` at first use.
 
 A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
 tensors, counts, the mask, the zeroing).  Two hand-written passes do the same work for every weight
@@ -6,7 +6,10 @@ of a model at once, split across ``torch.get_num_threads()`` threads:
 
 * :func:`histogram_bins` - TF r1.11-r1.13's threshold bin ``j`` of each weight, exactly: a sample
   predicts it, one counting pass at the float32 bin edges around it confirms it.
-* :func:`mask_and_zero` - ``mask = |w| > cut`` and the pruned weights set to ``0``, in one pass.
+* :func:`mask_and_zero` - ``mask = |w| > cut`` (or ``>=``) and the pruned weights set to ``0``, in
+  one pass.
+* :func:`bin_scores` - the scores of one bin per weight, from which TF r1.14+'s exact threshold
+  (a ``kthvalue``) is picked.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
 (``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
