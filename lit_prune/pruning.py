@@ -95,10 +95,13 @@ class _Weight:
         return self.plain_threshold
 
 
-def _abs_max(t: Tensor) -> Tensor:
-    """``max |t|`` in one pass without an ``|t|`` temporary (NaN if ``t`` holds NaN)."""
-    lo, hi = torch.aminmax(t.detach())
-    return torch.maximum(hi, lo.neg())
+def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
+    """``max |t|`` of each tensor, one ``aminmax`` pass each and no ``|t|`` temporary (NaN where ``t`` holds NaN)."""
+    extremes = [torch.aminmax(t.detach()) for t in tensors]
+    if len({(e.min.device, e.min.dtype) for e in extremes}) != 1:  # mixed devices or dtypes: one at a time
+        return [torch.maximum(e.max, e.min.neg()) for e in extremes]
+    lows, highs = torch.stack([e.min for e in extremes]), torch.stack([e.max for e in extremes])
+    return list(torch.maximum(highs, lows.neg()).unbind())
 
 
 def _describe(value: Any) -> str:
@@ -302,7 +305,7 @@ class Pruning:
         self._check_model()
         sparsities = self.weight_sparsities(step)
         weights = list(self._weights.values())
-        maxima = [_abs_max(w.param) for w in weights]
+        maxima = _abs_maxima([w.param for w in weights])
         self._raise_pending_nonfinite()
         finite = torch.isfinite(torch.stack(maxima))
         defer = not hp.use_tpu and self._defer_checks(weights[0].param)
