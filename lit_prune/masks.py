@@ -423,6 +423,19 @@ def exact_update_(
     return _finish_update(flats, current, host_maxima, previous_thresholds, masks, threshold_decay, inclusive=True)
 
 
+def _smoothed_threshold_and_cut(
+    current: Tensor, max_score: Tensor, previous: Tensor, decay: float
+) -> tuple[Tensor, Tensor]:
+    """TF's EMA of the threshold, and the value the scores are compared with (elementwise over weights).
+
+    An all-zero weight (``max_score`` 0) gets threshold 0 (smoothed) and cut -1, so it keeps its
+    whole mask.
+    """
+    current = torch.where(max_score > 0, current, torch.zeros_like(current))
+    threshold = smooth_threshold(current, previous.to(torch.float32), decay)
+    return threshold, torch.where(max_score > 0, threshold, torch.full_like(threshold, -1.0))
+
+
 def _finish_update(
     flats: list[Tensor],
     current: Tensor,
@@ -434,10 +447,8 @@ def _finish_update(
     inclusive: bool,
 ) -> tuple[list[Tensor], list[int]]:
     """Smooth the thresholds, write the masks and zero (an all-zero weight has threshold 0 and keeps its mask)."""
-    current = torch.where(host_maxima > 0, current, torch.zeros_like(current))
     previous = torch.stack([t.reshape(()).to(torch.float32) for t in previous_thresholds])
-    thresholds = smooth_threshold(current, previous, threshold_decay)
-    cuts = torch.where(host_maxima > 0, thresholds, torch.full_like(thresholds, -1.0))  # all-zero: keep all
+    thresholds, cuts = _smoothed_threshold_and_cut(current, host_maxima, previous, threshold_decay)
     kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks], inclusive=inclusive)
     return list(thresholds.unbind()), kept
 
@@ -573,10 +584,7 @@ def compute_mask(
         current = exact_threshold(ranked, sparsity, static=sort_count)
     else:
         raise ValueError(f"`threshold_method` must be one of ['histogram', 'exact'], got {method!r}")
-    current = torch.where(max_score > 0, current, torch.zeros_like(current))  # all-zero weight: threshold 0
-    threshold = smooth_threshold(current, previous_threshold.to(torch.float32), threshold_decay)
-    # Compare against -1 for an all-zero weight so that everything is kept.
-    cut = torch.where(max_score > 0, threshold, torch.full_like(threshold, -1.0))
+    threshold, cut = _smoothed_threshold_and_cut(current, max_score, previous_threshold, threshold_decay)
     compare = torch.gt if method == "histogram" else torch.ge
     if view is None:
         keep = compare(ranked, cut, out=out) if out is not None else compare(ranked, cut)

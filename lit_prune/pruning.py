@@ -358,7 +358,8 @@ class Pruning:
             )
             for i, threshold in zip(fused, thresholds, strict=True):
                 weights[i].threshold.copy_(threshold)
-        fused_names = {weights[i].name for i in fused}
+        kept_by_name = {weights[i].name: k for i, k in zip(fused, kept_fused, strict=True)} if fused else {}
+        fused_names = set(kept_by_name)
         scratch: Tensor | None = None
         for i, (w, max_abs) in enumerate(zip(weights, maxima, strict=True)):
             if w.name in joint_names or w.name in fused_names:
@@ -388,10 +389,10 @@ class Pruning:
         if hp.use_tpu or defer:  # no second read back
             self._dense = dict.fromkeys(self._weights, False)
         else:
-            others = [w for w in weights if w.name not in fused_names]
-            kept = torch.stack([torch.count_nonzero(w.mask) for w in others]).tolist() if others else []
-            kept_by_name = dict(zip([w.name for w in others], kept, strict=True))
-            kept_by_name.update((weights[i].name, k) for i, k in zip(fused, kept_fused if fused else [], strict=True))
+            others = [w for w in weights if w.name not in fused_names]  # the fused kernels counted theirs
+            if others:
+                kept = torch.stack([torch.count_nonzero(w.mask) for w in others]).tolist()  # cheaper than .all()
+                kept_by_name.update(zip([w.name for w in others], kept, strict=True))
             self._dense = {w.name: kept_by_name[w.name] == w.mask.numel() for w in weights}
         self.last_update_step = step
         self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
