@@ -87,7 +87,10 @@ def _build(compiler: str, flags: list[str]) -> Path:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LIT_PRUNE_NATIVE", "1") == "0":
+    switch = os.environ.get("LIT_PRUNE_NATIVE", "1")
+    if switch not in ("0", "1"):
+        raise ValueError(f"environment variable LIT_PRUNE_NATIVE must be '0' (off) or '1' (on), got {switch!r}")
+    if switch == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None or platform.system() != "Linux":

@@ -219,6 +219,16 @@ def test_native_can_be_switched_off(monkeypatch):
         cpu_kernels._library.cache_clear()
 
 
+def test_a_misspelt_native_switch_is_an_error(monkeypatch):
+    monkeypatch.setenv("LIT_PRUNE_NATIVE", "false")
+    cpu_kernels._library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LIT_PRUNE_NATIVE must be '0' .* got 'false'"):
+            cpu_kernels.available()
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
 @needs_kernels
 def test_only_contiguous_float32_cpu_tensors_are_eligible():
     assert cpu_kernels.eligible(torch.ones(4, 4))
