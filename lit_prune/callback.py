@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_prune import cpu_kernels
 from lit_prune.hparams import HParamsError, PruningHParams
 from lit_prune.pruning import Pruning, SparsityFn
 from lit_prune.strip import strip_pruning_vars
@@ -99,6 +100,7 @@ class PruningCallback(Callback):
                 f"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' string, got {hparams!r}"
             )
         self.hparams = spec.replace(**_plain(overrides)) if overrides else spec
+        cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails at construction
         self.sparsity = sparsity
         self.export_path = Path(export_path) if export_path is not None else None
         self.log_histograms = log_histograms

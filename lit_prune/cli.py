@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lit_prune import cpu_kernels
 from lit_prune.hparams import _FIELD_KINDS, PruningHParams
 
 __all__ = ["PruningSchema", "SparsitySweepPlot", "main", "train"]
@@ -101,6 +102,7 @@ def train(cfg: DictConfig) -> float:
     # Lightning prints through its own handler; Hydra's root handlers would print every line twice.
     logging.getLogger("lightning.pytorch").propagate = False
     spec = resolve_pruning(cfg)
+    cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails before the dense baseline
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     dense_acc = None
     if cfg.get("dense_baseline"):

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bin_scores", "eligible", "histogram_bins", "mask_and_zero"]
+__all__ = ["available", "bin_scores", "eligible", "histogram_bins", "mask_and_zero", "native_enabled"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -85,12 +85,20 @@ def _build(compiler: str, flags: list[str]) -> Path:
     return target
 
 
-@cache
-def _library() -> ctypes.CDLL | None:
+def native_enabled() -> bool:
+    """The ``LIT_PRUNE_NATIVE`` switch: ``'1'`` (default) or ``'0'``; anything else is a ``ValueError``.
+
+    Checked when a :class:`~lit_prune.Pruning` is built, so a misspelt value fails before training.
+    """
     switch = os.environ.get("LIT_PRUNE_NATIVE", "1")
     if switch not in ("0", "1"):
         raise ValueError(f"environment variable LIT_PRUNE_NATIVE must be '0' (off) or '1' (on), got {switch!r}")
-    if switch == "0":
+    return switch == "1"
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if not native_enabled():
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None or platform.system() != "Linux":

@@ -158,6 +158,7 @@ class Pruning:
         sparsity: float | SparsityFn | None = None,
     ) -> None:
         self.hparams = _as_hparams(hparams)
+        cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails here, before any training
         if sparsity is not None and not callable(sparsity):
             sparsity = float(sparsity)
             if not 0.0 <= sparsity < 1.0:

@@ -225,6 +225,8 @@ def test_a_misspelt_native_switch_is_an_error(monkeypatch):
     try:
         with pytest.raises(ValueError, match="LIT_PRUNE_NATIVE must be '0' .* got 'false'"):
             cpu_kernels.available()
+        with pytest.raises(ValueError, match="LIT_PRUNE_NATIVE"):  # when pruning is set up, before training
+            Pruning(model(), PruningHParams())
     finally:
         cpu_kernels._library.cache_clear()
 
