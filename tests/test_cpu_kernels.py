@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_prune import Pruning, PruningHParams, cpu_kernels
+from lit_prune import Pruning, PruningCallback, PruningHParams, cpu_kernels
 from lit_prune import pruning as pruning_module
 from lit_prune.masks import _bin_edge, compute_mask, exact_update_, histogram_target_count, histogram_update_
 
@@ -227,6 +227,8 @@ def test_a_misspelt_native_switch_is_an_error(monkeypatch):
             cpu_kernels.available()
         with pytest.raises(ValueError, match="LIT_PRUNE_NATIVE"):  # when pruning is set up, before training
             Pruning(model(), PruningHParams())
+        with pytest.raises(ValueError, match="LIT_PRUNE_NATIVE"):
+            PruningCallback(PruningHParams())
     finally:
         cpu_kernels._library.cache_clear()
 
