@@ -1,18 +1,17 @@
-/* lit_prune's CPU kernels for the TF histogram mask update (built at first use by cpu_kernels.py).
+/* lit_prune's CPU kernels for TF's magnitude mask update (built at first use by cpu_kernels.py).
  *
- * Two passes over float32 weights, batched over every weight of a model and split across threads:
- *
- *   lp_histogram_bins: for each weight, the bin j of TF r1.11-r1.13's histogram rule (nbins
- *     equal-width bins over [0, max |w|], j = #{i : C_i < K}).  A sample of the weight predicts j;
- *     one pass counts #{|w| < e_i} at the float32 edges e_i of a window of bins around it, which
- *     confirms j exactly (or moves the window and counts again).
- *   lp_mask_zero: mask = |w| > cut, pruned weights set to +0.0 (only cache lines holding a
- *     non-zero weight to prune are written back), kept count per weight.
+ * lp_magnitude_update does the whole update of every float32 weight of a model in one parallel
+ * region: one pass for every max |w| (and Inf/NaN, before anything is written), then, weight by
+ * weight, a counting pass that finds the threshold bin of TF's histogram rule (nbins equal-width
+ * bins over [0, max |w|], j = #{i : C_i < K}; a sample places a window of LP_EDGES bin edges
+ * around it, so one pass is the rule and two are rare), for the exact rule (TF r1.14+) a gather of
+ * that bin's scores and a selection among them, and a pass that writes the mask and sets pruned
+ * weights to +0.0 (only groups of 8 holding a non-zero weight to prune are written back).
  *
  * |w| is compared through its bits: for non-negative floats the int32 order of the bit patterns is
  * the float order, so every comparison is an exact integer compare (auto-vectorised, or AVX2
- * intrinsics for the mask pass).  Float arithmetic is IEEE float32 (built with -ffp-contract=off),
- * as TF's float32 ops.
+ * intrinsics).  Float arithmetic is IEEE float32 (built with -ffp-contract=off), as TF's float32
+ * ops.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,26 +21,9 @@
 #define LP_EDGES 8         /* edges counted per weight and pass (count_block holds them in registers) */
 #define LP_CHUNK 4096      /* elements per inner block (16 KiB of float32: stays in L1) */
 #define LP_SAMPLE_RUN 64   /* the sample: runs of 64 elements, one every `stride` */
-#define LP_SAMPLE_MIN 4096 /* ... so that it holds at least this many elements, or 1/64 of the weight */
+#define LP_SAMPLE_RUNS 128 /* ... about 128 runs (8 Ki elements) per weight, or the whole of a small one */
 #define LP_MAX_THREADS 64
 #define LP_ABS 0x7fffffffu
-
-typedef struct {
-    int64_t nweights;
-    const int64_t *ptrs;    /* weight data pointers */
-    const int64_t *sizes;   /* elements per weight */
-    const int64_t *starts;  /* prefix sums of sizes (nweights + 1) */
-    int64_t begin, end;     /* this thread's share of the concatenated element range */
-    /* counting */
-    const int32_t *edges;   /* nweights * LP_EDGES edge bit patterns (INT32_MAX = count all) */
-    const uint8_t *active;  /* weights still searching */
-    int64_t *counts;        /* this thread's nweights * LP_EDGES counts */
-    /* masking */
-    const int32_t *cuts;    /* keep |w| bits > cut */
-    const int64_t *masks;   /* bool mask pointers */
-    int zero;               /* also set pruned weights to 0 */
-    int64_t *kept;          /* this thread's nweights kept counts */
-} lp_job;
 
 static void count_block(const uint32_t *b, int64_t n, const int32_t *edges, int64_t *acc) {
     /* Each |w| is loaded once and compared with the eight edges held in registers. */
@@ -85,10 +67,10 @@ __attribute__((constructor)) static void init_byte_masks(void) {
 }
 #endif
 
-/* mask = |w| > cut; with zero, pruned weights become +0.0, but a group of 8 weights is stored back
+/* mask = |w| > cut; pruned weights become +0.0, but a group of 8 weights is stored back
  * only when it holds a non-zero weight to prune: weights zeroed before are not rewritten, so an
  * update that prunes a little more than the last one writes little. */
-static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut, int zero) {
+static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut) {
     int64_t kept = 0;
     int64_t i = 0;
 #ifdef __AVX2__
@@ -100,7 +82,7 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut, int z
         int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
         memcpy(m + i, &lp_byte_masks[bits], 8);
         kept += __builtin_popcount((unsigned)bits);
-        if (zero && !_mm256_testc_si256(keep, a)) /* some pruned lane is non-zero */
+        if (!_mm256_testc_si256(keep, a)) /* some pruned lane is non-zero */
             _mm256_storeu_si256((__m256i *)(b + i), _mm256_and_si256(x, keep));
     }
 #endif
@@ -108,56 +90,9 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut, int z
         uint8_t keep = (int32_t)(b[i] & LP_ABS) > cut;
         m[i] = keep;
         kept += keep;
-        if (zero && !keep) b[i] = 0u;
+        if (!keep) b[i] = 0u;
     }
     return kept;
-}
-
-/* Run fn over [lo, hi) of weight w for each weight overlapping the job's range. */
-static void *run_job(void *arg, int counting) {
-    lp_job *job = (lp_job *)arg;
-    for (int64_t w = 0; w < job->nweights; w++) {
-        int64_t lo = job->starts[w], hi = job->starts[w + 1];
-        if (hi <= job->begin || lo >= job->end) continue;
-        if (counting && !job->active[w]) continue;
-        int64_t a = (lo > job->begin ? lo : job->begin) - lo;
-        int64_t z = (hi < job->end ? hi : job->end) - lo;
-        uint32_t *data = (uint32_t *)(intptr_t)job->ptrs[w];
-        if (counting) {
-            count_block(data + a, z - a, job->edges + w * LP_EDGES, job->counts + w * LP_EDGES);
-        } else {
-            uint8_t *mask = (uint8_t *)(intptr_t)job->masks[w];
-            job->kept[w] += mask_block(data + a, mask + a, z - a, job->cuts[w], job->zero);
-        }
-    }
-    return NULL;
-}
-
-static void *count_job(void *arg) { return run_job(arg, 1); }
-static void *mask_job(void *arg) { return run_job(arg, 0); }
-
-/* Split the concatenated elements into `nthreads` shares run in parallel; each
- * thread accumulates into its own `stride` int64 slots of `acc` (counts or kept).  Returns the
- * number of threads used. */
-static int parallel(const lp_job *base, int nthreads, int counting, int64_t *acc, int64_t stride, lp_job *jobs) {
-    int64_t total = base->starts[base->nweights];
-    int nt = nthreads < 1 ? 1 : nthreads;
-    if (nt > LP_MAX_THREADS) nt = LP_MAX_THREADS;
-    if (total < ((int64_t)1 << 16) * nt) nt = (int)(total >> 16) + 1; /* >= 64 Ki elements per thread */
-    if (nt > nthreads && nthreads >= 1) nt = nthreads;
-    void *(*fn)(void *) = counting ? count_job : mask_job;
-    memset(acc, 0, sizeof(int64_t) * (size_t)nt * stride);
-    for (int t = 0; t < nt; t++) {
-        jobs[t] = *base;
-        jobs[t].begin = total * t / nt;
-        jobs[t].end = total * (t + 1) / nt;
-        if (counting) jobs[t].counts = acc + (size_t)t * stride;
-        else jobs[t].kept = acc + (size_t)t * stride;
-    }
-    /* OpenMP from the libgomp that torch has loaded: its (already spinning) threads run the shares. */
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; t++) fn(&jobs[t]);
-    return nt;
 }
 
 /* TF's bin of one score: min(floor(float32(nbins) * float32(x / max)), nbins - 1). */
@@ -189,8 +124,8 @@ static int32_t edge_or_sentinel(float max_value, int64_t i, int64_t nbins) {
  * reciprocal multiply (a prediction need not be exact; the counts are).  Returns its size. */
 static int64_t sample_histogram(const uint32_t *b, int64_t n, float max_value, int64_t nbins, int64_t *hist) {
     int64_t taken = 0;
-    int64_t stride = n / LP_SAMPLE_MIN * LP_SAMPLE_RUN;
-    stride = stride < LP_SAMPLE_RUN ? LP_SAMPLE_RUN : (stride > 64 * LP_SAMPLE_RUN ? 64 * LP_SAMPLE_RUN : stride);
+    int64_t stride = n / LP_SAMPLE_RUNS;
+    stride = stride < LP_SAMPLE_RUN ? LP_SAMPLE_RUN : stride;
     const float scale = (float)nbins / max_value, top = (float)(nbins - 1);
     int32_t idx[LP_SAMPLE_RUN];
     for (int64_t s = 0; s < n; s += stride) {
@@ -261,174 +196,261 @@ static void place_window(lp_search *st, const int64_t *hist, int64_t k) {
     }
 }
 
-/* For each weight w (float32, |w| with max maxima[w] > 0 and finite), the TF threshold bin
- * j = #{i : C_i < K} with K = targets[w] (1 <= K <= size), written to bins[w] (a float, as TF's j),
- * and, unless `bounds` is NULL, C_{j-1} and C_j (the scores in bins below j, and up to j) to
- * bounds[2w] and bounds[2w + 1].
- * Each counting pass narrows every unfinished weight's range of possible bins by a window of
- * LP_EDGES bins; a sample places the windows, so one pass is the rule and two are rare (e.g. when
- * the sample's share of already-zeroed weights is off).  Returns the number of passes, or -1 when
- * out of memory. */
-int64_t lp_histogram_bins(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const float *maxima,
-                          const int64_t *targets, int64_t nbins, int nthreads, float *bins,
-                          int64_t *bounds) {
-    int64_t *starts = calloc(nweights + 1, sizeof(int64_t));
-    int32_t *edges = calloc(nweights * LP_EDGES, sizeof(int32_t));
-    lp_search *search = calloc(nweights, sizeof(lp_search));
-    uint8_t *active = calloc(nweights, 1);
-    int64_t *hist = calloc((size_t)nweights * nbins, sizeof(int64_t));
-    int64_t *counts = calloc((size_t)LP_MAX_THREADS * nweights * LP_EDGES, sizeof(int64_t));
-    lp_job *jobs = calloc(LP_MAX_THREADS, sizeof(lp_job));
-    int64_t passes = 0;
-    if (!starts || !edges || !search || !active || !hist || !counts || !jobs) {
-        passes = -1;
-        goto done;
-    }
-    int64_t remaining = 0;
-    for (int64_t w = 0; w < nweights; w++) {
-        starts[w + 1] = starts[w] + sizes[w];
-        int64_t *h = hist + (size_t)w * nbins;
-        sample_histogram((const uint32_t *)(intptr_t)ptrs[w], sizes[w], maxima[w], nbins, h);
-        lp_search st = {-1, nbins - 1, 0, sizes[w], {0}}; /* C_{-1} = 0, C_{nbins-1} = n */
-        search[w] = st;
-        if (nbins == 1) {
-            bins[w] = 0.0f;
-            if (bounds) bounds[2 * w] = 0, bounds[2 * w + 1] = sizes[w];
-            continue;
+/* ------------------------------------------------------------------ the whole update in one call */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#define LP_RULE_HISTOGRAM 0 /* TF r1.11-r1.13: threshold = j / nbins * max, mask = |w| > t */
+#define LP_RULE_EXACT 1     /* TF r1.14+: threshold = the rank-th smallest |w|, mask = |w| >= t */
+#define LP_FINITE_LIMIT 0x7f800000u /* |w| bits at or above this: Inf or NaN */
+
+static void swap_u32(uint32_t *a, uint32_t *b) { uint32_t t = *a; *a = *b; *b = t; }
+
+/* The k-th smallest (0-based) of v[0..n), reordering v: a three-way quickselect, so runs of equal
+ * values (ties at the threshold) end the search at once. */
+static uint32_t select_kth(uint32_t *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n; /* the answer lies in v[lo..hi) */
+    while (hi - lo > 1) {
+        uint32_t a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1];
+        uint32_t pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t lt = lo, i = lo, gt = hi; /* [lo, lt) < pivot, [lt, i) == pivot, [gt, hi) > pivot */
+        while (i < gt) {
+            if (v[i] < pivot) swap_u32(&v[lt++], &v[i++]);
+            else if (v[i] > pivot) swap_u32(&v[i], &v[--gt]);
+            else i++;
         }
-        place_window(&search[w], h, targets[w]);
-        active[w] = 1;
-        remaining++;
+        if (k < lt) hi = lt;
+        else if (k >= gt) lo = gt;
+        else return pivot;
     }
-    while (remaining > 0) {
-        for (int64_t w = 0; w < nweights; w++) {
-            if (!active[w]) continue;
-            /* edge e_{i+1} counts C_i */
-            for (int k = 0; k < LP_EDGES; k++)
-                edges[w * LP_EDGES + k] = edge_or_sentinel(maxima[w], search[w].window[k] + 1, nbins);
-        }
-        lp_job base = {nweights, ptrs, sizes, starts, 0, 0, edges, active, NULL, NULL, NULL, 0, NULL};
-        int nt = parallel(&base, nthreads, 1, counts, nweights * LP_EDGES, jobs);
-        passes++;
-        for (int64_t w = 0; w < nweights; w++) {
-            if (!active[w]) continue;
-            lp_search *st = &search[w];
-            for (int k = 0; k < LP_EDGES; k++) { /* window bins ascend, and C with them */
-                int64_t bin = st->window[k], c = 0;
-                if (bin <= st->below || bin >= st->above) continue; /* outside the open range: known */
-                for (int t = 0; t < nt; t++) c += counts[((size_t)t * nweights + w) * LP_EDGES + k];
-                if (c < targets[w]) {
-                    st->below = bin;
-                    st->c_below = c;
-                } else if (bin < st->above) {
-                    st->above = bin;
-                    st->c_above = c;
-                }
-            }
-            if (st->above == st->below + 1) {
-                bins[w] = (float)st->above;
-                if (bounds) bounds[2 * w] = st->c_below, bounds[2 * w + 1] = st->c_above; /* C_{j-1}, C_j */
-                active[w] = 0;
-                remaining--;
-            } else {
-                place_window(st, hist + (size_t)w * nbins, targets[w]);
-            }
-        }
-    }
-done:
-    free(starts); free(edges); free(search); free(active); free(hist); free(counts); free(jobs);
-    return passes;
+    return v[lo];
 }
 
-/* mask[w] = |w| bits > cuts[w] for every weight; with zero, pruned elements of w become +0.0.
- * kept[w] receives the number of kept elements.  Returns 0, or -1 when out of memory. */
-int lp_mask_zero(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int32_t *cuts,
-                 const int64_t *masks, int zero, int nthreads, int64_t *kept) {
-    int64_t *starts = calloc(nweights + 1, sizeof(int64_t));
-    int64_t *per_thread = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(int64_t));
-    lp_job *jobs = calloc(LP_MAX_THREADS, sizeof(lp_job));
-    if (!starts || !per_thread || !jobs) {
-        free(starts); free(per_thread); free(jobs);
-        return -1;
+/* max and min of |w| bits over b[0..n) (unsigned compares: NaN and Inf sort above every finite). */
+static void abs_bits_range(const uint32_t *b, int64_t n, uint32_t *max_out, uint32_t *min_out) {
+    uint32_t mx = 0u, mn = 0xffffffffu;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a = b[i] & LP_ABS;
+        mx = a > mx ? a : mx;
+        mn = a < mn ? a : mn;
     }
-    for (int64_t w = 0; w < nweights; w++) starts[w + 1] = starts[w] + sizes[w];
-    lp_job base = {nweights, ptrs, sizes, starts, 0, 0, NULL, NULL, NULL, cuts, masks, zero, NULL};
-    int nt = parallel(&base, nthreads, 0, per_thread, nweights, jobs);
-    for (int64_t w = 0; w < nweights; w++) {
-        kept[w] = 0;
-        for (int t = 0; t < nt; t++) kept[w] += per_thread[(size_t)t * nweights + w];
-    }
-    free(per_thread);
-    free(jobs);
-    free(starts);
-    return 0;
+    *max_out = mx;
+    *min_out = mn;
 }
 
-/* Copy every |w| whose bits lie in [lo[w], hi[w]) into out[w] (capacity[w] floats), for every weight,
- * in index order; found[w] receives how many there were (more than capacity: only capacity copied).
- * The exact threshold's last step: the scores of the one bin that holds it.  Each thread scans its
- * share of each weight, 64 elements at a time with a vectorised count, copying only from blocks
- * that hold a hit, into its own buffer; the buffers are joined in thread order.  Returns 0, or -1
+/* Copy the |w| bits of b[0..n) that lie in [low, high) to out (at most cap); returns how many lay there. */
+static int64_t gather_block(const uint32_t *b, int64_t n, int32_t low, int32_t high, uint32_t *out, int64_t cap) {
+    int64_t found = 0, i = 0;
+#ifdef __AVX2__
+    /* low <= a < high as one unsigned compare: (a - low) < (high - low), via the sign-flip trick */
+    const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), lows = _mm256_set1_epi32(low);
+    const __m256i flip = _mm256_set1_epi32(INT32_MIN), span = _mm256_set1_epi32((int32_t)((uint32_t)(high - low) ^ 0x80000000u));
+    for (; i + 8 <= n; i += 8) {
+        __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i)), abs_bits);
+        __m256i offset = _mm256_xor_si256(_mm256_sub_epi32(a, lows), flip);
+        unsigned hits = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(span, offset)));
+        while (hits) {
+            int lane = __builtin_ctz(hits);
+            if (found < cap) out[found] = (b[i + lane] & LP_ABS);
+            found++;
+            hits &= hits - 1;
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        int32_t a = (int32_t)(b[i] & LP_ABS);
+        if (a >= low && a < high) {
+            if (found < cap) out[found] = (uint32_t)a;
+            found++;
+        }
+    }
+    return found;
+}
+
+/* The complete magnitude mask update of every weight, in one parallel region:
+ *
+ *   1. max and min |w| of every weight (last weight first, so that the first weights are still
+ *      in the cache when step 2 starts with them); any Inf or NaN stops here, nothing changed;
+ *   2. weight by weight, while its data is in the cache: the threshold bin (a sample places a
+ *      window of LP_EDGES bin edges, one counting pass confirms it, rarely two), for the exact
+ *      rule the scores of that bin and a selection among them, the threshold and its moving
+ *      average, then mask = |w| > cut (>= for the exact rule) with pruned weights set to +0.0.
+ *
+ * targets[w] is K = min{c : c/n >= s} for the histogram rule, k (the kept count) for the exact
+ * rule.  Thresholds are smoothed as t = current * keep_weight + previous * decay_weight in float32
+ * (when smooth != 0).  Writes maxima (max |w|, Inf or NaN for a non-finite weight), thresholds
+ * and kept counts.  Returns 0, 1 if a weight is not finite (nothing written but maxima), or -1
  * when out of memory. */
-int lp_gather_range(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int32_t *lo,
-                    const int32_t *hi, const int64_t *out, const int64_t *capacity, int nthreads, int64_t *found) {
+int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
+                        const int64_t *targets, const float *previous, int smooth, float keep_weight,
+                        float decay_weight, int rule, int64_t nbins, int nthreads, float *maxima,
+                        float *thresholds, int64_t *kept) {
+    int64_t total = 0, largest = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        total += sizes[w];
+        largest = sizes[w] > largest ? sizes[w] : largest;
+    }
     int nt = nthreads < 1 ? 1 : (nthreads > LP_MAX_THREADS ? LP_MAX_THREADS : nthreads);
-    int64_t total_capacity = 0;
-    for (int64_t w = 0; w < nweights; w++) total_capacity += capacity[w];
-    uint32_t *local = malloc(sizeof(uint32_t) * (size_t)(total_capacity + 1) * nt);
-    int64_t *taken = calloc((size_t)nt * nweights, sizeof(int64_t));
-    if (!local || !taken) {
-        free(local); free(taken);
+    if (largest < ((int64_t)1 << 15) * nt) nt = (int)(largest >> 15) + 1; /* >= 32 Ki elements per thread */
+    if (nt > nthreads && nthreads >= 1) nt = nthreads;
+    uint32_t *part_max = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(uint32_t));
+    uint32_t *part_min = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(uint32_t));
+    int64_t *part_kept = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(int64_t));
+    int64_t *counts = calloc((size_t)LP_MAX_THREADS * LP_EDGES, sizeof(int64_t));
+    int64_t *found = calloc(LP_MAX_THREADS, sizeof(int64_t));
+    int64_t *hist = calloc((size_t)(nbins > 0 ? nbins : 1), sizeof(int64_t));
+    uint32_t *max_bits = calloc(nweights, sizeof(uint32_t));
+    uint32_t *min_bits = calloc(nweights, sizeof(uint32_t));
+    if (!part_max || !part_min || !part_kept || !counts || !found || !hist || !max_bits || !min_bits) {
+        free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
+        free(max_bits); free(min_bits);
         return -1;
     }
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int t = 0; t < nt; t++) {
-        uint32_t *buffer = local + (size_t)t * (total_capacity + 1);
-        int64_t offset = 0;
-        for (int64_t w = 0; w < nweights; w++) {
+    /* Shared between the threads; written only inside `single` blocks (each ends in a barrier). */
+    int status = 0, team = 1, searching = 0, gathering = 0;
+    lp_search st;
+    int32_t edges[LP_EDGES], cut = -1, low = 0, high = 0;
+    int64_t rank = 0, bin_size = 0;
+    uint32_t *gathered = NULL;
+
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num();
+#pragma omp single
+        team = omp_get_num_threads();
+        for (int64_t w = nweights - 1; w >= 0; w--) { /* 1. max and min, last weight first */
+            int64_t a = sizes[w] * t / team, z = sizes[w] * (t + 1) / team;
             const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
-            int64_t begin = sizes[w] * t / nt, end = sizes[w] * (t + 1) / nt, n = 0;
-            const int32_t low = lo[w], high = hi[w];
-            for (int64_t s = begin; s < end; s += 64) {
-                int64_t len = end - s < 64 ? end - s : 64;
-                int32_t hits = 0;
-                for (int64_t i = 0; i < len; i++) {
-                    int32_t a = (int32_t)(b[s + i] & LP_ABS);
-                    hits += (a >= low) & (a < high);
+            abs_bits_range(b + a, z - a, &part_max[(size_t)t * nweights + w], &part_min[(size_t)t * nweights + w]);
+        }
+#pragma omp barrier
+#pragma omp single
+        for (int64_t w = 0; w < nweights; w++) {
+            uint32_t mx = 0u, mn = 0xffffffffu;
+            for (int r = 0; r < team; r++) {
+                uint32_t hi_r = part_max[(size_t)r * nweights + w], lo_r = part_min[(size_t)r * nweights + w];
+                mx = hi_r > mx ? hi_r : mx;
+                if (sizes[w] * (r + 1) / team > sizes[w] * r / team) mn = lo_r < mn ? lo_r : mn;
+            }
+            max_bits[w] = mx;
+            min_bits[w] = mn;
+            maxima[w] = from_bits(mx);
+            if (mx >= LP_FINITE_LIMIT) status = 1;
+        }
+        for (int64_t w = 0; w < nweights && status == 0; w++) { /* 2. weight by weight */
+            const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
+            const int64_t n = sizes[w], a = n * t / team, z = n * (t + 1) / team;
+            const float m = from_bits(max_bits[w]);
+#pragma omp single
+            {
+                int64_t k = targets[w];
+                searching = 0;
+                gathering = 0;
+                if (rule == LP_RULE_HISTOGRAM) {
+                    rank = k;
+                    searching = m > 0.0f && k > 0 && nbins > 1;
+                } else {
+                    rank = n - k + 1; /* the threshold is the rank-th smallest |w| */
+                    searching = m > 0.0f && k > 0 && k < n;
                 }
-                if (!hits) continue;
-                for (int64_t i = 0; i < len; i++) {
-                    int32_t a = (int32_t)(b[s + i] & LP_ABS);
-                    if (a >= low && a < high && n < capacity[w]) buffer[offset + n++] = (uint32_t)a;
-                    else if (a >= low && a < high) n++;
+                if (searching) {
+                    memset(hist, 0, sizeof(int64_t) * (size_t)nbins);
+                    sample_histogram(b, n, m, nbins, hist);
+                    lp_search start = {-1, nbins - 1, 0, n, {0}}; /* C_{-1} = 0, C_{nbins-1} = n */
+                    st = start;
+                    place_window(&st, hist, rank);
+                    for (int e = 0; e < LP_EDGES; e++) edges[e] = edge_or_sentinel(m, st.window[e] + 1, nbins);
                 }
             }
-            taken[(size_t)t * nweights + w] = n;
-            offset += capacity[w];
+            while (searching) {
+                int64_t *mine = counts + (size_t)t * LP_EDGES;
+                memset(mine, 0, sizeof(int64_t) * LP_EDGES);
+                count_block(b + a, z - a, edges, mine);
+#pragma omp barrier
+#pragma omp single
+                {
+                    for (int e = 0; e < LP_EDGES; e++) { /* window bins ascend, and C with them */
+                        int64_t bin = st.window[e], c = 0;
+                        if (bin <= st.below || bin >= st.above) continue;
+                        for (int r = 0; r < team; r++) c += counts[(size_t)r * LP_EDGES + e];
+                        if (c < rank) {
+                            st.below = bin;
+                            st.c_below = c;
+                        } else {
+                            st.above = bin;
+                            st.c_above = c;
+                        }
+                    }
+                    if (st.above == st.below + 1) {
+                        searching = 0;
+                        if (rule == LP_RULE_EXACT) { /* the rank-th smallest lies in bin j = above */
+                            gathering = 1;
+                            low = st.above <= 0 ? 0 : bin_edge(m, st.above, nbins);
+                            high = edge_or_sentinel(m, st.above + 1, nbins);
+                            bin_size = st.c_above - st.c_below;
+                            free(gathered);
+                            gathered = malloc(sizeof(uint32_t) * (size_t)(bin_size + 1) * team);
+                            if (!gathered) status = -1, gathering = 0;
+                        }
+                    } else {
+                        place_window(&st, hist, rank);
+                        for (int e = 0; e < LP_EDGES; e++) edges[e] = edge_or_sentinel(m, st.window[e] + 1, nbins);
+                    }
+                }
+            }
+            if (status != 0) break; /* every thread sees the same status after the barrier */
+            if (gathering) {
+                found[t] = gather_block(b + a, z - a, low, high, gathered + (size_t)t * (bin_size + 1), bin_size + 1);
+#pragma omp barrier
+            }
+#pragma omp single
+            {
+                float current = 0.0f; /* K = 0, one bin, or an all-zero weight: 0 */
+                if (gathering) {
+                    int64_t filled = found[0];
+                    for (int r = 1; r < team; r++) {
+                        memmove(gathered + filled, gathered + (size_t)r * (bin_size + 1), sizeof(uint32_t) * found[r]);
+                        filled += found[r];
+                    }
+                    if (filled != bin_size) status = -2; /* cannot happen: the counts said so */
+                    else current = from_bits(select_kth(gathered, bin_size, rank - st.c_below - 1));
+                } else if (rule == LP_RULE_HISTOGRAM && m > 0.0f && targets[w] > 0 && nbins > 1) {
+                    current = (float)st.above / (float)nbins * m;
+                } else if (rule == LP_RULE_EXACT && m > 0.0f && targets[w] == 0) {
+                    current = nextafterf(m, INFINITY); /* everything pruned */
+                } else if (rule == LP_RULE_EXACT && m > 0.0f && targets[w] == n) {
+                    current = from_bits(min_bits[w]); /* everything kept */
+                }
+                if (!(m > 0.0f)) current = 0.0f;
+                float threshold = current;
+                if (smooth) {
+                    float x = current * keep_weight, y = previous[w] * decay_weight;
+                    threshold = x + y;
+                }
+                thresholds[w] = threshold;
+                if (!(m > 0.0f) || threshold < 0.0f) {
+                    cut = -1; /* an all-zero weight keeps its whole mask; a negative cut keeps all */
+                } else {
+                    cut = (int32_t)to_bits(threshold + 0.0f); /* -0.0 -> +0.0 */
+                    if (rule == LP_RULE_EXACT) cut -= 1;         /* |w| >= t is |w| bits > t bits - 1 */
+                }
+            }
+            if (status != 0) break;
+            const int32_t my_cut = cut;
+            uint8_t *mask = (uint8_t *)(intptr_t)masks[w];
+            part_kept[(size_t)t * nweights + w] = mask_block((uint32_t *)(intptr_t)ptrs[w] + a, mask + a, z - a, my_cut);
         }
     }
-    int64_t offset = 0;
-    for (int64_t w = 0; w < nweights; w++) {
-        uint32_t *dst = (uint32_t *)(intptr_t)out[w];
-        int64_t filled = 0;
-        found[w] = 0;
-        for (int t = 0; t < nt; t++) {
-            int64_t n = taken[(size_t)t * nweights + w];
-            int64_t copy = n < capacity[w] - filled ? n : capacity[w] - filled;
-            if (copy > 0) memcpy(dst + filled, local + (size_t)t * (total_capacity + 1) + offset, sizeof(uint32_t) * copy);
-            filled += copy;
-            found[w] += n;
+    if (status == 0)
+        for (int64_t w = 0; w < nweights; w++) {
+            kept[w] = 0;
+            for (int r = 0; r < team; r++) kept[w] += part_kept[(size_t)r * nweights + w];
         }
-        offset += capacity[w];
-    }
-    free(local);
-    free(taken);
-    return 0;
-}
-
-/* The edge bit patterns of bin j (0 <= j < nbins) under TF's binning of [0, max]: |w| bits in
- * [*lo, *hi) are the scores of bin j. */
-void lp_bin_range(float max_value, int64_t j, int64_t nbins, int32_t *lo, int32_t *hi) {
-    *lo = j <= 0 ? 0 : bin_edge(max_value, j, nbins);
-    *hi = edge_or_sentinel(max_value, j + 1, nbins);
+    free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
+    free(max_bits); free(min_bits); free(gathered);
+    return status == -2 ? -1 : status;
 }

@@ -1,15 +1,12 @@
 """Fused CPU kernels for TF's magnitude mask update, built from ``cpu_kernels.c`` at first use.
 
 A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
-tensors, counts, the mask, the zeroing).  Two hand-written passes do the same work for every weight
-of a model at once, split across ``torch.get_num_threads()`` threads:
-
-* :func:`histogram_bins` - TF r1.11-r1.13's threshold bin ``j`` of each weight, exactly: a sample
-  predicts it, one counting pass at the float32 bin edges around it confirms it.
-* :func:`mask_and_zero` - ``mask = |w| > cut`` (or ``>=``) and the pruned weights set to ``0``, in
-  one pass.
-* :func:`bin_scores` - the scores of one bin per weight, from which TF r1.14+'s exact threshold
-  (a ``kthvalue``) is picked.
+tensors, counts, the mask, the zeroing).  :func:`magnitude_update` does the same work for every
+weight of a model in one call, split across ``torch.get_num_threads()`` threads: one pass for
+every ``max |w|`` (which also finds Inf and NaN before anything is written), then, weight by
+weight, one counting pass (rarely two) that finds TF r1.11-r1.13's threshold bin exactly (a sample
+places the float32 bin edges it counts at), for TF r1.14+'s exact rule a gather of that bin and a
+selection in it, and one pass that writes the mask and zeroes the pruned weights.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
 (``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
@@ -19,10 +16,10 @@ PyTorch path, which gives the same masks (tested bit for bit).
 
 Example::
 
-    >>> w = torch.linspace(-1, 1, 1 << 17)
-    >>> if available():
-    ...     j = histogram_bins([w], [w.abs().max().item()], [1 << 16], nbins=256)[0]
-    ...     assert j == 127.0
+    >>> w, mask = torch.linspace(-1, 1, 1 << 17), torch.ones(1 << 17, dtype=torch.bool)
+    >>> if available():  # TF's histogram rule at 50 %: K = 2**16, threshold bin 127 of 256
+    ...     thresholds, kept = magnitude_update([w], [mask], [1 << 16], [0.0], exact=False, nbins=256, decay=None)
+    ...     assert thresholds == [127 / 256] and kept == [int((w != 0).sum())]
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -41,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bin_scores", "eligible", "histogram_bins", "mask_and_zero", "native_enabled"]
+__all__ = ["NonFiniteWeights", "available", "eligible", "magnitude_update", "native_enabled"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -49,6 +47,14 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC"
 _I64P = ctypes.POINTER(ctypes.c_int64)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _F32P = ctypes.POINTER(ctypes.c_float)
+
+
+class NonFiniteWeights(FloatingPointError):
+    """Weights holding Inf or NaN, found by :func:`magnitude_update` before it changed anything."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"NaN or Inf in weight(s) {indices}")
+        self.indices = indices
 
 
 def _cache_dir() -> Path:
@@ -116,16 +122,11 @@ def _library() -> ctypes.CDLL | None:
     else:
         _log.warning("lit_prune: building the CPU kernels failed (%s); using the eager path", " | ".join(errors))
         return None
-    lib.lp_histogram_bins.restype = ctypes.c_int64
-    lib.lp_histogram_bins.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _F32P, _I64P, ctypes.c_int64, ctypes.c_int, _F32P, _I64P
+    lib.lp_magnitude_update.restype = ctypes.c_int
+    lib.lp_magnitude_update.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _F32P, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P,
     ]  # fmt: skip
-    lib.lp_gather_range.restype = ctypes.c_int
-    lib.lp_gather_range.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I32P, _I64P, _I64P, ctypes.c_int, _I64P]
-    lib.lp_bin_range.restype = None
-    lib.lp_bin_range.argtypes = [ctypes.c_float, ctypes.c_int64, ctypes.c_int64, _I32P, _I32P]
-    lib.lp_mask_zero.restype = ctypes.c_int
-    lib.lp_mask_zero.argtypes = [ctypes.c_int64, _I64P, _I64P, _I32P, _I64P, ctypes.c_int, ctypes.c_int, _I64P]
     return lib
 
 
@@ -165,104 +166,52 @@ def _array(ctype: type, values: list) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-def histogram_bins(
-    weights: list[Tensor], maxima: list[float], targets: list[int], nbins: int, *, bounds: bool = False
-) -> list[float] | tuple[list[float], list[tuple[int, int]]]:
-    """TF's threshold bin ``j = #{i : C_i < K}`` of each weight's ``|w|`` over ``[0, max]`` in ``nbins`` bins.
-
-    ``weights`` must be :func:`eligible`, ``maxima`` their ``max |w|`` (finite, > 0), ``targets``
-    the counts ``K`` (``1 <= K <= numel``, see :func:`lit_prune.masks.histogram_target_count`).
-    With ``bounds=True`` also returns ``(C_{j-1}, C_j)`` per weight: the scores below bin ``j``, and
-    up to it.
-    """
-    lib = _checked_library(weights)
-    n = len(weights)
-    out = (ctypes.c_float * n)()
-    counts = (ctypes.c_int64 * (2 * n))()
-    passes = lib.lp_histogram_bins(
-        n,
-        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
-        _array(ctypes.c_int64, [w.numel() for w in weights]),
-        _array(ctypes.c_float, maxima),
-        _array(ctypes.c_int64, targets),
-        nbins,
-        torch.get_num_threads(),
-        out,
-        counts,
-    )
-    if passes < 0:
-        raise MemoryError("lit_prune CPU kernels: out of memory")
-    if bounds:
-        return list(out), [(counts[2 * i], counts[2 * i + 1]) for i in range(n)]
-    return list(out)
-
-
-def bin_scores(
-    weights: list[Tensor], maxima: list[float], bins: list[int], nbins: int, sizes: list[int]
-) -> list[Tensor]:
-    """The ``|w|`` that TF's binning over ``[0, max]`` puts in bin ``bins[i]`` of weight ``i`` (``sizes[i]`` of them).
-
-    In index order (float32 CPU tensors); the exact threshold's last step.
-    """
-    lib = _checked_library(weights)
-    lo, hi = [], []
-    for m, j in zip(maxima, bins, strict=True):
-        low, high = ctypes.c_int32(), ctypes.c_int32()
-        lib.lp_bin_range(m, j, nbins, ctypes.byref(low), ctypes.byref(high))
-        lo.append(low.value)
-        hi.append(high.value)
-    out = [torch.empty(size, dtype=torch.float32) for size in sizes]
-    found = (ctypes.c_int64 * len(weights))()
-    status = lib.lp_gather_range(
-        len(weights),
-        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
-        _array(ctypes.c_int64, [w.numel() for w in weights]),
-        _array(ctypes.c_int32, lo),
-        _array(ctypes.c_int32, hi),
-        _array(ctypes.c_int64, [o.data_ptr() for o in out]),
-        _array(ctypes.c_int64, sizes),
-        torch.get_num_threads(),
-        found,
-    )
-    if status < 0:
-        raise MemoryError("lit_prune CPU kernels: out of memory")
-    if list(found) != list(sizes):
-        raise RuntimeError(f"lit_prune CPU kernels: bin sizes {list(found)} differ from the counts {sizes}")
-    return out
-
-
-def mask_and_zero(
+def magnitude_update(
     weights: list[Tensor],
-    cuts: Tensor | list[Tensor],
     masks: list[Tensor],
-    zero: bool = True,
+    targets: list[int],
+    previous: list[float],
     *,
-    inclusive: bool = False,
-) -> list[int]:
-    """``mask = |w| > cut`` (``>=`` if ``inclusive``; ``cut < 0`` keeps all) per weight, pruned weights set to 0.
+    exact: bool,
+    nbins: int,
+    decay: tuple[float, float] | None,
+) -> tuple[list[float], list[int]]:
+    """The whole magnitude mask update of every weight, in one call: thresholds, masks, zeroing.
 
-    ``weights`` must be :func:`eligible`, ``masks`` contiguous ``torch.bool`` tensors of the same
-    sizes, ``cuts`` 0-d CPU tensors or one vector of them.  Returns the kept counts.
+    ``weights`` must be :func:`eligible` and ``masks`` contiguous ``torch.bool`` tensors of the
+    same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.masks.histogram_target_count`) for
+    the histogram rule, or the kept counts ``k`` (:func:`lit_prune.masks.topk_count`) when
+    ``exact``; ``previous`` the thresholds of the last update and ``decay`` the float32 pair
+    ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Returns
+    ``(thresholds, kept counts)``.
+
+    Raises:
+        NonFiniteWeights: a weight holds Inf or NaN (found before anything is written).
     """
     lib = _checked_library(weights)
     _check_masks(masks, weights)
     n = len(weights)
-    values = cuts.to(torch.float32) if isinstance(cuts, Tensor) else torch.stack([c.reshape(()) for c in cuts]).float()
-    # |w| bits > cut bits is |w| > cut for cut >= 0 (+ 0.0 turns -0.0 into +0.0); a negative cut keeps all.
-    cut_bits = torch.where(values < 0, -1, (values + 0.0).view(torch.int32))
-    if inclusive:  # |w| >= cut is |w| bits > cut bits - 1 (cut = 0 keeps everything, as it should)
-        cut_bits = torch.where(values < 0, -1, cut_bits - 1)
-    kept = (ctypes.c_int64 * n)()
-    status = lib.lp_mask_zero(
+    maxima, thresholds, kept = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
+    keep_weight, decay_weight = decay if decay is not None else (1.0, 0.0)
+    status = lib.lp_magnitude_update(
         n,
         _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
         _array(ctypes.c_int64, [w.numel() for w in weights]),
-        _array(ctypes.c_int32, cut_bits.tolist()),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
-        int(zero),
+        _array(ctypes.c_int64, targets),
+        _array(ctypes.c_float, previous),
+        int(decay is not None),
+        keep_weight,
+        decay_weight,
+        int(exact),
+        256 if exact else nbins,
         torch.get_num_threads(),
+        maxima,
+        thresholds,
         kept,
     )
     if status < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")
-    return list(kept)
+    if status == 1:
+        raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
+    return list(thresholds), list(kept)

@@ -39,8 +39,7 @@ __all__ = [
     "expand_blocks",
     "histogram_threshold",
     "histogram_target_count",
-    "histogram_update_",
-    "exact_update_",
+    "magnitude_update_",
     "resolve_block_dims",
     "smooth_threshold",
     "topk_count",
@@ -324,103 +323,52 @@ def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
 
 
 @torch.no_grad()
-def histogram_update_(
+def magnitude_update_(
     weights: list[Tensor],
-    maxima: list[Tensor],
     previous_thresholds: list[Tensor],
     sparsities: list[float],
     masks: list[Tensor],
     *,
+    method: str = "histogram",
     nbins: int = 256,
     threshold_decay: float = 0.0,
 ) -> tuple[list[Tensor], list[int]]:
-    """TF's histogram mask update of several weights at once: new thresholds and masks, pruned weights zeroed.
+    """The magnitude mask update of several weights in one fused call: thresholds, masks, pruned weights zeroed.
 
-    The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise, histogram rule)
-    followed by zeroing the pruned weights, bit for bit, in three passes over the weights instead of
-    a dozen: ``maxima`` (``max |w|``, finite) come in; :func:`lit_prune.cpu_kernels.histogram_bins`
-    finds every threshold bin in one counting pass; :func:`lit_prune.cpu_kernels.mask_and_zero`
-    writes the masks and zeroes, rewriting only cache lines that hold a weight newly pruned.  Every
-    weight must be :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool``
-    tensor of its shape.  Returns ``(thresholds, kept counts)``.
+    The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise; ``method``
+    ``"histogram"``, TF r1.11-r1.13, or ``"exact"``, TF r1.14+) followed by zeroing the pruned
+    weights, bit for bit, from :func:`lit_prune.cpu_kernels.magnitude_update`: one pass for every
+    ``max |w|``, then, weight by weight while it is in the cache, a counting pass (rarely two)
+    that finds the threshold bin and the mask-and-zero pass.  Every weight must be
+    :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool`` tensor of
+    its shape.  Returns ``(thresholds, kept counts)``.
+
+    Raises:
+        lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
+            which); nothing was changed.
 
     Example::
 
         >>> w, mask = torch.tensor([-4.0, 3.0, -2.0, 1.0]), torch.ones(4, dtype=torch.bool)
         >>> if cpu_kernels.eligible(w):
-        ...     thresholds, kept = histogram_update_([w], [w.abs().max()], [torch.tensor(0.0)], [0.5], [mask])
+        ...     thresholds, kept = magnitude_update_([w], [torch.tensor(0.0)], [0.5], [mask])
         ...     assert kept == [2] and mask.tolist() == [True, True, False, False] and w.tolist() == [-4.0, 3.0, 0, 0]
     """
-    flats = [w.reshape(-1) for w in weights]
-    targets = [histogram_target_count(f.numel(), s) for f, s in zip(flats, sparsities, strict=True)]
-    host_maxima = torch.stack([m.reshape(()).to(torch.float32) for m in maxima])
-    searched = [i for i, (m, k) in enumerate(zip(host_maxima.tolist(), targets, strict=True)) if m > 0 and k > 0]
-    bins = torch.zeros(len(flats), dtype=torch.float32)  # K = 0 or an all-zero weight: threshold 0
-    if searched:
-        found = cpu_kernels.histogram_bins(
-            [flats[i] for i in searched],
-            [float(host_maxima[i]) for i in searched],
-            [targets[i] for i in searched],
-            nbins,
-        )
-        bins[searched] = torch.tensor(found, dtype=torch.float32)
-    # The thresholds of all weights as one float32 vector: the same float32 operations, elementwise.
-    current = torch.div(bins, float(nbins)).mul_(host_maxima)  # as histogram_threshold
-    return _finish_update(flats, current, host_maxima, previous_thresholds, masks, threshold_decay, inclusive=False)
-
-
-@torch.no_grad()
-def exact_update_(
-    weights: list[Tensor],
-    maxima: list[Tensor],
-    previous_thresholds: list[Tensor],
-    sparsities: list[float],
-    masks: list[Tensor],
-    *,
-    threshold_decay: float = 0.0,
-) -> tuple[list[Tensor], list[int]]:
-    """TF r1.14+'s exact update of several weights at once (:func:`exact_threshold`, ``mask = |w| >= t``), zeroing.
-
-    The same thresholds and masks as :func:`compute_mask` with ``method="exact"``, bit for bit:
-    the 256-bin counting pass of :func:`histogram_update_` finds the bin that holds the
-    ``rank``-th smallest ``|w|``, one more pass gathers that bin's scores
-    (:func:`lit_prune.cpu_kernels.bin_scores`, about 1/256 of them) and ``kthvalue`` picks the
-    threshold among them; then the mask-and-zero pass.  Arguments and result as for
-    :func:`histogram_update_`.
-
-    Example::
-
-        >>> w, mask = torch.tensor([-4.0, 3.0, -2.0, 1.0]), torch.ones(4, dtype=torch.bool)
-        >>> if cpu_kernels.eligible(w):
-        ...     thresholds, kept = exact_update_([w], [w.abs().max()], [torch.tensor(0.0)], [0.5], [mask])
-        ...     assert thresholds[0].item() == 3.0 and kept == [2] and w.tolist() == [-4.0, 3.0, 0, 0]
-    """
-    nbins = 256
-    flats = [w.reshape(-1) for w in weights]
-    host_maxima = torch.stack([m.reshape(()).to(torch.float32) for m in maxima])
-    current = torch.zeros(len(flats), dtype=torch.float32)
-    searched, ranks = [], []
-    for i, (flat, sparsity, m) in enumerate(zip(flats, sparsities, host_maxima.tolist(), strict=True)):
-        n, k = flat.numel(), topk_count(flat.numel(), sparsity)
-        if not m > 0:
-            continue  # all zero: kept whole below
-        if k == 0:  # as exact_threshold: just above the largest score, so everything is pruned
-            current[i] = torch.nextafter(host_maxima[i], torch.tensor(math.inf))
-        elif k == n:
-            current[i] = flat.abs().min()
-        else:
-            searched.append(i)
-            ranks.append(n - k + 1)  # the threshold is the rank-th smallest score
-    if searched:
-        picked = [flats[i] for i in searched]
-        picked_maxima = [float(host_maxima[i]) for i in searched]
-        bins, bounds = cpu_kernels.histogram_bins(picked, picked_maxima, ranks, nbins, bounds=True)
-        scores = cpu_kernels.bin_scores(
-            picked, picked_maxima, [int(j) for j in bins], nbins, [hi - lo for lo, hi in bounds]
-        )
-        for i, rank, (below, _), in_bin in zip(searched, ranks, bounds, scores, strict=True):
-            current[i] = torch.kthvalue(in_bin, rank - below).values
-    return _finish_update(flats, current, host_maxima, previous_thresholds, masks, threshold_decay, inclusive=True)
+    if method not in ("histogram", "exact"):
+        raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
+    count = histogram_target_count if method == "histogram" else topk_count
+    previous = torch.stack([t.detach().reshape(()).to(torch.float32) for t in previous_thresholds]).tolist()
+    decay = None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
+    thresholds, kept = cpu_kernels.magnitude_update(
+        [w.reshape(-1) for w in weights],
+        [m.reshape(-1) for m in masks],
+        [count(w.numel(), s) for w, s in zip(weights, sparsities, strict=True)],
+        previous,
+        exact=method == "exact",
+        nbins=nbins,
+        decay=decay,
+    )
+    return list(torch.tensor(thresholds, dtype=torch.float32).unbind()), kept
 
 
 def _smoothed_threshold_and_cut(
@@ -434,23 +382,6 @@ def _smoothed_threshold_and_cut(
     current = torch.where(max_score > 0, current, torch.zeros_like(current))
     threshold = smooth_threshold(current, previous.to(torch.float32), decay)
     return threshold, torch.where(max_score > 0, threshold, torch.full_like(threshold, -1.0))
-
-
-def _finish_update(
-    flats: list[Tensor],
-    current: Tensor,
-    host_maxima: Tensor,
-    previous_thresholds: list[Tensor],
-    masks: list[Tensor],
-    threshold_decay: float,
-    *,
-    inclusive: bool,
-) -> tuple[list[Tensor], list[int]]:
-    """Smooth the thresholds, write the masks and zero (an all-zero weight has threshold 0 and keeps its mask)."""
-    previous = torch.stack([t.reshape(()).to(torch.float32) for t in previous_thresholds])
-    thresholds, cuts = _smoothed_threshold_and_cut(current, host_maxima, previous, threshold_decay)
-    kept = cpu_kernels.mask_and_zero(flats, cuts, [m.reshape(-1) for m in masks], inclusive=inclusive)
-    return list(thresholds.unbind()), kept
 
 
 # ---------------------------------------------------------------------- blocks

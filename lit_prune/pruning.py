@@ -18,7 +18,6 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from lit_prune.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.layers import MaskedModule
-from lit_prune.masks import compute_mask, exact_update_, histogram_update_, joint_threshold, smooth_threshold
+from lit_prune.masks import compute_mask, joint_threshold, magnitude_update_, smooth_threshold
 from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
@@ -306,17 +305,43 @@ class Pruning:
         self._check_model()
         sparsities = self.weight_sparsities(step)
         weights = list(self._weights.values())
-        maxima = _abs_maxima([w.param for w in weights])
         self._raise_pending_nonfinite()
-        finite = torch.isfinite(torch.stack(maxima))
         defer = not hp.use_tpu and self._defer_checks(weights[0].param)
+        joint = self._joint()
+        joint_names = {w.name for w in joint}
+        # CPU float32 weights pruned element-wise by magnitude take the fused kernels, which find
+        # their own maxima (and Inf/NaN) before they change anything; the rest are checked here.
+        fused = [] if defer or hp.use_tpu else [w for w in weights if self._fusable(w, joint_names)]
+        fused_names = {w.name for w in fused}
+        weights = [w for w in weights if w.name not in fused_names]
+        maxima = _abs_maxima([w.param for w in weights]) if weights else []
+        finite = torch.isfinite(torch.stack(maxima)) if weights else torch.ones(0, dtype=torch.bool)
         if defer:  # accelerators: no host read; the check is read back later, and bad weights keep their masks
             self._queue_nonfinite_check(finite, step, [w.name for w in weights])
-        elif not hp.use_tpu:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
+        elif not hp.use_tpu and weights:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
             flags = finite.cpu()
             if not bool(flags.all()):
-                bad = [w.name for w, ok in zip(weights, flags.tolist(), strict=True) if not ok]
-                raise FloatingPointError(f"NaN or Inf in pruned weight(s) {bad} at step {step}; masks left unchanged")
+                self._raise_nonfinite([w for w, ok in zip(weights, flags.tolist(), strict=True) if not ok], fused, step)
+        kept_by_name: dict[str, int] = {}
+        if fused:
+            bad: list[_Weight] = []
+            try:
+                thresholds, kept_fused = magnitude_update_(
+                    [w.param.detach() for w in fused],
+                    [w.threshold for w in fused],
+                    [sparsities[w.name] for w in fused],
+                    [w.mask for w in fused],
+                    method=hp.threshold_method,
+                    nbins=hp.nbins,
+                    threshold_decay=hp.threshold_decay,
+                )
+            except cpu_kernels.NonFiniteWeights as error:
+                bad = [fused[i] for i in error.indices]
+            if bad:
+                self._raise_nonfinite(bad, [], step)
+            for w, threshold, kept in zip(fused, thresholds, kept_fused, strict=True):
+                w.threshold.copy_(threshold)
+                kept_by_name[w.name] = kept
         staged: Tensor | None = None  # deferred checks: new masks land here first
 
         def target(w: _Weight) -> Tensor:
@@ -333,8 +358,6 @@ class Pruning:
                 threshold = torch.where(ok, threshold, w.threshold.to(threshold.dtype))
             w.threshold.copy_(threshold)
 
-        joint = self._joint()
-        joint_names = {w.name for w in joint}
         if joint:  # one threshold for all of them, from all their scores (held for this update)
             scores = {w.name: self._scores(w) for w in joint}
             shared = joint_threshold(list(scores.values()), sparsities[joint[0].name], hp.threshold_method, hp.nbins)
@@ -343,27 +366,9 @@ class Pruning:
             all_ok = torch.stack([finite[i] for i, w in enumerate(weights) if w.name in joint_names]).all()
             for w in joint:
                 commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
-        # CPU float32 weights pruned element-wise by magnitude: the fused kernels, all at once.
-        fused = [] if defer or hp.use_tpu else [i for i, w in enumerate(weights) if self._fusable(w, joint_names)]
-        if fused:
-            update_ = (
-                partial(histogram_update_, nbins=hp.nbins) if hp.threshold_method == "histogram" else exact_update_
-            )
-            thresholds, kept_fused = update_(
-                [weights[i].param.detach() for i in fused],
-                [maxima[i] for i in fused],
-                [weights[i].threshold for i in fused],
-                [sparsities[weights[i].name] for i in fused],
-                [weights[i].mask for i in fused],
-                threshold_decay=hp.threshold_decay,
-            )
-            for i, threshold in zip(fused, thresholds, strict=True):
-                weights[i].threshold.copy_(threshold)
-        kept_by_name = {weights[i].name: k for i, k in zip(fused, kept_fused, strict=True)} if fused else {}
-        fused_names = set(kept_by_name)
         scratch: Tensor | None = None
         for i, (w, max_abs) in enumerate(zip(weights, maxima, strict=True)):
-            if w.name in joint_names or w.name in fused_names:
+            if w.name in joint_names:
                 continue
             param = w.param
             stale = scratch is None or scratch.numel() < param.numel() or scratch.device != param.device
@@ -390,16 +395,24 @@ class Pruning:
         if hp.use_tpu or defer:  # no second read back
             self._dense = dict.fromkeys(self._weights, False)
         else:
-            others = [w for w in weights if w.name not in fused_names]  # the fused kernels counted theirs
-            if others:
-                kept = torch.stack([torch.count_nonzero(w.mask) for w in others]).tolist()  # cheaper than .all()
-                kept_by_name.update(zip([w.name for w in others], kept, strict=True))
-            self._dense = {w.name: kept_by_name[w.name] == w.mask.numel() for w in weights}
+            if weights:  # the fused kernels counted theirs
+                kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
+                kept_by_name.update(zip([w.name for w in weights], kept, strict=True))
+            self._dense = {name: kept_by_name[name] == w.mask.numel() for name, w in self._weights.items()}
         self.last_update_step = step
         self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
 
+    def _raise_nonfinite(self, bad: list[_Weight], unchecked: list[_Weight], step: int) -> None:
+        """Raise the ``FloatingPointError`` naming every non-finite pruned weight (``unchecked`` are checked here)."""
+        if unchecked:
+            flags = torch.stack([torch.isfinite(m) for m in _abs_maxima([w.param for w in unchecked])]).tolist()
+            bad = bad + [w for w, ok in zip(unchecked, flags, strict=True) if not ok]
+        order = list(self._weights)
+        names = sorted((w.name for w in bad), key=order.index)
+        raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
+
     def _fusable(self, w: _Weight, joint_names: set[str]) -> bool:
-        """Whether ``w``'s update can take the fused CPU kernels (``histogram_update_``/``exact_update_`` in masks)."""
+        """Whether ``w``'s update can take the fused CPU kernels (:func:`lit_prune.masks.magnitude_update_`)."""
         hp = self.hparams
         return (
             hp.prune_option == "weight"

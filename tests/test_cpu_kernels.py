@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lit_prune import Pruning, PruningCallback, PruningHParams, cpu_kernels
 from lit_prune import pruning as pruning_module
-from lit_prune.masks import _bin_edge, compute_mask, exact_update_, histogram_target_count, histogram_update_
+from lit_prune.masks import _bin_edge, compute_mask, histogram_target_count, magnitude_update_
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
@@ -26,11 +26,9 @@ def eager_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins
 def fused_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins: int, decay: float, method: str):
     w = w.clone()
     mask = torch.ones_like(w, dtype=torch.bool)
-    args = ([w], [w.abs().max()], [previous], [sparsity], [mask])
-    if method == "histogram":
-        (threshold,), (kept,) = histogram_update_(*args, nbins=nbins, threshold_decay=decay)
-    else:
-        (threshold,), (kept,) = exact_update_(*args, threshold_decay=decay)
+    (threshold,), (kept,) = magnitude_update_(
+        [w], [previous], [sparsity], [mask], method=method, nbins=nbins, threshold_decay=decay
+    )
     assert kept == int(mask.sum())
     return threshold, mask, w
 
@@ -86,7 +84,7 @@ def test_a_misleading_sample_moves_the_window_and_stays_exact():
     n = 1 << 18
     w = torch.linspace(0.5, 1.0, n)
     runs = torch.zeros(n, dtype=torch.bool)
-    stride = n // 4096 * 64
+    stride = max(64, n // 128)  # as sample_histogram in cpu_kernels.c
     for start in range(0, n, stride):
         runs[start : start + 64] = True
     w[runs] = torch.linspace(1e-4, 1e-3, int(runs.sum()))
@@ -121,8 +119,8 @@ def test_only_lines_with_a_newly_pruned_weight_are_rewritten():
     w[8:15] = -0.0
     w[15] = 0.01  # group 1: one newly pruned weight
     mask = torch.ones(64, dtype=torch.bool)
-    cut = torch.tensor(0.5)
-    kept = cpu_kernels.mask_and_zero([w], [cut], [mask])
+    # The exact rule keeps the 48 largest: the threshold is the smallest weight above 1.
+    _, kept = magnitude_update_([w], [torch.tensor(0.0)], [0.25], [mask], method="exact")
     assert kept == [48]
     assert torch.signbit(w[:8]).all()  # untouched
     assert not torch.signbit(w[8:16]).any() and (w[8:16] == 0).all()  # rewritten as +0.0
@@ -139,8 +137,9 @@ def model() -> torch.nn.Module:
 def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram") -> Pruning:
     monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
     calls = []
-    fused = histogram_update_ if method == "histogram" else exact_update_
-    monkeypatch.setattr(pruning_module, fused.__name__, lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(
+        pruning_module, "magnitude_update_", lambda *a, **k: calls.append(1) or magnitude_update_(*a, **k)
+    )
     net = model()
     spec = PruningHParams(
         begin_pruning_step=0,
@@ -181,7 +180,7 @@ def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch, method):
 
 
 @needs_kernels
-def test_histogram_bins_matches_the_definition():
+def test_histogram_threshold_matches_the_definition():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(100_000, generator=g)
     a = w.abs()
@@ -190,7 +189,9 @@ def test_histogram_bins_matches_the_definition():
         k = histogram_target_count(w.numel(), s)
         bins = torch.clamp(torch.floor(256.0 * (a / m)), max=255).long()
         expected = int((torch.bincount(bins, minlength=256).cumsum(0) < k).sum())
-        assert cpu_kernels.histogram_bins([w], [m], [k], 256) == [float(expected)]
+        mask = torch.ones(w.shape, dtype=torch.bool)
+        (threshold,), _ = magnitude_update_([w.clone()], [torch.tensor(0.0)], [s], [mask])
+        assert torch.equal(threshold, torch.tensor(float(expected)) / 256 * torch.tensor(m))
 
 
 def test_without_a_compiler_the_eager_path_is_used(monkeypatch, tmp_path, caplog):
@@ -257,3 +258,26 @@ def test_a_compiler_without_openmp_still_builds_the_kernels(monkeypatch, tmp_pat
         assert_same(torch.randn(200_000), torch.tensor(0.0), 0.7)
     finally:
         cpu_kernels._library.cache_clear()
+
+
+@needs_kernels
+def test_non_finite_weights_on_both_paths_are_all_named_and_nothing_changes():
+    # 0.weight takes the fused kernels, 1.weight (block-pruned) the eager path.
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    pruning = Pruning(model, PruningHParams(block_dims_map=["^1\\.weight:4x4"]), sparsity=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight[3, 3] = float("nan")
+        model[1].weight[0, 1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"\['0.weight', '1.weight'\] at step 5"):
+        pruning.mask_update(5)
+    with torch.no_grad():
+        model[0].weight[3, 3] = before["0.weight"][3, 3]
+        model[1].weight[0, 1] = before["1.weight"][0, 1]
+    with pytest.raises(FloatingPointError, match=r"\['2.weight'\] at step 6"):
+        with torch.no_grad():
+            model[2].weight[7, 7] = float("-inf")
+        pruning.mask_update(6)
+    assert all(m.all() for m in pruning.get_masks().values())
+    assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[1].weight, before["1.weight"])
+    assert pruning.last_update_step == 0
