@@ -5,12 +5,15 @@
 
 Every timing is the minimum over ``--repeats`` runs, the candidates interleaved with the floor
 (one read of every pruned weight: a ``sum`` per weight) in the same process, because this
-machine's timings are noisy.  Weights are restored from a copy before each lit_prune run (not
-timed), so every run prunes the same dense weights at sparsity 0.5.  ``torch.nn.utils.prune`` is
-timed on its first call on a fresh copy of the model, which is what Lightning's ``ModelPruning``
-does at its first pruning epoch.  "A later update" starts from weights already pruned (and zeroed)
-at 0.45, as the steps of a gradual schedule do; "eager path" is the update a machine without a C
-compiler runs (the fused kernels switched off).  Prints a markdown table and writes JSON to bench/results/.
+machine's timings are noisy.  Each timed call, the floor's included, starts with cold caches
+(64 MiB written just before): inside training the forward and backward passes and the optimizer
+step go through far more memory than the cache holds between two updates.  Weights are restored
+from a copy before each lit_prune run (not timed), so every run prunes the same dense weights at
+sparsity 0.5.  ``torch.nn.utils.prune`` is timed on its first call on a fresh copy of the model,
+which is what Lightning's ``ModelPruning`` does at its first pruning epoch.  "A later update"
+starts from weights already pruned (and zeroed) at 0.45, as the steps of a gradual schedule do;
+"eager path" is the update a machine without a C compiler runs (the fused kernels switched off).
+Prints a markdown table and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -57,9 +60,18 @@ def without_kernels(fn: Callable[..., object], *args: object) -> object:
         cpu_kernels.available = available
 
 
+_EVICTION = torch.empty(1 << 24)  # 64 MiB, twice this machine's L3
+
+
+def evict_caches() -> None:
+    """Write 64 MiB so that the weights start cold, as a mask update inside training finds them."""
+    _EVICTION.fill_(1.0)
+
+
 def timed(fn: Callable[[], object], setup: Callable[[], object] | None = None) -> float:
     if setup is not None:
         setup()
+    evict_caches()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

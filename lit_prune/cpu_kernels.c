@@ -6,7 +6,7 @@
  * bins over [0, max |w|], j = #{i : C_i < K}; a sample places a window of LP_EDGES bin edges
  * around it, so one pass is the rule and two are rare), for the exact rule (TF r1.14+) a gather of
  * that bin's scores and a selection among them, and a pass that writes the mask and sets pruned
- * weights to +0.0 (only groups of 8 holding a non-zero weight to prune are written back).
+ * weights to +0.0 (only blocks of 64 holding a non-zero weight to prune are written back).
  *
  * |w| is compared through its bits: for non-negative floats the int32 order of the bit patterns is
  * the float order, so every comparison is an exact integer compare (auto-vectorised, or AVX2
@@ -67,23 +67,32 @@ __attribute__((constructor)) static void init_byte_masks(void) {
 }
 #endif
 
-/* mask = |w| > cut; pruned weights become +0.0, but a group of 8 weights is stored back
- * only when it holds a non-zero weight to prune: weights zeroed before are not rewritten, so an
- * update that prunes a little more than the last one writes little. */
+/* mask = |w| > cut; pruned weights become +0.0, but a block of LP_STORE_BLOCK weights (4 cache
+ * lines) is stored back only when it holds a non-zero weight to prune: weights zeroed before are
+ * not rewritten, so an update that prunes a little more than the last one writes little.  The
+ * decision is per block, not per group of 8, so that the branch stays predictable. */
+#define LP_STORE_BLOCK 64
 static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut) {
     int64_t kept = 0;
     int64_t i = 0;
 #ifdef __AVX2__
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), cuts = _mm256_set1_epi32(cut);
-    for (; i + 8 <= n; i += 8) {
-        __m256i x = _mm256_loadu_si256((const __m256i *)(b + i));
-        __m256i a = _mm256_and_si256(x, abs_bits);
-        __m256i keep = _mm256_cmpgt_epi32(a, cuts);
-        int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
-        memcpy(m + i, &lp_byte_masks[bits], 8);
-        kept += __builtin_popcount((unsigned)bits);
-        if (!_mm256_testc_si256(keep, a)) /* some pruned lane is non-zero */
-            _mm256_storeu_si256((__m256i *)(b + i), _mm256_and_si256(x, keep));
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        __m256i stale = _mm256_setzero_si256(); /* bits of non-zero weights to prune */
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
+            __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
+            __m256i keep = _mm256_cmpgt_epi32(a, cuts);
+            int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
+            memcpy(m + i + g, &lp_byte_masks[bits], 8);
+            kept += __builtin_popcount((unsigned)bits);
+            stale = _mm256_or_si256(stale, _mm256_andnot_si256(keep, a));
+        }
+        if (_mm256_testz_si256(stale, stale)) continue;
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the pruned lanes */
+            __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
+            __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(x, abs_bits), cuts);
+            _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_and_si256(x, keep));
+        }
     }
 #endif
     for (; i < n; i++) {

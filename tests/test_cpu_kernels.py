@@ -111,20 +111,20 @@ def test_exact_rule_with_many_ties_at_the_threshold():
 
 
 @needs_kernels
-def test_only_lines_with_a_newly_pruned_weight_are_rewritten():
+def test_only_blocks_with_a_newly_pruned_weight_are_rewritten():
     # Pruned weights stored as -0.0 (as `mul_` by a mask leaves them) keep their sign bit unless
-    # their group of 8 holds a non-zero weight to prune now.
-    w = torch.randn(64).abs() + 1.0
-    w[:8] = -0.0  # group 0: already pruned and zeroed
-    w[8:15] = -0.0
-    w[15] = 0.01  # group 1: one newly pruned weight
-    mask = torch.ones(64, dtype=torch.bool)
-    # The exact rule keeps the 48 largest: the threshold is the smallest weight above 1.
-    _, kept = magnitude_update_([w], [torch.tensor(0.0)], [0.25], [mask], method="exact")
-    assert kept == [48]
-    assert torch.signbit(w[:8]).all()  # untouched
-    assert not torch.signbit(w[8:16]).any() and (w[8:16] == 0).all()  # rewritten as +0.0
-    assert mask[16:].all() and not mask[:16].any()
+    # their block of 64 (four cache lines) holds a non-zero weight to prune now.
+    w = torch.randn(192).abs() + 1.0
+    w[:64] = -0.0  # block 0: already pruned and zeroed
+    w[64:127] = -0.0
+    w[127] = 0.01  # block 1: one newly pruned weight
+    mask = torch.ones(192, dtype=torch.bool)
+    # The exact rule keeps the 64 largest: the threshold is the smallest weight above 1.
+    _, kept = magnitude_update_([w], [torch.tensor(0.0)], [2 / 3], [mask], method="exact")
+    assert kept == [64]
+    assert torch.signbit(w[:64]).all()  # untouched
+    assert not torch.signbit(w[64:128]).any() and (w[64:128] == 0).all()  # rewritten as +0.0
+    assert mask[128:].all() and not mask[:128].any()
 
 
 def model() -> torch.nn.Module:
