@@ -146,20 +146,19 @@ def eligible(t: Tensor) -> bool:
     )
 
 
-def _checked_library(weights: list[Tensor]) -> ctypes.CDLL:
+def _checked_library(weights: list[Tensor], masks: list[Tensor]) -> ctypes.CDLL:
+    """The library, once every weight is :func:`eligible` and every mask a bool tensor of its size."""
     lib = _library()
     if lib is None:
         raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
-    for i, w in enumerate(weights):
-        if not eligible(w):
+    if torch.compiler.is_compiling():
+        raise RuntimeError("lit_prune CPU kernels cannot run inside torch.compile")
+    for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
             raise ValueError(f"weight {i} must be a contiguous float32 CPU tensor, got {w.dtype} on {w.device}")
-    return lib
-
-
-def _check_masks(masks: list[Tensor], weights: list[Tensor]) -> None:
-    for i, (m, w) in enumerate(zip(masks, weights, strict=True)):
-        if m.dtype != torch.bool or not m.is_contiguous() or m.device.type != "cpu" or m.numel() != w.numel():
+        if m.dtype != torch.bool or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != w.numel():
             raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+    return lib
 
 
 def _array(ctype: type, values: list) -> ctypes.Array:
@@ -188,8 +187,7 @@ def magnitude_update(
     Raises:
         NonFiniteWeights: a weight holds Inf or NaN (found before anything is written).
     """
-    lib = _checked_library(weights)
-    _check_masks(masks, weights)
+    lib = _checked_library(weights, masks)
     n = len(weights)
     maxima, thresholds, kept = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
     keep_weight, decay_weight = decay if decay is not None else (1.0, 0.0)

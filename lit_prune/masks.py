@@ -21,6 +21,7 @@ its real elements only), :func:`expand_blocks` maps the block mask back.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -47,6 +48,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- counts from size and sparsity
+@functools.lru_cache(maxsize=4096)  # a pure function of two numbers, asked for every weight at every update
 def histogram_target_count(numel: int, sparsity: float) -> int:
     """``K = min{c : float32(c) / float32(n) >= float32(s)}``: the cumulative count at which TF's CDF reaches s.
 
@@ -71,6 +73,7 @@ def histogram_target_count(numel: int, sparsity: float) -> int:
     return count
 
 
+@functools.lru_cache(maxsize=4096)
 def topk_count(numel: int, sparsity: float) -> int:
     """TF r1.14+'s ``k = int32(round(float32(n) * (1 - s)))`` (float32 ops, round half to even).
 
@@ -332,7 +335,7 @@ def magnitude_update_(
     method: str = "histogram",
     nbins: int = 256,
     threshold_decay: float = 0.0,
-) -> tuple[list[Tensor], list[int]]:
+) -> tuple[Tensor, list[int]]:
     """The magnitude mask update of several weights in one fused call: thresholds, masks, pruned weights zeroed.
 
     The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise; ``method``
@@ -341,7 +344,8 @@ def magnitude_update_(
     ``max |w|``, then, weight by weight while it is in the cache, a counting pass (rarely two)
     that finds the threshold bin and the mask-and-zero pass.  Every weight must be
     :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool`` tensor of
-    its shape.  Returns ``(thresholds, kept counts)``.
+    its shape.  Returns ``(thresholds, kept counts)``: the new (smoothed) thresholds as one
+    float32 vector, and the number of weights each mask keeps.
 
     Raises:
         lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
@@ -357,18 +361,17 @@ def magnitude_update_(
     if method not in ("histogram", "exact"):
         raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
     count = histogram_target_count if method == "histogram" else topk_count
-    previous = torch.stack([t.detach().reshape(()).to(torch.float32) for t in previous_thresholds]).tolist()
     decay = None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
     thresholds, kept = cpu_kernels.magnitude_update(
-        [w.reshape(-1) for w in weights],
-        [m.reshape(-1) for m in masks],
-        [count(w.numel(), s) for w, s in zip(weights, sparsities, strict=True)],
-        previous,
+        weights,
+        masks,
+        [count(w.numel(), float(s)) for w, s in zip(weights, sparsities, strict=True)],
+        [float(t) for t in previous_thresholds],  # float32 values: exact as doubles, and back
         exact=method == "exact",
         nbins=nbins,
         decay=decay,
     )
-    return list(torch.tensor(thresholds, dtype=torch.float32).unbind()), kept
+    return torch.tensor(thresholds, dtype=torch.float32), kept
 
 
 def _smoothed_threshold_and_cut(

@@ -339,8 +339,8 @@ class Pruning:
                 bad = [fused[i] for i in error.indices]
             if bad:
                 self._raise_nonfinite(bad, [], step)
-            for w, threshold, kept in zip(fused, thresholds, kept_fused, strict=True):
-                w.threshold.copy_(threshold)
+            for w, threshold, kept in zip(fused, thresholds.tolist(), kept_fused, strict=True):
+                w.threshold.fill_(threshold)
                 kept_by_name[w.name] = kept
         staged: Tensor | None = None  # deferred checks: new masks land here first
 
