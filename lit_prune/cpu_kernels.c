@@ -463,3 +463,119 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     free(max_bits); free(min_bits); free(gathered);
     return status == -2 ? -1 : status;
 }
+
+/* ------------------------------------------------------------------ block pruning */
+#define LP_POOL_AVG 0
+#define LP_POOL_MAX 1
+
+/* Pool |w| of each weight (a rows x cols matrix) over bh x bw blocks that start at row and column
+ * 0, into out[w] (hb x wb float32, hb = ceil(rows / bh), wb = ceil(cols / bw)).  An edge block
+ * that the shape cuts short is pooled over its real elements only.  AVG sums in double and
+ * rounds the mean to float32 once (the correctly rounded mean, whatever the summation order, but
+ * for double rounding in the last bit of a double); MAX is exact.  Inf and NaN propagate. */
+int lp_block_pool(int64_t nweights, const int64_t *ptrs, const int64_t *rows, const int64_t *cols,
+                  const int64_t *bhs, const int64_t *bws, int pooling, const int64_t *outs, int nthreads) {
+    int status = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
+        float *out = (float *)(intptr_t)outs[w];
+        const int64_t nr = rows[w], nc = cols[w], bh = bhs[w], bw = bws[w];
+        const int64_t hb = (nr + bh - 1) / bh, wb = (nc + bw - 1) / bw;
+        int nt = nr * nc < ((int64_t)1 << 15) ? 1 : nthreads;
+#pragma omp parallel num_threads(nt)
+        {
+            /* Per block row: first down the columns (bh rows into one vector: vectorised), then
+             * across each block's columns. */
+            double *sums = malloc(sizeof(double) * (size_t)nc);
+            uint32_t *tops = malloc(sizeof(uint32_t) * (size_t)nc);
+            if (!sums || !tops) {
+#pragma omp atomic write
+                status = -1;
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t br = 0; br < hb; br++) {
+                    const int64_t r0 = br * bh, r1 = r0 + bh < nr ? r0 + bh : nr;
+                    if (pooling == LP_POOL_MAX) {
+                        memset(tops, 0, sizeof(uint32_t) * (size_t)nc);
+                        for (int64_t r = r0; r < r1; r++) {
+                            const uint32_t *row = b + r * nc;
+                            for (int64_t c = 0; c < nc; c++) {
+                                uint32_t a = row[c] & LP_ABS;
+                                tops[c] = a > tops[c] ? a : tops[c];
+                            }
+                        }
+                    } else {
+                        for (int64_t c = 0; c < nc; c++) sums[c] = 0.0;
+                        for (int64_t r = r0; r < r1; r++) {
+                            const float *row = (const float *)(b + r * nc);
+                            for (int64_t c = 0; c < nc; c++) sums[c] += (double)fabsf(row[c]);
+                        }
+                    }
+                    for (int64_t bc = 0; bc < wb; bc++) {
+                        const int64_t c0 = bc * bw, c1 = c0 + bw < nc ? c0 + bw : nc;
+                        if (pooling == LP_POOL_MAX) {
+                            uint32_t top = 0u;
+                            for (int64_t c = c0; c < c1; c++) top = tops[c] > top ? tops[c] : top;
+                            out[br * wb + bc] = from_bits(top);
+                        } else {
+                            double s = 0.0;
+                            for (int64_t c = c0; c < c1; c++) s += sums[c];
+                            out[br * wb + bc] = (float)(s / (double)((r1 - r0) * (c1 - c0)));
+                        }
+                    }
+                }
+            }
+            free(sums);
+            free(tops);
+        }
+        if (status != 0) return status;
+    }
+    return 0;
+}
+
+/* mask[w] = its block mask (hb x wb bytes) expanded over bh x bw blocks and cropped to rows x cols;
+ * pruned weights set to +0.0.  kept[w] receives the number of kept elements. */
+int lp_block_expand_zero(int64_t nweights, const int64_t *ptrs, const int64_t *rows, const int64_t *cols,
+                         const int64_t *bhs, const int64_t *bws, const int64_t *block_masks, const int64_t *masks,
+                         int nthreads, int64_t *kept) {
+    int status = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
+        const uint8_t *bm = (const uint8_t *)(intptr_t)block_masks[w];
+        uint8_t *m = (uint8_t *)(intptr_t)masks[w];
+        const int64_t nr = rows[w], nc = cols[w], bh = bhs[w], bw = bws[w];
+        const int64_t hb = (nr + bh - 1) / bh, wb = (nc + bw - 1) / bw;
+        int nt = nr * nc < ((int64_t)1 << 15) ? 1 : nthreads;
+        int64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+        {
+            uint8_t *line = malloc((size_t)nc + 1);
+            if (!line) {
+#pragma omp atomic write
+                status = -1;
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t br = 0; br < hb; br++) {
+                    const int64_t r0 = br * bh, r1 = r0 + bh < nr ? r0 + bh : nr;
+                    int64_t line_kept = 0;
+                    for (int64_t bc = 0, c = 0; bc < wb; bc++) {
+                        const int64_t end = c + bw < nc ? c + bw : nc;
+                        const uint8_t keep = bm[br * wb + bc] != 0;
+                        line_kept += keep * (end - c);
+                        for (; c < end; c++) line[c] = keep;
+                    }
+                    total += line_kept * (r1 - r0);
+                    for (int64_t r = r0; r < r1; r++) {
+                        uint32_t *row = b + r * nc;
+                        memcpy(m + r * nc, line, (size_t)nc);
+                        for (int64_t c = 0; c < nc; c++) row[c] &= 0u - (uint32_t)line[c];
+                    }
+                }
+            }
+            free(line);
+        }
+        if (status != 0) return status;
+        kept[w] = total;
+    }
+    return 0;
+}

@@ -39,7 +39,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteWeights", "available", "eligible", "magnitude_update", "native_enabled"]
+__all__ = [
+    "NonFiniteWeights",
+    "available",
+    "block_pool",
+    "eligible",
+    "expand_blocks_and_zero",
+    "magnitude_update",
+    "native_enabled",
+]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -127,6 +135,12 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _F32P, ctypes.c_int, ctypes.c_float, ctypes.c_float,
         ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P,
     ]  # fmt: skip
+    lib.lp_block_pool.restype = ctypes.c_int
+    lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
+    lib.lp_block_expand_zero.restype = ctypes.c_int
+    lib.lp_block_expand_zero.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P
+    ]  # fmt: skip
     return lib
 
 
@@ -213,3 +227,73 @@ def magnitude_update(
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
     return list(thresholds), list(kept)
+
+
+def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple[ctypes.Array, ...]:
+    """Pointers, rows, columns and block dims of 2-D weights, as C arrays (after the checks raw pointers need)."""
+    for i, (w, (bh, bw)) in enumerate(zip(weights, block_dims, strict=True)):
+        if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+            raise ValueError(f"weight {i} must be a contiguous 2-D float32 CPU tensor, got {tuple(w.shape)} {w.dtype}")
+        if bh < 1 or bw < 1:
+            raise ValueError(f"block dims of weight {i} must be positive (resolve -1 first), got {(bh, bw)}")
+    return (
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.shape[0] for w in weights]),
+        _array(ctypes.c_int64, [w.shape[1] for w in weights]),
+        _array(ctypes.c_int64, [d[0] for d in block_dims]),
+        _array(ctypes.c_int64, [d[1] for d in block_dims]),
+    )
+
+
+def _block_grid(w: Tensor, dims: tuple[int, int]) -> tuple[int, int]:
+    return -(-w.shape[0] // dims[0]), -(-w.shape[1] // dims[1])
+
+
+def block_pool(weights: list[Tensor], block_dims: list[tuple[int, int]], pooling: str) -> list[Tensor]:
+    """``AVG`` or ``MAX`` of ``|w|`` over the blocks of each 2-D weight, as :func:`lit_prune.masks.block_pool`.
+
+    Blocks start at row and column 0; an edge block the shape cuts short is pooled over its real
+    elements.  ``AVG`` accumulates in float64 and rounds the mean to float32 once.  Inf and NaN
+    propagate.  One pass over the weights, which must be contiguous 2-D float32 CPU tensors.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
+    if pooling not in ("AVG", "MAX"):
+        raise ValueError(f"pooling must be 'AVG' or 'MAX', got {pooling!r}")
+    arrays = _matrices(weights, block_dims)
+    out = [torch.empty(_block_grid(w, d), dtype=torch.float32) for w, d in zip(weights, block_dims, strict=True)]
+    status = lib.lp_block_pool(
+        len(weights), *arrays, int(pooling == "MAX"), _array(ctypes.c_int64, [o.data_ptr() for o in out]),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    return out
+
+
+def expand_blocks_and_zero(
+    weights: list[Tensor], block_dims: list[tuple[int, int]], block_masks: list[Tensor], masks: list[Tensor]
+) -> list[int]:
+    """Write each weight's mask from its block mask (each block's value on its cells, cropped) and zero the pruned.
+
+    ``block_masks`` are ``torch.bool`` tensors of the block grid, ``masks`` contiguous ``torch.bool``
+    tensors of each weight's size.  Returns the kept counts.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
+    arrays = _matrices(weights, block_dims)
+    for i, (w, d, b, m) in enumerate(zip(weights, block_dims, block_masks, masks, strict=True)):
+        if b.dtype != torch.bool or not b.is_contiguous() or tuple(b.shape) != _block_grid(w, d):
+            raise ValueError(f"block mask {i} must be a contiguous torch.bool tensor of shape {_block_grid(w, d)}")
+        if m.dtype != torch.bool or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != w.numel():
+            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+    kept = (ctypes.c_int64 * len(weights))()
+    status = lib.lp_block_expand_zero(
+        len(weights), *arrays, _array(ctypes.c_int64, [b.data_ptr() for b in block_masks]),
+        _array(ctypes.c_int64, [m.data_ptr() for m in masks]), torch.get_num_threads(), kept,
+    )  # fmt: skip
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    return list(kept)

@@ -33,6 +33,7 @@ from lit_prune.schedule import _f32  # float32 rounding of a host float, as TF's
 
 __all__ = [
     "block_pool",
+    "block_update_",
     "joint_threshold",
     "block_view_shape",
     "compute_mask",
@@ -374,6 +375,50 @@ def magnitude_update_(
     return torch.tensor(thresholds, dtype=torch.float32), kept
 
 
+@torch.no_grad()
+def block_update_(
+    weights: list[Tensor],
+    pooled: list[Tensor],
+    previous_thresholds: list[Tensor],
+    sparsities: list[float],
+    masks: list[Tensor],
+    *,
+    block_dims: list[tuple[int, int]],
+    method: str = "histogram",
+    nbins: int = 256,
+    threshold_decay: float = 0.0,
+) -> tuple[Tensor, list[int]]:
+    """TF's block mask update of several 2-D weights on the fused CPU kernels, from their pooled scores.
+
+    ``pooled`` comes from :func:`lit_prune.cpu_kernels.block_pool` (or :func:`block_pool`) over
+    ``block_dims`` (resolved: no -1) and is used as scratch.  The thresholds are those of
+    :func:`compute_mask` with the same blocks (they live in pooled space, as in TF), found by
+    :func:`magnitude_update_` on the pooled scores; each block mask is then expanded over its
+    block and the pruned weights are zeroed in one pass.  ``weights`` and ``masks`` are the 2-D
+    views.  Returns ``(thresholds, kept counts)``.
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, 1.0, 4.0, 4.0], [1.0, 1.0, 4.0, 4.0]])
+        >>> mask = torch.ones(2, 4, dtype=torch.bool)
+        >>> if cpu_kernels.available():
+        ...     pooled = cpu_kernels.block_pool([w], [(2, 2)], "AVG")
+        ...     _, kept = block_update_([w], pooled, [torch.tensor(0.0)], [0.5], [mask], block_dims=[(2, 2)])
+        ...     assert kept == [4] and w.tolist() == [[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.0]]
+    """
+    block_masks = [torch.empty(p.shape, dtype=torch.bool) for p in pooled]
+    thresholds, _ = magnitude_update_(
+        pooled,
+        previous_thresholds,
+        sparsities,
+        block_masks,
+        method=method,
+        nbins=nbins,
+        threshold_decay=threshold_decay,
+    )
+    return thresholds, cpu_kernels.expand_blocks_and_zero(weights, block_dims, block_masks, masks)
+
+
 def _smoothed_threshold_and_cut(
     current: Tensor, max_score: Tensor, previous: Tensor, decay: float
 ) -> tuple[Tensor, Tensor]:
@@ -423,7 +468,8 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     """Pool a 2-D score matrix over ``block_dims`` blocks that start at row and column 0.
 
     ``AVG`` divides each block's sum by the number of real elements it holds, so an edge block
-    that the shape cuts short is the average of what is there; ``MAX`` takes the largest score.
+    that the shape cuts short is the average of what is there (summed in float64 on CPU and CUDA,
+    rounded to float32 once); ``MAX`` takes the largest score.
     The output has ``ceil(H / bh) x ceil(W / bw)`` entries.
 
     Example::
@@ -443,14 +489,17 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
         return blocks.amax(dim=(1, 3))
     if pooling != "AVG":
         raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
-    sums = blocks.sum(dim=(1, 3))
+    # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
+    # the summation order, so the fused CPU kernel (lit_prune.cpu_kernels.block_pool) gives the same.
+    wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
+    sums = blocks.sum(dim=(1, 3), dtype=wide)
     if hb * bh == rows and wb * bw == cols:
-        return sums / float(bh * bw)
-    row_n = torch.full((hb,), float(bh), device=scores.device)
-    col_n = torch.full((wb,), float(bw), device=scores.device)
+        return (sums / float(bh * bw)).to(torch.float32)
+    row_n = torch.full((hb,), float(bh), dtype=wide, device=scores.device)
+    col_n = torch.full((wb,), float(bw), dtype=wide, device=scores.device)
     row_n[-1] = rows - (hb - 1) * bh
     col_n[-1] = cols - (wb - 1) * bw
-    return sums / torch.outer(row_n, col_n)
+    return (sums / torch.outer(row_n, col_n)).to(torch.float32)
 
 
 def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:

@@ -33,7 +33,15 @@ from lit_prune.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.layers import MaskedModule
-from lit_prune.masks import compute_mask, joint_threshold, magnitude_update_, smooth_threshold
+from lit_prune.masks import (
+    block_update_,
+    block_view_shape,
+    compute_mask,
+    joint_threshold,
+    magnitude_update_,
+    resolve_block_dims,
+    smooth_threshold,
+)
 from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
 from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
 from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
@@ -309,10 +317,13 @@ class Pruning:
         defer = not hp.use_tpu and self._defer_checks(weights[0].param)
         joint = self._joint()
         joint_names = {w.name for w in joint}
-        # CPU float32 weights pruned element-wise by magnitude take the fused kernels, which find
-        # their own maxima (and Inf/NaN) before they change anything; the rest are checked here.
-        fused = [] if defer or hp.use_tpu else [w for w in weights if self._fusable(w, joint_names)]
-        fused_names = {w.name for w in fused}
+        # CPU float32 weights pruned by magnitude take the fused kernels: element-wise ones find
+        # their own maxima (and Inf/NaN) before they change anything, block-pruned ones are pooled
+        # and checked first; the rest are checked here, before any weight changes.
+        kernel = {} if defer or hp.use_tpu else {w.name: self._kernel_path(w, joint_names) for w in weights}
+        fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
+        blocked = [w for w in weights if kernel.get(w.name) == "block"]
+        fused_names = {w.name for w in fused + blocked}
         weights = [w for w in weights if w.name not in fused_names]
         maxima = _abs_maxima([w.param for w in weights]) if weights else []
         finite = torch.isfinite(torch.stack(maxima)) if weights else torch.ones(0, dtype=torch.bool)
@@ -321,8 +332,16 @@ class Pruning:
         elif not hp.use_tpu and weights:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
             flags = finite.cpu()
             if not bool(flags.all()):
-                self._raise_nonfinite([w for w, ok in zip(weights, flags.tolist(), strict=True) if not ok], fused, step)
+                bad = [w for w, ok in zip(weights, flags.tolist(), strict=True) if not ok]
+                self._raise_nonfinite(bad, fused + blocked, step)
         kept_by_name: dict[str, int] = {}
+        if blocked:
+            views = [w.param.detach().view(block_view_shape(w.param.shape)) for w in blocked]
+            dims = [resolve_block_dims(w.block_dims, v.shape) for w, v in zip(blocked, views, strict=True)]
+            pooled = cpu_kernels.block_pool(views, dims, hp.block_pooling_function)
+            flags = torch.isfinite(torch.stack([p.max() for p in pooled])).tolist()
+            if not all(flags):
+                self._raise_nonfinite([w for w, ok in zip(blocked, flags, strict=True) if not ok], fused, step)
         if fused:
             bad: list[_Weight] = []
             try:
@@ -340,6 +359,21 @@ class Pruning:
             if bad:
                 self._raise_nonfinite(bad, [], step)
             for w, threshold, kept in zip(fused, thresholds.tolist(), kept_fused, strict=True):
+                w.threshold.fill_(threshold)
+                kept_by_name[w.name] = kept
+        if blocked:
+            thresholds, kept_blocked = block_update_(
+                views,
+                pooled,
+                [w.threshold for w in blocked],
+                [sparsities[w.name] for w in blocked],
+                [w.mask.view(v.shape) for w, v in zip(blocked, views, strict=True)],
+                block_dims=dims,
+                method=hp.threshold_method,
+                nbins=hp.nbins,
+                threshold_decay=hp.threshold_decay,
+            )
+            for w, threshold, kept in zip(blocked, thresholds.tolist(), kept_blocked, strict=True):
                 w.threshold.fill_(threshold)
                 kept_by_name[w.name] = kept
         staged: Tensor | None = None  # deferred checks: new masks land here first
@@ -411,18 +445,25 @@ class Pruning:
         names = sorted((w.name for w in bad), key=order.index)
         raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
 
-    def _fusable(self, w: _Weight, joint_names: set[str]) -> bool:
-        """Whether ``w``'s update can take the fused CPU kernels (:func:`lit_prune.masks.magnitude_update_`)."""
+    def _kernel_path(self, w: _Weight, joint_names: set[str]) -> str | None:
+        """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, or ``None`` (the eager path).
+
+        Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, histogram
+        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M.
+        """
         hp = self.hparams
-        return (
+        if not (
             hp.prune_option == "weight"
             and (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS)
             and w.name not in joint_names
             and w.nm is None
-            and w.block_dims == (1, 1)
             and cpu_kernels.eligible(w.param)
             and w.mask.is_contiguous()
-        )
+        ):
+            return None
+        if w.block_dims == (1, 1) or block_view_shape(w.param.shape) is None:  # blocks need a 2-D view
+            return "elementwise"
+        return "block"
 
     @staticmethod
     def _defer_checks(param: Tensor) -> bool:

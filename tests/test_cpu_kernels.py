@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 
 from lit_prune import Pruning, PruningCallback, PruningHParams, cpu_kernels
 from lit_prune import pruning as pruning_module
-from lit_prune.masks import _bin_edge, compute_mask, histogram_target_count, magnitude_update_
+from lit_prune.masks import (
+    _bin_edge,
+    block_pool,
+    block_update_,
+    block_view_shape,
+    compute_mask,
+    histogram_target_count,
+    magnitude_update_,
+    resolve_block_dims,
+)
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
@@ -134,12 +143,11 @@ def model() -> torch.nn.Module:
     )
 
 
-def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram") -> Pruning:
+def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", blocks: bool = False) -> Pruning:
     monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
     calls = []
-    monkeypatch.setattr(
-        pruning_module, "magnitude_update_", lambda *a, **k: calls.append(1) or magnitude_update_(*a, **k)
-    )
+    fused = block_update_ if blocks else magnitude_update_
+    monkeypatch.setattr(pruning_module, fused.__name__, lambda *a, **k: calls.append(1) or fused(*a, **k))
     net = model()
     spec = PruningHParams(
         begin_pruning_step=0,
@@ -150,6 +158,8 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram") -
         threshold_decay=0.3,
         weight_sparsity_map=["2\\.weight:0.5"],
         threshold_method=method,
+        block_dims_map=["^[02]\\.weight:2x3"] if blocks else [],
+        block_pooling_function="MAX" if method == "exact" else "AVG",
     )
     pruning = Pruning(net, spec)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -167,16 +177,17 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram") -
 
 @needs_kernels
 @pytest.mark.parametrize("method", ["histogram", "exact"])
-def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch, method):
-    fast = train_and_prune(True, monkeypatch, method)
-    slow = train_and_prune(False, monkeypatch, method)
+@pytest.mark.parametrize("blocks", [False, True], ids=["elementwise", "blocks"])
+def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch, method, blocks):
+    fast = train_and_prune(True, monkeypatch, method, blocks)
+    slow = train_and_prune(False, monkeypatch, method, blocks)
     for name in fast.weight_names:
         assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
         assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
         assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
     sparsity = fast.get_weight_sparsity()
     assert float(sparsity["0.weight"]) == pytest.approx(0.9, abs=0.02)
-    assert float(sparsity["2.weight"]) == pytest.approx(0.5, abs=0.02)
+    assert float(sparsity["2.weight"]) == pytest.approx(0.5, abs=0.05 if blocks else 0.02)
 
 
 @needs_kernels
@@ -281,3 +292,51 @@ def test_non_finite_weights_on_both_paths_are_all_named_and_nothing_changes():
     assert all(m.all() for m in pruning.get_masks().values())
     assert torch.equal(model[0].weight, before["0.weight"]) and torch.equal(model[1].weight, before["1.weight"])
     assert pruning.last_update_step == 0
+
+
+@needs_kernels
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.sampled_from([(7, 5), (64, 27), (33, 100), (16, 3, 3, 3), (1, 40, 3), (9, 2, 1, 5)]),
+    block=st.tuples(st.sampled_from([1, 2, 3, 4, -1]), st.sampled_from([1, 2, 4, 5, -1])),
+    pooling=st.sampled_from(["AVG", "MAX"]),
+    kind=st.sampled_from(["normal", "ties", "half_zero", "zero"]),
+    sparsity=st.floats(0.0, 0.999),
+    nbins=st.sampled_from([2, 7, 256]),
+    decay=st.sampled_from([0.0, 0.5]),
+    method=st.sampled_from(["histogram", "exact"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_block_update_equals_eager(shape, block, pooling, kind, sparsity, nbins, decay, method, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    if kind == "ties":
+        w = (w * 2).round() / 2
+    elif kind == "half_zero":
+        w[torch.rand(shape, generator=g) < 0.5] = 0.0
+    elif kind == "zero":
+        w = torch.zeros(shape)
+    view = block_view_shape(w.shape)
+    dims = resolve_block_dims(block, view)
+    previous = torch.rand((), generator=g) * 0.1
+    options = {"method": method, "nbins": nbins, "threshold_decay": decay}
+    t_ref, m_ref, _ = compute_mask(w.abs(), previous, sparsity, block_dims=block, pooling=pooling, **options)
+    fused, mask = w.clone().reshape(view), torch.ones(view, dtype=torch.bool)
+    pooled = cpu_kernels.block_pool([fused], [dims], pooling)
+    (t,), (kept,) = block_update_([fused], pooled, [previous], [sparsity], [mask], block_dims=[dims], **options)
+    assert torch.equal(t, t_ref)
+    assert torch.equal(mask.reshape(shape), m_ref) and kept == int(m_ref.sum())
+    assert torch.equal(fused.reshape(shape), w * m_ref)
+
+
+@needs_kernels
+def test_block_pooling_is_the_correctly_rounded_mean_and_the_exact_max():
+    w = torch.tensor([[1.0, 2.0**-30, 3.0], [2.0**-30, 1.0, -5.0]])
+    avg = cpu_kernels.block_pool([w], [(2, 2)], "AVG")[0]
+    assert avg.tolist() == [[torch.tensor((2.0 + 2.0**-29) / 4, dtype=torch.float32).item(), 4.0]]
+    assert torch.equal(avg, block_pool(w.abs(), (2, 2), "AVG"))
+    assert cpu_kernels.block_pool([w], [(2, 2)], "MAX")[0].tolist() == [[1.0, 5.0]]
+    with pytest.raises(ValueError, match="pooling must be 'AVG' or 'MAX'"):
+        cpu_kernels.block_pool([w], [(2, 2)], "SUM")
+    with pytest.raises(ValueError, match="resolve -1 first"):
+        cpu_kernels.block_pool([w], [(-1, 2)], "AVG")
