@@ -154,13 +154,15 @@ class PruningCallback(Callback):
         pruning = self._engine()
         if step != self._last_seen_step:  # an optimizer step happened (not a mid-accumulation batch)
             self._last_seen_step = step
-            pruning.apply_mask()
+            # An update applies the current masks itself, in the pass that reads each weight's max.
             if pruning.conditional_mask_update(step):
                 self._log_update(trainer, pl_module, step)
                 # The progress bar keeps the value until the next update: no per-step logging cost.
                 pl_module.log(
                     "sparsity", self._model_sparsity, prog_bar=True, logger=False, on_step=True, on_epoch=False
                 )
+            else:
+                pruning.apply_mask()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -251,6 +251,48 @@ static void abs_bits_range(const uint32_t *b, int64_t n, uint32_t *max_out, uint
     *min_out = mn;
 }
 
+/* The current mask applied first (pruned weights set to +0.0; a block of LP_STORE_BLOCK is stored
+ * back only if it held a non-zero pruned weight), then the max and min |w| bits of the result. */
+static void apply_and_range(uint32_t *b, const uint8_t *m, int64_t n, uint32_t *max_out, uint32_t *min_out) {
+    uint32_t mx = 0u, mn = 0xffffffffu;
+    int64_t i = 0;
+#ifdef __AVX2__
+    const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), zero = _mm256_setzero_si256();
+    __m256i vmax = zero, vmin = _mm256_set1_epi32(-1);
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        __m256i stale = zero;
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
+            __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i + g)));
+            __m256i pruned = _mm256_cmpeq_epi32(bytes, zero);
+            __m256i a = _mm256_andnot_si256(pruned, _mm256_and_si256(x, abs_bits));
+            stale = _mm256_or_si256(stale, _mm256_and_si256(pruned, x));
+            vmax = _mm256_max_epu32(vmax, a);
+            vmin = _mm256_min_epu32(vmin, a);
+        }
+        if (_mm256_testz_si256(stale, stale)) continue;
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the pruned lanes */
+            __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
+            __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i + g)));
+            _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_andnot_si256(_mm256_cmpeq_epi32(bytes, zero), x));
+        }
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, vmax);
+    for (int k = 0; k < 8; k++) mx = lanes[k] > mx ? lanes[k] : mx;
+    _mm256_storeu_si256((__m256i *)lanes, vmin);
+    for (int k = 0; k < 8; k++) mn = lanes[k] < mn ? lanes[k] : mn;
+#endif
+    for (; i < n; i++) {
+        if (!m[i]) b[i] = 0u;
+        uint32_t a = b[i] & LP_ABS;
+        mx = a > mx ? a : mx;
+        mn = a < mn ? a : mn;
+    }
+    *max_out = mx;
+    *min_out = mn;
+}
+
 /* Copy the |w| bits of b[0..n) that lie in [low, high) to out (at most cap); returns how many lay there. */
 static int64_t gather_block(const uint32_t *b, int64_t n, int32_t low, int32_t high, uint32_t *out, int64_t cap) {
     int64_t found = 0, i = 0;
@@ -283,7 +325,8 @@ static int64_t gather_block(const uint32_t *b, int64_t n, int32_t low, int32_t h
 /* The complete magnitude mask update of every weight, in one parallel region:
  *
  *   1. max and min |w| of every weight (last weight first, so that the first weights are still
- *      in the cache when step 2 starts with them); any Inf or NaN stops here, nothing changed;
+ *      in the cache when step 2 starts with them), after applying its current mask where
+ *      apply[w] (apply may be NULL); any Inf or NaN stops here, with no mask changed;
  *   2. weight by weight, while its data is in the cache: the threshold bin (a sample places a
  *      window of LP_EDGES bin edges, one counting pass confirms it, rarely two), for the exact
  *      rule the scores of that bin and a selection among them, the threshold and its moving
@@ -295,7 +338,7 @@ static int64_t gather_block(const uint32_t *b, int64_t n, int32_t low, int32_t h
  * and kept counts.  Returns 0, 1 if a weight is not finite (nothing written but maxima), or -1
  * when out of memory. */
 int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
-                        const int64_t *targets, const float *previous, int smooth, float keep_weight,
+                        const uint8_t *apply, const int64_t *targets, const float *previous, int smooth, float keep_weight,
                         float decay_weight, int rule, int64_t nbins, int nthreads, float *maxima,
                         float *thresholds, int64_t *kept) {
     int64_t total = 0, largest = 0;
@@ -333,8 +376,10 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
         team = omp_get_num_threads();
         for (int64_t w = nweights - 1; w >= 0; w--) { /* 1. max and min, last weight first */
             int64_t a = sizes[w] * t / team, z = sizes[w] * (t + 1) / team;
-            const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
-            abs_bits_range(b + a, z - a, &part_max[(size_t)t * nweights + w], &part_min[(size_t)t * nweights + w]);
+            uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
+            uint32_t *hi = &part_max[(size_t)t * nweights + w], *lo = &part_min[(size_t)t * nweights + w];
+            if (apply && apply[w]) apply_and_range(b + a, (const uint8_t *)(intptr_t)masks[w] + a, z - a, hi, lo);
+            else abs_bits_range(b + a, z - a, hi, lo);
         }
 #pragma omp barrier
 #pragma omp single

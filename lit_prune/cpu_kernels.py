@@ -132,8 +132,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.lp_magnitude_update.restype = ctypes.c_int
     lib.lp_magnitude_update.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _F32P, ctypes.c_int, ctypes.c_float, ctypes.c_float,
-        ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P,
+        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
+        ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P,
     ]  # fmt: skip
     lib.lp_block_pool.restype = ctypes.c_int
     lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
@@ -188,6 +188,7 @@ def magnitude_update(
     exact: bool,
     nbins: int,
     decay: tuple[float, float] | None,
+    apply: list[bool] | None = None,
 ) -> tuple[list[float], list[int]]:
     """The whole magnitude mask update of every weight, in one call: thresholds, masks, zeroing.
 
@@ -195,8 +196,9 @@ def magnitude_update(
     same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.masks.histogram_target_count`) for
     the histogram rule, or the kept counts ``k`` (:func:`lit_prune.masks.topk_count`) when
     ``exact``; ``previous`` the thresholds of the last update and ``decay`` the float32 pair
-    ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Returns
-    ``(thresholds, kept counts)``.
+    ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Where ``apply[i]``
+    is true, weight ``i`` is first multiplied by its current mask (in the pass that finds its
+    maximum), so the update ranks the weights the model uses.  Returns ``(thresholds, kept counts)``.
 
     Raises:
         NonFiniteWeights: a weight holds Inf or NaN (found before anything is written).
@@ -210,6 +212,7 @@ def magnitude_update(
         _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
         _array(ctypes.c_int64, [w.numel() for w in weights]),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
+        None if apply is None else bytes(bytearray(int(bool(a)) for a in apply)),
         _array(ctypes.c_int64, targets),
         _array(ctypes.c_float, previous),
         int(decay is not None),

@@ -336,6 +336,7 @@ def magnitude_update_(
     method: str = "histogram",
     nbins: int = 256,
     threshold_decay: float = 0.0,
+    apply_current: list[bool] | None = None,
 ) -> tuple[Tensor, list[int]]:
     """The magnitude mask update of several weights in one fused call: thresholds, masks, pruned weights zeroed.
 
@@ -345,8 +346,10 @@ def magnitude_update_(
     ``max |w|``, then, weight by weight while it is in the cache, a counting pass (rarely two)
     that finds the threshold bin and the mask-and-zero pass.  Every weight must be
     :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool`` tensor of
-    its shape.  Returns ``(thresholds, kept counts)``: the new (smoothed) thresholds as one
-    float32 vector, and the number of weights each mask keeps.
+    its shape.  Where ``apply_current[i]`` is true, weight ``i`` is first multiplied by its
+    current mask (as :meth:`lit_prune.Pruning.apply_mask` would), in the same pass as its
+    maximum.  Returns ``(thresholds, kept counts)``: the new (smoothed) thresholds as one float32
+    vector, and the number of weights each mask keeps.
 
     Raises:
         lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
@@ -371,6 +374,7 @@ def magnitude_update_(
         exact=method == "exact",
         nbins=nbins,
         decay=decay,
+        apply=apply_current,
     )
     return torch.tensor(thresholds, dtype=torch.float32), kept
 

@@ -292,6 +292,11 @@ class Pruning:
     def mask_update(self, step: int) -> None:
         """Recompute every mask and threshold at ``step`` (unconditionally), then zero pruned weights.
 
+        The current masks are applied first (as :meth:`apply_mask`, in the same pass that reads
+        each weight's maximum on the fused CPU path), so the update ranks the weights the model
+        uses: a weight pruned before is 0 and ranks last, even if an optimizer step moved it since.
+        A training loop therefore needs :meth:`apply_mask` only on the steps that do not update.
+
         On the CPU the update reads two small vectors back for the whole model (whether each
         weight is finite, and whether each mask still keeps everything).  On an accelerator it
         synchronises nothing: the finiteness flags are copied back asynchronously, a non-finite
@@ -303,7 +308,8 @@ class Pruning:
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
-                (the saliency state of ``*_gradient`` options has advanced by then).  On an
+                (the current masks have been applied, and the saliency state of ``*_gradient``
+                options has advanced by then).  On an
                 accelerator this comes from a later call, as above.
             ValueError: a pruned weight was replaced or changed shape since binding (e.g. after
                 structured pruning).  Weights added to the model (or unfrozen) since binding are
@@ -324,6 +330,9 @@ class Pruning:
         fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
         fused_names = {w.name for w in fused + blocked}
+        # The update ranks the weights the model uses: the current masks are applied first (the
+        # element-wise kernels do it in their first pass), so pruned weights rank last.
+        self._apply_masks(skip={w.name for w in fused})
         weights = [w for w in weights if w.name not in fused_names]
         maxima = _abs_maxima([w.param for w in weights]) if weights else []
         finite = torch.isfinite(torch.stack(maxima)) if weights else torch.ones(0, dtype=torch.bool)
@@ -353,6 +362,7 @@ class Pruning:
                     method=hp.threshold_method,
                     nbins=hp.nbins,
                     threshold_decay=hp.threshold_decay,
+                    apply_current=[not self._dense[w.name] for w in fused],
                 )
             except cpu_kernels.NonFiniteWeights as error:
                 bad = [fused[i] for i in error.indices]

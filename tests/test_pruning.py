@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_prune import HParamsError, MaskedLinear, Pruning, PruningHParams
+from lit_prune import HParamsError, MaskedLinear, Pruning, PruningHParams, cpu_kernels
 
 
 class Vector(nn.Module):
@@ -414,3 +414,25 @@ def test_tied_weight_is_pruned_once_under_its_first_name():
     assert pruning.weight_names == ["0.weight"]
     pruning.mask_update(0)
     assert model[2].weight is model[0].weight and int((model[2].weight == 0).sum()) == 32
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("blocks", [False, True], ids=["elementwise", "blocks"])
+def test_an_update_applies_the_current_masks_before_it_ranks(monkeypatch, kernels, blocks):
+    # An optimizer step moved pruned weights (here: far above every kept one); an update without a
+    # preceding apply_mask still ranks them as the zeros the model uses, so they do not regrow.
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    spec = PruningHParams(block_height=2 if blocks else 1, block_width=2 if blocks else 1)
+    pruning = Pruning(model, spec, sparsity=0.5)
+    pruning.mask_update(1)
+    before = {k: m.clone() for k, m in pruning.get_masks().items()}
+    with torch.no_grad():
+        for name, w in pruning.get_weights().items():
+            w[~before[name]] = 100.0
+    pruning.mask_update(2)
+    for name, w in pruning.get_weights().items():
+        assert torch.equal(pruning.get_masks()[name], before[name]), name
+        assert (w[~before[name]] == 0).all(), name
