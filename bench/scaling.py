@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 from lit_prune import Pruning, PruningHParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mask_update import evict_caches  # noqa: E402
 
 
 def stack(n_params: int) -> nn.Module:
@@ -33,6 +37,7 @@ def best_of(fn, repeats: int, setup=None) -> float:
     for _ in range(repeats):
         if setup is not None:
             setup()
+        evict_caches()  # cold, as inside training (and as bench/mask_update.py times)
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
