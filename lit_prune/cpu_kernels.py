@@ -18,8 +18,8 @@ Example::
 
     >>> w, mask = torch.linspace(-1, 1, 1 << 17), torch.ones(1 << 17, dtype=torch.bool)
     >>> if available():  # TF's histogram rule at 50 %: K = 2**16, threshold bin 127 of 256
-    ...     thresholds, kept = magnitude_update([w], [mask], [1 << 16], [0.0], exact=False, nbins=256, decay=None)
-    ...     assert thresholds == [127 / 256] and kept == [int((w != 0).sum())]
+    ...     found = magnitude_update([w], [mask], [1 << 16], [0.0], exact=False, nbins=256, decay=None)
+    ...     assert found.thresholds == [127 / 256] and found.kept == [int((w != 0).sum())]
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "FusedUpdate",
     "NonFiniteWeights",
     "available",
     "block_pool",
@@ -55,6 +57,14 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC"
 _I64P = ctypes.POINTER(ctypes.c_int64)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _F32P = ctypes.POINTER(ctypes.c_float)
+
+
+class FusedUpdate(NamedTuple):
+    """What :func:`magnitude_update` found: per weight, the new threshold, the kept count, the counting passes."""
+
+    thresholds: list[float]
+    kept: list[int]
+    passes: list[int]
 
 
 class NonFiniteWeights(FloatingPointError):
@@ -133,7 +143,7 @@ def _library() -> ctypes.CDLL | None:
     lib.lp_magnitude_update.restype = ctypes.c_int
     lib.lp_magnitude_update.argtypes = [
         ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
-        ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P,
+        ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
     ]  # fmt: skip
     lib.lp_block_pool.restype = ctypes.c_int
     lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
@@ -189,7 +199,7 @@ def magnitude_update(
     nbins: int,
     decay: tuple[float, float] | None,
     apply: list[bool] | None = None,
-) -> tuple[list[float], list[int]]:
+) -> FusedUpdate:
     """The whole magnitude mask update of every weight, in one call: thresholds, masks, zeroing.
 
     ``weights`` must be :func:`eligible` and ``masks`` contiguous ``torch.bool`` tensors of the
@@ -198,14 +208,17 @@ def magnitude_update(
     ``exact``; ``previous`` the thresholds of the last update and ``decay`` the float32 pair
     ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Where ``apply[i]``
     is true, weight ``i`` is first multiplied by its current mask (in the pass that finds its
-    maximum), so the update ranks the weights the model uses.  Returns ``(thresholds, kept counts)``.
+    maximum), so the update ranks the weights the model uses.  Returns the thresholds, the kept
+    counts and the counting passes each weight needed (0 where the band of its first pass decided
+    the threshold, see ``cpu_kernels.c``).
 
     Raises:
         NonFiniteWeights: a weight holds Inf or NaN (found before anything is written).
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
-    maxima, thresholds, kept = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
+    maxima, thresholds = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    kept, passes = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
     keep_weight, decay_weight = decay if decay is not None else (1.0, 0.0)
     status = lib.lp_magnitude_update(
         n,
@@ -224,12 +237,13 @@ def magnitude_update(
         maxima,
         thresholds,
         kept,
+        passes,
     )
     if status < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
-    return list(thresholds), list(kept)
+    return FusedUpdate(list(thresholds), list(kept), list(passes))
 
 
 def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple[ctypes.Array, ...]:

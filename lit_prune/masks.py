@@ -366,7 +366,7 @@ def magnitude_update_(
         raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
     count = histogram_target_count if method == "histogram" else topk_count
     decay = None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
-    thresholds, kept = cpu_kernels.magnitude_update(
+    found = cpu_kernels.magnitude_update(
         weights,
         masks,
         [count(w.numel(), float(s)) for w, s in zip(weights, sparsities, strict=True)],
@@ -376,7 +376,7 @@ def magnitude_update_(
         decay=decay,
         apply=apply_current,
     )
-    return torch.tensor(thresholds, dtype=torch.float32), kept
+    return torch.tensor(found.thresholds, dtype=torch.float32), found.kept
 
 
 @torch.no_grad()

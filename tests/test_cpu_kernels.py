@@ -20,6 +20,7 @@ from lit_prune.masks import (
     histogram_target_count,
     magnitude_update_,
     resolve_block_dims,
+    topk_count,
 )
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
@@ -87,19 +88,57 @@ def test_scores_on_and_beside_every_bin_edge(nbins):
         assert_same(w, torch.tensor(0.0), s, nbins)
 
 
+def passes(w: torch.Tensor, sparsity: float, method: str = "histogram") -> list[int]:
+    """The counting passes the fused update of ``w`` needs (0: the band of its first pass decided it)."""
+    count = histogram_target_count if method == "histogram" else topk_count
+    mask = torch.ones(w.shape, dtype=torch.bool)
+    found = cpu_kernels.magnitude_update(
+        [w.clone()], [mask], [count(w.numel(), sparsity)], [0.0], exact=method == "exact", nbins=256, decay=None
+    )
+    return found.passes
+
+
+def sample_runs(n: int, run: int, runs: int) -> torch.Tensor:
+    """Where a sample of ``runs`` runs of ``run`` elements spread over ``n`` reads (as cpu_kernels.c)."""
+    hit = torch.zeros(n, dtype=torch.bool)
+    for start in range(0, n, max(run, n // runs)):
+        hit[start : start + run] = True
+    return hit
+
+
 @needs_kernels
-def test_a_misleading_sample_moves_the_window_and_stays_exact():
-    # The sample reads runs of 64 elements spread over the weight; make exactly those tiny.
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_the_first_pass_decides_typical_weights(method):
+    g = torch.Generator().manual_seed(5)
+    for w in [torch.randn(300_000, generator=g), torch.rand(70_000, generator=g), torch.randn(64, 576, generator=g)]:
+        for s in [0.1, 0.5, 0.9, 0.97]:
+            assert passes(w, s, method) == [0], (w.shape, s)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_a_misleading_sample_falls_back_to_counting_and_stays_exact(method):
+    # Both samples (the band's: runs of 256; the counting search's: runs of 64) read tiny values.
     n = 1 << 18
     w = torch.linspace(0.5, 1.0, n)
-    runs = torch.zeros(n, dtype=torch.bool)
-    stride = max(64, n // 128)  # as sample_histogram in cpu_kernels.c
-    for start in range(0, n, stride):
-        runs[start : start + 64] = True
+    runs = sample_runs(n, 256, 32) | sample_runs(n, 64, 128)
     w[runs] = torch.linspace(1e-4, 1e-3, int(runs.sum()))
     for s in [0.02, 0.3, 0.6, 0.97]:
-        assert_same(w, torch.tensor(0.0), s)
-        assert_same(w, torch.tensor(0.0), s, method="exact")
+        assert passes(w, s, method)[0] >= 1
+        assert_same(w, torch.tensor(0.0), s, method=method)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["histogram", "exact"])
+def test_a_band_fuller_than_its_sample_said_falls_back_and_stays_exact(method):
+    # The band's sample is spread out, everything else sits on one value inside its band.
+    n = 1 << 18
+    w = torch.full((n,), 0.5)
+    runs = sample_runs(n, 256, 32)
+    w[runs] = torch.linspace(0.0, 1.0, int(runs.sum()))
+    assert passes(w, 0.5, method)[0] >= 1
+    for s in [0.3, 0.5, 0.7]:
+        assert_same(w, torch.tensor(0.0), s, method=method)
 
 
 @needs_kernels
