@@ -326,7 +326,8 @@ class Pruning:
         # CPU float32 weights pruned by magnitude take the fused kernels: element-wise ones find
         # their own maxima (and Inf/NaN) before they change anything, block-pruned ones are pooled
         # and checked first; the rest are checked here, before any weight changes.
-        kernel = {} if defer or hp.use_tpu else {w.name: self._kernel_path(w, joint_names) for w in weights}
+        kernels = not (defer or hp.use_tpu) and cpu_kernels.available() and not torch.compiler.is_compiling()
+        kernel = {w.name: self._kernel_path(w, joint_names, kernels) for w in weights} if kernels else {}
         fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
         fused_names = {w.name for w in fused + blocked}
@@ -455,23 +456,28 @@ class Pruning:
         names = sorted((w.name for w in bad), key=order.index)
         raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
 
-    def _kernel_path(self, w: _Weight, joint_names: set[str]) -> str | None:
+    def _kernel_path(self, w: _Weight, joint_names: set[str], kernels: bool) -> str | None:
         """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, or ``None`` (the eager path).
 
         Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, histogram
-        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M.
+        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M;
+        ``kernels`` says whether the kernels can run at all (built, and not inside ``torch.compile``).
         """
         hp = self.hparams
         if not (
-            hp.prune_option == "weight"
+            kernels
+            and hp.prune_option == "weight"
             and (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS)
             and w.name not in joint_names
             and w.nm is None
-            and cpu_kernels.eligible(w.param)
-            and w.mask.is_contiguous()
         ):
             return None
-        if w.block_dims == (1, 1) or block_view_shape(w.param.shape) is None:  # blocks need a 2-D view
+        param = w.param
+        if param.device.type != "cpu" or param.dtype != torch.float32 or not param.is_contiguous():
+            return None
+        if not w.mask.is_contiguous():
+            return None
+        if w.block_dims == (1, 1) or block_view_shape(param.shape) is None:  # blocks need a 2-D view
             return "elementwise"
         return "block"
 
