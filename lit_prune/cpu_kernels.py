@@ -2,11 +2,14 @@
 
 A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
 tensors, counts, the mask, the zeroing).  :func:`magnitude_update` does the same work for every
-weight of a model in one call, split across ``torch.get_num_threads()`` threads: one pass for
-every ``max |w|`` (which also finds Inf and NaN before anything is written), then, weight by
-weight, one counting pass (rarely two) that finds TF r1.11-r1.13's threshold bin exactly (a sample
-places the float32 bin edges it counts at), for TF r1.14+'s exact rule a gather of that bin and a
-selection in it, and one pass that writes the mask and zeroes the pruned weights.
+weight of a model in one call, split across ``torch.get_num_threads()`` threads, in two passes
+over the weights.  A sample of each weight first predicts a narrow band of ``|w|`` around its
+threshold.  The first pass applies each weight's current mask and reads its maximum (and finds Inf
+and NaN before anything else is written), and in the same pass counts the scores below the band
+and copies those inside it (a few per cent).  TF r1.11-r1.13's threshold bin, or TF r1.14+'s exact
+threshold, then comes from that copy, exactly; where the band missed (checked exactly), a counting
+pass at the float32 bin edges takes over.  The second pass writes the masks and zeroes the pruned
+weights.  :func:`block_pool` and :func:`expand_blocks_and_zero` do the same for block pruning.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
 (``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with

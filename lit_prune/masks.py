@@ -342,9 +342,10 @@ def magnitude_update_(
 
     The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise; ``method``
     ``"histogram"``, TF r1.11-r1.13, or ``"exact"``, TF r1.14+) followed by zeroing the pruned
-    weights, bit for bit, from :func:`lit_prune.cpu_kernels.magnitude_update`: one pass for every
-    ``max |w|``, then, weight by weight while it is in the cache, a counting pass (rarely two)
-    that finds the threshold bin and the mask-and-zero pass.  Every weight must be
+    weights, bit for bit, from :func:`lit_prune.cpu_kernels.magnitude_update`: one pass that
+    reads every ``max |w|`` and copies the scores in a predicted band around each threshold,
+    which decides it (a counting pass where the band missed), then the mask-and-zero pass.
+    Every weight must be
     :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool`` tensor of
     its shape.  Where ``apply_current[i]`` is true, weight ``i`` is first multiplied by its
     current mask (as :meth:`lit_prune.Pruning.apply_mask` would), in the same pass as its
@@ -353,7 +354,7 @@ def magnitude_update_(
 
     Raises:
         lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
-            which); nothing was changed.
+            which); no mask was changed (the current masks may have been applied).
 
     Example::
 
