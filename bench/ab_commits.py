@@ -73,8 +73,14 @@ def child(repeats: int) -> dict[str, float]:
         "block 4x4 AVG": PruningHParams(block_height=4, block_width=4),
     }.items():
         pruning = Pruning(model, spec, sparsity=0.5)
-        pruning.mask_update(0)
-        out[label] = best(lambda p=pruning: p.mask_update(0), restore)
+        dense = copy.deepcopy(pruning.state_dict())
+        pruning.mask_update(0)  # warm-up
+
+        def first(p=pruning, state=dense) -> None:  # dense weights and masks again
+            restore()
+            p.load_state_dict(state)
+
+        out[label] = best(lambda p=pruning: p.mask_update(0), first)
     restore()
     later = Pruning(model, PruningHParams(), sparsity=lambda step: 0.45 if step == 0 else 0.5)
     later.mask_update(0)
