@@ -600,14 +600,15 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             bands[w] = band_of_sample(sample, taken, n, want, rule, nbins, sample + LP_SAMPLE_CAP);
         }
         free(sample);
-#pragma omp single
-        {
+#pragma omp master
+        { /* the calling thread's scratch (master, not single: its thread-local cache is the caller's) */
             for (int64_t w = 0; w < nweights; w++)
                 offsets[w + 1] = offsets[w] + (bands[w].hi > bands[w].lo ? bands[w].cap : 0) * team;
             band_buffer = band_scratch((size_t)offsets[nweights] + 1);
             if (!band_buffer)
                 for (int64_t w = 0; w < nweights; w++) bands[w].hi = bands[w].lo = 0, bands[w].cap = 0;
         }
+#pragma omp barrier
         /* 1. apply the current masks, max and min, counts below each band and the scores inside it,
          *    last weight first */
         for (int64_t w = nweights - 1; w >= 0; w--) {

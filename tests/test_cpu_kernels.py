@@ -379,3 +379,27 @@ def test_block_pooling_is_the_correctly_rounded_mean_and_the_exact_max():
         cpu_kernels.block_pool([w], [(2, 2)], "SUM")
     with pytest.raises(ValueError, match="resolve -1 first"):
         cpu_kernels.block_pool([w], [(-1, 2)], "AVG")
+
+
+@needs_kernels
+def test_updates_from_several_python_threads_at_once_match_one_at_a_time():
+    # ctypes releases the GIL: each calling thread runs its own OpenMP team and keeps its own scratch.
+    import threading
+
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(200_000 + 1000 * i, generator=g) for i in range(6)]
+    expected = [eager_update(w, torch.tensor(0.0), 0.1 * (i + 2), 256, 0.0, "histogram") for i, w in enumerate(weights)]
+    results: dict[int, tuple] = {}
+
+    def run(i: int) -> None:
+        for _ in range(5):
+            results[i] = fused_update(weights[i], torch.tensor(0.0), 0.1 * (i + 2), 256, 0.0, "histogram")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(weights))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (t_ref, m_ref, w_ref) in enumerate(expected):
+        t, m, w = results[i]
+        assert torch.equal(t, t_ref) and torch.equal(m, m_ref) and torch.equal(w, w_ref), i
