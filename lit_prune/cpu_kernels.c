@@ -524,6 +524,41 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
     return 1;
 }
 
+/* The smoothed threshold of one weight and the cut its mask pass compares |w| bits with. */
+static float finish_threshold(float current, float m, float previous, int smooth, float keep_weight,
+                              float decay_weight, int rule, int32_t *cut) {
+    if (!(m > 0.0f)) current = 0.0f; /* an all-zero weight: threshold 0 */
+    float threshold = current;
+    if (smooth) {
+        float x = current * keep_weight, y = previous * decay_weight;
+        threshold = x + y;
+    }
+    if (!(m > 0.0f) || threshold < 0.0f) {
+        *cut = -1; /* an all-zero weight keeps its whole mask; a negative cut keeps all */
+    } else {
+        *cut = (int32_t)to_bits(threshold + 0.0f); /* -0.0 -> +0.0 */
+        if (rule == LP_RULE_EXACT) *cut -= 1;          /* |w| >= t is |w| bits > t bits - 1 */
+    }
+    return threshold;
+}
+
+/* The current threshold of a weight that needs no search: all zero, K = 0 or one bin (histogram
+ * rule: 0), k = 0 or k = n (exact rule: just above the max, or the min).  Returns 0 if it needs one. */
+static int direct_current(int rule, float m, int64_t k, int64_t n, int64_t nbins, uint32_t min_bits, float *current) {
+    *current = 0.0f;
+    if (!(m > 0.0f)) return 1;
+    if (rule == LP_RULE_HISTOGRAM) return !(k > 0 && nbins > 1);
+    if (k == 0) *current = nextafterf(m, INFINITY); /* everything pruned */
+    else if (k == n) *current = from_bits(min_bits); /* everything kept */
+    else return 0;
+    return 1;
+}
+
+#define LP_MASK_CHUNK ((int64_t)1 << 16) /* elements per task of the batched mask pass (64-aligned) */
+typedef struct {
+    int64_t w, a, z;
+} lp_chunk;
+
 /* The complete magnitude mask update of every weight, in one parallel region:
  *
  *   0. a sample of each weight sets its band (see band_of_sample);
@@ -568,11 +603,15 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     int64_t *offsets = calloc(nweights + 1, sizeof(int64_t));
     uint8_t *resolved = calloc(nweights, 1);
     float *resolved_current = calloc(nweights, sizeof(float));
-    if (!part_max || !part_min || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
+    uint8_t *done = calloc(nweights, 1);
+    int32_t *cuts = calloc(nweights, sizeof(int32_t));
+    lp_chunk *chunks = calloc((size_t)(total / LP_MASK_CHUNK + nweights + 1), sizeof(lp_chunk));
+    int64_t nchunks = 0;
+    if (!done || !cuts || !chunks || !part_max || !part_min || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
         !scans || !offsets || !resolved || !resolved_current) {
         free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
         free(max_bits); free(min_bits); free(bands); free(scans); free(offsets); free(resolved);
-        free(resolved_current);
+        free(resolved_current); free(done); free(cuts); free(chunks);
         return -1;
     }
     /* Shared between the threads; written only inside `single` blocks (each ends in a barrier). */
@@ -647,8 +686,31 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
                 const int64_t want = rule == LP_RULE_HISTOGRAM ? k : n - k + 1;
                 resolved[w] = (uint8_t)resolve_band(bands[w], mine, parts, team, m, want, rule, nbins, &resolved_current[w]);
             }
+            /* 3. every weight whose threshold is known: thresholds, then one mask pass over all of
+             *    them, in 64 Ki-element tasks (no barrier per weight) */
+#pragma omp single
+            for (int64_t w = 0; w < nweights; w++) {
+                const float m = from_bits(max_bits[w]);
+                float current;
+                if (resolved[w]) current = resolved_current[w];
+                else if (!direct_current(rule, m, targets[w], sizes[w], nbins, min_bits[w], &current)) continue;
+                done[w] = 1;
+                thresholds[w] = finish_threshold(current, m, previous[w], smooth, keep_weight, decay_weight, rule, &cuts[w]);
+                for (int64_t a = 0; a < sizes[w]; a += LP_MASK_CHUNK) {
+                    lp_chunk c = {w, a, a + LP_MASK_CHUNK < sizes[w] ? a + LP_MASK_CHUNK : sizes[w]};
+                    chunks[nchunks++] = c;
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t c = 0; c < nchunks; c++) {
+                const lp_chunk ch = chunks[c];
+                uint32_t *b = (uint32_t *)(intptr_t)ptrs[ch.w] + ch.a;
+                uint8_t *mask = (uint8_t *)(intptr_t)masks[ch.w] + ch.a;
+                part_kept[(size_t)t * nweights + ch.w] += mask_block(b, mask, ch.z - ch.a, cuts[ch.w]);
+            }
         }
-        for (int64_t w = 0; w < nweights && status == 0; w++) { /* 2. weight by weight */
+        for (int64_t w = 0; w < nweights && status == 0; w++) { /* 4. the rest, weight by weight */
+            if (done[w]) continue;
             const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
             const int64_t n = sizes[w], a = n * t / team, z = n * (t + 1) / team;
             const float m = from_bits(max_bits[w]);
@@ -717,10 +779,8 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             }
 #pragma omp single
             {
-                float current = 0.0f; /* K = 0, one bin, or an all-zero weight: 0 */
-                if (resolved[w]) {
-                    current = resolved_current[w];
-                } else if (gathering) {
+                float current = 0.0f;
+                if (gathering) {
                     int64_t filled = found[0];
                     for (int r = 1; r < team; r++) {
                         memmove(gathered + filled, gathered + (size_t)r * (bin_size + 1), sizeof(uint32_t) * found[r]);
@@ -728,26 +788,10 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
                     }
                     if (filled != bin_size) status = -2; /* cannot happen: the counts said so */
                     else current = from_bits(select_kth(gathered, bin_size, rank - st.c_below - 1));
-                } else if (rule == LP_RULE_HISTOGRAM && m > 0.0f && targets[w] > 0 && nbins > 1) {
-                    current = (float)st.above / (float)nbins * m;
-                } else if (rule == LP_RULE_EXACT && m > 0.0f && targets[w] == 0) {
-                    current = nextafterf(m, INFINITY); /* everything pruned */
-                } else if (rule == LP_RULE_EXACT && m > 0.0f && targets[w] == n) {
-                    current = from_bits(min_bits[w]); /* everything kept */
-                }
-                if (!(m > 0.0f)) current = 0.0f;
-                float threshold = current;
-                if (smooth) {
-                    float x = current * keep_weight, y = previous[w] * decay_weight;
-                    threshold = x + y;
-                }
-                thresholds[w] = threshold;
-                if (!(m > 0.0f) || threshold < 0.0f) {
-                    cut = -1; /* an all-zero weight keeps its whole mask; a negative cut keeps all */
                 } else {
-                    cut = (int32_t)to_bits(threshold + 0.0f); /* -0.0 -> +0.0 */
-                    if (rule == LP_RULE_EXACT) cut -= 1;         /* |w| >= t is |w| bits > t bits - 1 */
+                    current = (float)st.above / (float)nbins * m; /* the histogram rule's bin j */
                 }
+                thresholds[w] = finish_threshold(current, m, previous[w], smooth, keep_weight, decay_weight, rule, &cut);
             }
             if (status != 0) break;
             const int32_t my_cut = cut;
@@ -762,7 +806,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
         }
     free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
     free(max_bits); free(min_bits); free(gathered); free(bands); free(scans); free(offsets); free(resolved);
-    free(resolved_current);
+    free(resolved_current); free(done); free(cuts); free(chunks);
     return status == -2 ? -1 : status;
 }
 
