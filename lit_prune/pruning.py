@@ -591,8 +591,10 @@ class Pruning:
     def apply_mask(self) -> None:
         """Zero the pruned weights in place (one multiply per weight by its 1-byte mask, no host sync).
 
-        Call it after every optimizer step so pruned weights stay exactly zero.  Weights whose
-        mask keeps everything (all of them before the first update) are skipped.
+        Call it after every optimizer step so pruned weights stay exactly zero; a step that runs
+        :meth:`mask_update` (or an updating :meth:`conditional_mask_update`) needs no call, as the
+        update applies the current masks itself.  Weights whose mask keeps everything (all of
+        them before the first update) are skipped.
         """
         self._apply_masks()
 
