@@ -457,19 +457,6 @@ static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, u
     out->overflow = overflow;
 }
 
-/* #{x : x < edge} from the first pass: the count below the band plus the copied scores below edge
- * (lo <= edge <= hi). */
-static int64_t count_below_edge(const lp_scan *scans, uint32_t *const *parts, int team, int32_t edge) {
-    int64_t c = 0;
-    for (int r = 0; r < team; r++) {
-        const uint32_t *p = parts[r];
-        int64_t k = 0;
-        for (int64_t i = 0; i < scans[r].count; i++) k += (int32_t)p[i] < edge;
-        c += scans[r].below + k;
-    }
-    return c;
-}
-
 /* The current threshold of one weight from its band, if the band holds what decides it: TF's
  * histogram bin j (the threshold j / nbins * m) or the exact rule's rank-th smallest score.
  * Returns 1 and writes *current, or 0 (the band missed: count instead). */
@@ -504,21 +491,26 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
     if ((uint32_t)band.hi < LP_FINITE_LIMIT && from_bits((uint32_t)band.hi) < m) last = tf_bin(from_bits((uint32_t)band.hi), m, nbins);
     if (first < 1) first = 1;
     if (first > last) return 0;
-    int64_t j;
-    if (count_below_edge(scans, parts, team, bin_edge(m, first, nbins)) >= rank) {
-        if (first != 1) return 0; /* the threshold lies below the band */
-        j = 0;
-    } else if (count_below_edge(scans, parts, team, bin_edge(m, last, nbins)) < rank) {
+    /* Count the copies below up to LP_EDGES edges per pass, from the band's first edge up, until
+     * f(i) reaches K: then j = i - 1 (f(first) >= K needs first = 1: j = 0; f < K everywhere
+     * needs last = nbins - 1: j = nbins - 1). */
+    int64_t j = -1;
+    for (int64_t start = first; start <= last && j < 0; start += LP_EDGES) {
+        int32_t edges[LP_EDGES];
+        int64_t acc[LP_EDGES] = {0};
+        const int64_t width = last - start + 1 < LP_EDGES ? last - start + 1 : LP_EDGES;
+        for (int k = 0; k < LP_EDGES; k++) edges[k] = k < width ? bin_edge(m, start + k, nbins) : INT32_MAX;
+        for (int r = 0; r < team; r++) count_block(parts[r], scans[r].count, edges, acc);
+        for (int k = 0; k < width; k++) {
+            if (below + acc[k] < rank) continue;
+            if (start + k == first && first != 1) return 0; /* the threshold lies below the band */
+            j = start + k - 1;
+            break;
+        }
+    }
+    if (j < 0) {
         if (last != nbins - 1) return 0; /* above it */
         j = nbins - 1;
-    } else { /* f(first) < K <= f(last): the smallest i with f(i) >= K is j + 1 */
-        int64_t low = first, high = last;
-        while (high - low > 1) {
-            int64_t mid = low + (high - low) / 2;
-            if (count_below_edge(scans, parts, team, bin_edge(m, mid, nbins)) >= rank) high = mid;
-            else low = mid;
-        }
-        j = high - 1;
     }
     *current = (float)j / (float)nbins * m;
     return 1;
