@@ -123,6 +123,22 @@ def native_enabled() -> bool:
     return switch == "1"
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give the library's functions their C signatures."""
+    lib.lp_magnitude_update.restype = ctypes.c_int
+    lib.lp_magnitude_update.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
+        ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
+    ]  # fmt: skip
+    lib.lp_block_pool.restype = ctypes.c_int
+    lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
+    lib.lp_block_expand_zero.restype = ctypes.c_int
+    lib.lp_block_expand_zero.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P
+    ]  # fmt: skip
+    return lib
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     if not native_enabled():
@@ -143,18 +159,7 @@ def _library() -> ctypes.CDLL | None:
     else:
         _log.warning("lit_prune: building the CPU kernels failed (%s); using the eager path", " | ".join(errors))
         return None
-    lib.lp_magnitude_update.restype = ctypes.c_int
-    lib.lp_magnitude_update.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
-        ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
-    ]  # fmt: skip
-    lib.lp_block_pool.restype = ctypes.c_int
-    lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
-    lib.lp_block_expand_zero.restype = ctypes.c_int
-    lib.lp_block_expand_zero.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P
-    ]  # fmt: skip
-    return lib
+    return _declare(lib)
 
 
 def available() -> bool:

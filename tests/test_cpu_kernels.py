@@ -403,3 +403,27 @@ def test_updates_from_several_python_threads_at_once_match_one_at_a_time():
     for i, (t_ref, m_ref, w_ref) in enumerate(expected):
         t, m, w = results[i]
         assert torch.equal(t, t_ref) and torch.equal(m, m_ref) and torch.equal(w, w_ref), i
+
+
+@needs_kernels
+@pytest.mark.skipif(cpu_kernels.platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 option")
+def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkeypatch, tmp_path):
+    # A CPU without AVX2 (or another architecture) runs the plain C loops: build them here, check them.
+    monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path))
+    compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
+    plain = cpu_kernels._declare(
+        cpu_kernels.ctypes.CDLL(str(cpu_kernels._build(compiler, [*cpu_kernels._FLAGS, "-mno-avx2"])))
+    )
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: plain)
+    g = torch.Generator().manual_seed(9)
+    for method in ("histogram", "exact"):
+        for w in [torch.randn(100_003, generator=g), (torch.randn(70_001, generator=g) * 3).round() / 3]:
+            for s in [0.0, 0.3, 0.9]:
+                assert_same(w, torch.tensor(0.05), s, decay=0.5, method=method)
+    w = torch.randn(33, 100, generator=g)
+    for pooling in ("AVG", "MAX"):
+        t_ref, m_ref, _ = compute_mask(w.abs(), torch.tensor(0.0), 0.6, block_dims=(4, 3), pooling=pooling)
+        fused, mask = w.clone(), torch.ones(w.shape, dtype=torch.bool)
+        pooled = cpu_kernels.block_pool([fused], [(4, 3)], pooling)
+        (t,), _ = block_update_([fused], pooled, [torch.tensor(0.0)], [0.6], [mask], block_dims=[(4, 3)])
+        assert torch.equal(t, t_ref) and torch.equal(mask, m_ref) and torch.equal(fused, w * m_ref)
