@@ -471,16 +471,36 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
     }
     if (rule == LP_RULE_EXACT) {
         if (!(below < rank && rank <= below + inside)) return 0;
-        uint32_t *all = malloc(sizeof(uint32_t) * (size_t)(inside + 1));
-        if (!all) return 0;
-        int64_t filled = 0;
-        for (int r = 0; r < team; r++) {
-            memcpy(all + filled, parts[r], sizeof(uint32_t) * (size_t)scans[r].count);
-            filled += scans[r].count;
+        /* Narrow [low, high) (#{x < low} < rank <= #{x < high}) by counting at 8 points per pass
+         * over the copies until a few thousand remain, then select among those. */
+        int64_t low = band.lo, high = band.hi, c_low = below, c_high = below + inside;
+        while (c_high - c_low > 4096 && high - low > 1) {
+            int32_t edges[LP_EDGES];
+            int64_t acc[LP_EDGES] = {0};
+            const int64_t step = (high - low) / (LP_EDGES + 1) > 0 ? (high - low) / (LP_EDGES + 1) : 1;
+            for (int k = 0; k < LP_EDGES; k++) edges[k] = low + step * (k + 1) < high ? (int32_t)(low + step * (k + 1)) : (int32_t)high;
+            for (int r = 0; r < team; r++) count_block(parts[r], scans[r].count, edges, acc);
+            int64_t new_low = low, new_high = high, new_c_low = c_low, new_c_high = c_high;
+            for (int k = 0; k < LP_EDGES; k++) {
+                if (below + acc[k] < rank) {
+                    new_low = edges[k], new_c_low = below + acc[k];
+                } else {
+                    new_high = edges[k], new_c_high = below + acc[k];
+                    break;
+                }
+            }
+            low = new_low, high = new_high, c_low = new_c_low, c_high = new_c_high;
         }
-        *current = from_bits(select_kth(all, inside, rank - below - 1));
-        free(all);
-        return 1;
+        uint32_t *few = malloc(sizeof(uint32_t) * (size_t)(c_high - c_low + 1));
+        if (!few) return 0;
+        int64_t filled = 0;
+        for (int r = 0; r < team; r++)
+            for (int64_t i = 0; i < scans[r].count; i++)
+                if ((int32_t)parts[r][i] >= low && (int32_t)parts[r][i] < high && filled < c_high - c_low) few[filled++] = parts[r][i];
+        int ok = filled == c_high - c_low;
+        if (ok) *current = from_bits(select_kth(few, filled, rank - c_low - 1));
+        free(few);
+        return ok;
     }
     /* Edges e_i (1 <= i <= nbins - 1) inside [lo, hi]: f(i) = #{x < e_i} = C_{i-1} there. */
     const float lo = from_bits((uint32_t)band.lo);
