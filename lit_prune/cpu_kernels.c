@@ -70,36 +70,46 @@ __attribute__((constructor)) static void init_byte_masks(void) {
 /* mask = |w| > cut; pruned weights become +0.0, but a block of LP_STORE_BLOCK weights (4 cache
  * lines) is stored back only when it holds a non-zero weight to prune: weights zeroed before are
  * not rewritten, so an update that prunes a little more than the last one writes little.  The
- * decision is per block, not per group of 8, so that the branch stays predictable. */
+ * decision is per block, not per group of 8, so that the branch stays predictable.  With `old`
+ * (the current mask, which may be m itself), the weights are taken as multiplied by it first:
+ * |w| is 0 where it is false, and those weights are zeroed too. */
 #define LP_STORE_BLOCK 64
-static int64_t mask_block(uint32_t *b, uint8_t *m, int64_t n, int32_t cut) {
+static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n, int32_t cut) {
     int64_t kept = 0;
     int64_t i = 0;
 #ifdef __AVX2__
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), cuts = _mm256_set1_epi32(cut);
+    const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
+    uint8_t before[LP_STORE_BLOCK];
     for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
-        __m256i stale = _mm256_setzero_si256(); /* bits of non-zero weights to prune */
+        if (old) memcpy(before, old + i, LP_STORE_BLOCK); /* m may be old: read it before writing */
+        __m256i stale = zero; /* bits of non-zero weights to zero */
         for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
             __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
-            __m256i keep = _mm256_cmpgt_epi32(a, cuts);
+            __m256i live = ones;
+            if (old) live = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(before + g))), zero), ones);
+            __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(a, live), cuts);
             int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
             memcpy(m + i + g, &lp_byte_masks[bits], 8);
             kept += __builtin_popcount((unsigned)bits);
-            stale = _mm256_or_si256(stale, _mm256_andnot_si256(keep, a));
+            stale = _mm256_or_si256(stale, _mm256_andnot_si256(_mm256_and_si256(keep, live), a));
         }
         if (_mm256_testz_si256(stale, stale)) continue;
-        for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the pruned lanes */
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the lanes not kept */
             __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
-            __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(x, abs_bits), cuts);
-            _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_and_si256(x, keep));
+            __m256i live = ones;
+            if (old) live = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(before + g))), zero), ones);
+            __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_and_si256(x, abs_bits), live), cuts);
+            _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_and_si256(x, _mm256_and_si256(keep, live)));
         }
     }
 #endif
     for (; i < n; i++) {
-        uint8_t keep = (int32_t)(b[i] & LP_ABS) > cut;
+        const int live = !old || old[i];
+        uint8_t keep = (int32_t)(live ? b[i] & LP_ABS : 0u) > cut;
         m[i] = keep;
         kept += keep;
-        if (!keep) b[i] = 0u;
+        if (!(keep && live)) b[i] = 0u;
     }
     return kept;
 }
@@ -299,7 +309,7 @@ typedef struct {
 } lp_band;
 
 typedef struct { /* one thread's share of the first pass over one weight */
-    uint32_t max, min;
+    uint32_t max, min, raw_max; /* of |w| masked; raw_max unmasked (Inf and NaN anywhere count) */
     int64_t below, count; /* |w| bits below the band; copied from inside it */
     int overflow;
 } lp_scan;
@@ -372,11 +382,12 @@ static uint32_t *band_scratch(size_t n) {
     return lp_scratch;
 }
 
-/* The first pass over b[0..n): apply the mask m where given (pruned weights set to +0.0, a block
- * of LP_STORE_BLOCK stored back only if it held a non-zero pruned weight), then max and min of
- * |w| bits, the count below the band, and the |w| bits inside it copied to buf (cap). */
-static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, uint32_t *buf, lp_scan *out) {
-    uint32_t mx = 0u, mn = 0xffffffffu;
+/* The first pass over b[0..n), which writes nothing to the weights: |w| taken as multiplied by the
+ * mask m where given (0 where it is false), its max and min, the count below the band and the
+ * |w| bits inside it copied to buf (cap); and the max of the unmasked |w|, to find Inf and NaN
+ * anywhere (a multiply by the mask would keep them: Inf * 0 is NaN). */
+static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band band, uint32_t *buf, lp_scan *out) {
+    uint32_t mx = 0u, mn = 0xffffffffu, raw = 0u;
     int64_t below = 0, count = 0, i = 0;
     int overflow = 0;
     const int32_t lo = band.hi > band.lo ? band.lo : 0;
@@ -388,13 +399,12 @@ static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, u
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), zero = _mm256_setzero_si256();
     const __m256i lows = _mm256_set1_epi32(lo), flip = _mm256_set1_epi32(INT32_MIN);
     const __m256i spans = _mm256_set1_epi32((int32_t)(span ^ 0x80000000u));
-    __m256i vmax = zero, vmin = _mm256_set1_epi32(-1);
+    __m256i vmax = zero, vmin = _mm256_set1_epi32(-1), vraw = zero;
     while (i + LP_STORE_BLOCK <= n) {
         __m256i vbelow = zero; /* int32 lanes, folded every 2^16 blocks at most */
         int64_t stop = i + ((int64_t)LP_STORE_BLOCK << 16);
         if (stop > n - (n - i) % LP_STORE_BLOCK) stop = n - (n - i) % LP_STORE_BLOCK;
         for (; i < stop; i += LP_STORE_BLOCK) {
-            __m256i stale = zero;
             if (count + LP_STORE_BLOCK + 8 > cap) { /* full (or no band): stop copying, count no more */
                 if (span && buf != spill) overflow = 1;
                 buf = spill;
@@ -402,14 +412,12 @@ static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, u
                 count = 0;
             }
             for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
+                __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
+                vraw = _mm256_max_epu32(vraw, a);
                 if (m) {
                     __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i + g)));
-                    __m256i pruned = _mm256_cmpeq_epi32(bytes, zero);
-                    stale = _mm256_or_si256(stale, _mm256_and_si256(pruned, x));
-                    x = _mm256_andnot_si256(pruned, x);
+                    a = _mm256_andnot_si256(_mm256_cmpeq_epi32(bytes, zero), a);
                 }
-                __m256i a = _mm256_and_si256(x, abs_bits);
                 vmax = _mm256_max_epu32(vmax, a);
                 vmin = _mm256_min_epu32(vmin, a);
                 vbelow = _mm256_sub_epi32(vbelow, _mm256_cmpgt_epi32(lows, a));
@@ -420,28 +428,25 @@ static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, u
                 _mm256_storeu_si256((__m256i *)(buf + count), _mm256_permutevar8x32_epi32(a, order));
                 count += __builtin_popcount((unsigned)bits);
             }
-            if (m && !_mm256_testz_si256(stale, stale))
-                for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the pruned lanes */
-                    __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
-                    __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i + g)));
-                    _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_andnot_si256(_mm256_cmpeq_epi32(bytes, zero), x));
-                }
         }
         int32_t lanes[8];
         _mm256_storeu_si256((__m256i *)lanes, vbelow);
         for (int k = 0; k < 8; k++) below += lanes[k];
     }
-    uint32_t tops[8], bottoms[8];
+    uint32_t tops[8], bottoms[8], raws[8];
     _mm256_storeu_si256((__m256i *)tops, vmax);
     _mm256_storeu_si256((__m256i *)bottoms, vmin);
+    _mm256_storeu_si256((__m256i *)raws, vraw);
     for (int k = 0; k < 8; k++) {
         mx = tops[k] > mx ? tops[k] : mx;
         mn = bottoms[k] < mn ? bottoms[k] : mn;
+        raw = raws[k] > raw ? raws[k] : raw;
     }
 #endif
     for (; i < n; i++) {
-        if (m && !m[i]) b[i] = 0u;
         uint32_t a = b[i] & LP_ABS;
+        raw = a > raw ? a : raw;
+        if (m && !m[i]) a = 0u;
         mx = a > mx ? a : mx;
         mn = a < mn ? a : mn;
         below += (int32_t)a < lo;
@@ -452,6 +457,7 @@ static void scan_block(uint32_t *b, const uint8_t *m, int64_t n, lp_band band, u
     }
     out->max = mx;
     out->min = mn;
+    out->raw_max = raw;
     out->below = below;
     out->count = count;
     out->overflow = overflow;
@@ -574,15 +580,20 @@ typedef struct {
 /* The complete magnitude mask update of every weight, in one parallel region:
  *
  *   0. a sample of each weight sets its band (see band_of_sample);
- *   1. one pass over every weight (last weight first): its current mask applied where apply[w]
- *      (apply may be NULL), max and min |w|, the count below its band and the scores inside it;
- *      any Inf or NaN stops here, with no mask changed;
+ *   1. one pass over every weight (last weight first) that writes nothing: |w| taken as
+ *      multiplied by its current mask where apply[w] (apply may be NULL), max and min, the count
+ *      below its band and the scores inside it; any Inf or NaN (masked or not) stops here, with
+ *      nothing changed;
  *   2. each weight's threshold from its band, exactly (TF's histogram bin j, or the exact rule's
  *      rank-th smallest score), where the band holds what decides it;
- *   3. weight by weight: where the band missed, the counting search (a sample places a window of
- *      LP_EDGES bin edges, one counting pass confirms it, rarely two; for the exact rule a gather
- *      of that bin and a selection in it); the threshold and its moving average; then
- *      mask = |w| > cut (>= for the exact rule) with pruned weights set to +0.0.
+ *   3. for every weight whose threshold is known (from its band, or needing no search): the
+ *      threshold and its moving average, then one mask pass over all of them in 64 Ki-element
+ *      tasks: mask = |w| > cut (>= for the exact rule) on |w| taken as masked, and the weights
+ *      that either mask prunes set to +0.0;
+ *   4. weight by weight, where the band missed: the current mask applied for real, the counting
+ *      search (a sample places a window of LP_EDGES bin edges, one counting pass confirms it,
+ *      rarely two; for the exact rule a gather of that bin and a selection in it), the
+ *      threshold, the mask pass.
  *
  * targets[w] is K = min{c : c/n >= s} for the histogram rule, k (the kept count) for the exact
  * rule.  Thresholds are smoothed as t = current * keep_weight + previous * decay_weight in float32
@@ -666,21 +677,22 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             int64_t a = sizes[w] * t / team, z = sizes[w] * (t + 1) / team;
             const uint8_t *m = apply && apply[w] ? (const uint8_t *)(intptr_t)masks[w] + a : NULL;
             uint32_t *buf = band_buffer ? band_buffer + offsets[w] + (size_t)t * bands[w].cap : NULL;
-            scan_block((uint32_t *)(intptr_t)ptrs[w] + a, m, z - a, bands[w], buf, &scans[(size_t)t * nweights + w]);
+            scan_block((const uint32_t *)(intptr_t)ptrs[w] + a, m, z - a, bands[w], buf, &scans[(size_t)t * nweights + w]);
         }
 #pragma omp barrier
 #pragma omp single
         for (int64_t w = 0; w < nweights; w++) {
-            uint32_t mx = 0u, mn = 0xffffffffu;
+            uint32_t mx = 0u, mn = 0xffffffffu, raw = 0u;
             for (int r = 0; r < team; r++) {
                 const lp_scan *sc = &scans[(size_t)r * nweights + w];
                 mx = sc->max > mx ? sc->max : mx;
+                raw = sc->raw_max > raw ? sc->raw_max : raw;
                 if (sizes[w] * (r + 1) / team > sizes[w] * r / team) mn = sc->min < mn ? sc->min : mn;
             }
             max_bits[w] = mx;
             min_bits[w] = mn;
-            maxima[w] = from_bits(mx);
-            if (mx >= LP_FINITE_LIMIT) status = 1;
+            maxima[w] = from_bits(raw >= LP_FINITE_LIMIT ? raw : mx);
+            if (raw >= LP_FINITE_LIMIT) status = 1;
         }
         /* 2. thresholds from the bands (the weights split among the threads) */
         if (status == 0) {
@@ -718,13 +730,20 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
                 const lp_chunk ch = chunks[c];
                 uint32_t *b = (uint32_t *)(intptr_t)ptrs[ch.w] + ch.a;
                 uint8_t *mask = (uint8_t *)(intptr_t)masks[ch.w] + ch.a;
-                part_kept[(size_t)t * nweights + ch.w] += mask_block(b, mask, ch.z - ch.a, cuts[ch.w]);
+                const uint8_t *old = apply && apply[ch.w] ? mask : NULL; /* the current masks, applied here */
+                part_kept[(size_t)t * nweights + ch.w] += mask_block(b, mask, old, ch.z - ch.a, cuts[ch.w]);
             }
         }
         for (int64_t w = 0; w < nweights && status == 0; w++) { /* 4. the rest, weight by weight */
             if (done[w]) continue;
             const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
             const int64_t n = sizes[w], a = n * t / team, z = n * (t + 1) / team;
+            if (apply && apply[w]) { /* the counting search reads the weights: apply the current mask first */
+                uint32_t *own = (uint32_t *)(intptr_t)ptrs[w];
+                const uint8_t *mask = (const uint8_t *)(intptr_t)masks[w];
+                for (int64_t i = a; i < z; i++) own[i] &= 0u - (uint32_t)(mask[i] != 0);
+#pragma omp barrier
+            }
             const float m = from_bits(max_bits[w]);
 #pragma omp single
             {
@@ -808,7 +827,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             if (status != 0) break;
             const int32_t my_cut = cut;
             uint8_t *mask = (uint8_t *)(intptr_t)masks[w];
-            part_kept[(size_t)t * nweights + w] = mask_block((uint32_t *)(intptr_t)ptrs[w] + a, mask + a, z - a, my_cut);
+            part_kept[(size_t)t * nweights + w] = mask_block((uint32_t *)(intptr_t)ptrs[w] + a, mask + a, NULL, z - a, my_cut);
         }
     }
     if (status == 0)

@@ -308,7 +308,7 @@ class Pruning:
 
         Raises:
             FloatingPointError: a weight holds NaN or Inf; it is named, and no mask is changed
-                (the current masks have been applied, and the saliency state of ``*_gradient``
+                (the current masks may have been applied, and the saliency state of ``*_gradient``
                 options has advanced by then).  On an
                 accelerator this comes from a later call, as above.
             ValueError: a pruned weight was replaced or changed shape since binding (e.g. after

@@ -436,3 +436,21 @@ def test_an_update_applies_the_current_masks_before_it_ranks(monkeypatch, kernel
     for name, w in pruning.get_weights().items():
         assert torch.equal(pruning.get_masks()[name], before[name]), name
         assert (w[~before[name]] == 0).all(), name
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_pruned_weight_is_an_error_too(monkeypatch, kernels, bad):
+    # Multiplying by the mask would keep it (Inf * 0 is NaN): the run has diverged either way.
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    pruning = Pruning(model, sparsity=0.5)
+    pruning.mask_update(1)
+    mask = pruning.get_masks()["0.weight"]
+    with torch.no_grad():
+        model[0].weight[~mask] = bad  # an optimizer step blew up the pruned weights only
+    before = {k: v.clone() for k, v in pruning.get_masks().items()}
+    with pytest.raises(FloatingPointError, match=r"\['0.weight'\] at step 2"):
+        pruning.mask_update(2)
+    assert all(torch.equal(before[k], v) for k, v in pruning.get_masks().items())
