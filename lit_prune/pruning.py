@@ -111,6 +111,27 @@ def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
     return list(torch.maximum(highs, lows.neg()).unbind())
 
 
+def _structure(model: nn.Module) -> tuple:
+    """The module tree and its parameters (child names, module and parameter ids, shapes, trainability).
+
+    A cheaper walk than ``named_parameters()`` (no names are built), for the check before each
+    update: equal structures have the same parameters under the same names.
+    """
+    out: list = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        out.append(id(module))
+        for name, p in module._parameters.items():
+            if p is not None:
+                out.append((name, id(p), p.requires_grad, p.shape))
+        for name, child in module._modules.items():
+            if child is not None:
+                out.append(name)
+                stack.append(child)
+    return tuple(out)
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
@@ -327,7 +348,8 @@ class Pruning:
         # their own maxima (and Inf/NaN) before they change anything, block-pruned ones are pooled
         # and checked first; the rest are checked here, before any weight changes.
         kernels = not (defer or hp.use_tpu) and cpu_kernels.available() and not torch.compiler.is_compiling()
-        kernel = {w.name: self._kernel_path(w, joint_names, kernels) for w in weights} if kernels else {}
+        live = {w.name: (w.param, w.mask) for w in weights} if kernels else {}  # one attribute lookup each
+        kernel = {w.name: self._kernel_path(w, joint_names, *live[w.name]) for w in weights} if kernels else {}
         fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
         fused_names = {w.name for w in fused + blocked}
@@ -356,10 +378,10 @@ class Pruning:
             bad: list[_Weight] = []
             try:
                 thresholds, kept_fused = magnitude_update_(
-                    [w.param.detach() for w in fused],
+                    [live[w.name][0].detach() for w in fused],
                     [w.threshold for w in fused],
                     [sparsities[w.name] for w in fused],
-                    [w.mask for w in fused],
+                    [live[w.name][1] for w in fused],
                     method=hp.threshold_method,
                     nbins=hp.nbins,
                     threshold_decay=hp.threshold_decay,
@@ -456,26 +478,24 @@ class Pruning:
         names = sorted((w.name for w in bad), key=order.index)
         raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
 
-    def _kernel_path(self, w: _Weight, joint_names: set[str], kernels: bool) -> str | None:
-        """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, or ``None`` (the eager path).
+    def _kernel_path(self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor) -> str | None:
+        """Which fused CPU kernels update ``w`` (``param``, ``mask``): ``"elementwise"``, ``"block"`` or ``None``.
 
         Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, histogram
-        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M;
-        ``kernels`` says whether the kernels can run at all (built, and not inside ``torch.compile``).
+        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M; ``None``
+        means the eager path.  The caller checks that the kernels can run at all.
         """
         hp = self.hparams
         if not (
-            kernels
-            and hp.prune_option == "weight"
+            hp.prune_option == "weight"
             and (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS)
             and w.name not in joint_names
             and w.nm is None
         ):
             return None
-        param = w.param
         if param.device.type != "cpu" or param.dtype != torch.float32 or not param.is_contiguous():
             return None
-        if not w.mask.is_contiguous():
+        if not mask.is_contiguous():
             return None
         if w.block_dims == (1, 1) or block_view_shape(param.shape) is None:  # blocks need a 2-D view
             return "elementwise"
@@ -546,10 +566,10 @@ class Pruning:
 
     def _check_model(self) -> None:
         """Fail clearly if a pruned weight was replaced or changed shape; warn once about weights added."""
-        params = dict(self.model.named_parameters())
-        signature = tuple((n, id(p), p.requires_grad, p.shape) for n, p in params.items())
+        signature = _structure(self.model)
         if signature == self._model_signature:
-            return  # same parameter objects, shapes and trainability as at the last check
+            return  # same modules, parameter objects, shapes and trainability as at the last check
+        params = dict(self.model.named_parameters())
         for w in self._weights.values():
             if params.get(w.name) is not w.param:
                 raise ValueError(
