@@ -52,6 +52,7 @@ __all__ = [
     "expand_blocks_and_zero",
     "magnitude_update",
     "native_enabled",
+    "release_scratch",
 ]
 
 _log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
         ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
     ]  # fmt: skip
+    lib.lp_release_scratch.restype = None
+    lib.lp_release_scratch.argtypes = []
     lib.lp_block_pool.restype = ctypes.c_int
     lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
     lib.lp_block_expand_zero.restype = ctypes.c_int
@@ -252,6 +255,21 @@ def magnitude_update(
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
     return FusedUpdate(list(thresholds), list(kept), list(passes))
+
+
+def release_scratch() -> None:
+    """Free the calling thread's scratch buffer (the band copies :func:`magnitude_update` keeps between updates).
+
+    The buffer holds a few per cent of the weights' size and is kept so that each update does not
+    page-fault on fresh memory; the next update allocates it again.
+
+    Example::
+
+        >>> release_scratch()  # after training, before a long pause, to give the memory back
+    """
+    lib = _library()
+    if lib is not None:
+        lib.lp_release_scratch()
 
 
 def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple[ctypes.Array, ...]:

@@ -427,3 +427,12 @@ def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkey
         pooled = cpu_kernels.block_pool([fused], [(4, 3)], pooling)
         (t,), _ = block_update_([fused], pooled, [torch.tensor(0.0)], [0.6], [mask], block_dims=[(4, 3)])
         assert torch.equal(t, t_ref) and torch.equal(mask, m_ref) and torch.equal(fused, w * m_ref)
+
+
+@needs_kernels
+def test_the_scratch_can_be_released_and_the_next_update_allocates_it_again():
+    w = torch.randn(100_000)
+    assert_same(w, torch.tensor(0.0), 0.5)
+    cpu_kernels.release_scratch()
+    cpu_kernels.release_scratch()  # twice is harmless
+    assert_same(w, torch.tensor(0.0), 0.7)
