@@ -549,6 +549,12 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
     return 1;
 }
 
+/* The rank (1-based, among the n scores) of the smallest score the threshold depends on: TF's K
+ * for the histogram rule, n - k + 1 for the exact rule's kept count k. */
+static int64_t rank_of(int rule, int64_t target, int64_t n) {
+    return rule == LP_RULE_HISTOGRAM ? target : n - target + 1;
+}
+
 /* The smoothed threshold of one weight and the cut its mask pass compares |w| bits with. */
 static float finish_threshold(float current, float m, float previous, int smooth, float keep_weight,
                               float decay_weight, int rule, int32_t *cut) {
@@ -620,8 +626,6 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     int nt = nthreads < 1 ? 1 : (nthreads > LP_MAX_THREADS ? LP_MAX_THREADS : nthreads);
     if (largest < ((int64_t)1 << 15) * nt) nt = (int)(largest >> 15) + 1; /* >= 32 Ki elements per thread */
     if (nt > nthreads && nthreads >= 1) nt = nthreads;
-    uint32_t *part_max = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(uint32_t));
-    uint32_t *part_min = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(uint32_t));
     int64_t *part_kept = calloc((size_t)LP_MAX_THREADS * nweights, sizeof(int64_t));
     int64_t *counts = calloc((size_t)LP_MAX_THREADS * LP_EDGES, sizeof(int64_t));
     int64_t *found = calloc(LP_MAX_THREADS, sizeof(int64_t));
@@ -637,9 +641,9 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     int32_t *cuts = calloc(nweights, sizeof(int32_t));
     lp_chunk *chunks = calloc((size_t)(total / LP_MASK_CHUNK + nweights + 1), sizeof(lp_chunk));
     int64_t nchunks = 0;
-    if (!done || !cuts || !chunks || !part_max || !part_min || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
+    if (!done || !cuts || !chunks || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
         !scans || !offsets || !resolved || !resolved_current) {
-        free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
+        free(part_kept); free(counts); free(found); free(hist);
         free(max_bits); free(min_bits); free(bands); free(scans); free(offsets); free(resolved);
         free(resolved_current); free(done); free(cuts); free(chunks);
         return -1;
@@ -661,7 +665,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < nweights; w++) {
             const int64_t n = sizes[w], k = targets[w];
-            const int64_t want = rule == LP_RULE_HISTOGRAM ? k : n - k + 1;
+            const int64_t want = rank_of(rule, k, n);
             const int needed = rule == LP_RULE_HISTOGRAM ? (k > 0 && nbins > 1) : (k > 0 && k < n);
             if (!sample || !needed) continue;
             const uint8_t *m = apply && apply[w] ? (const uint8_t *)(intptr_t)masks[w] : NULL;
@@ -714,7 +718,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
                     mine[r] = scans[(size_t)r * nweights + w];
                     parts[r] = band_buffer + offsets[w] + (size_t)r * bands[w].cap;
                 }
-                const int64_t want = rule == LP_RULE_HISTOGRAM ? k : n - k + 1;
+                const int64_t want = rank_of(rule, k, n);
                 resolved[w] = (uint8_t)resolve_band(bands[w], mine, parts, team, m, want, rule, nbins, &resolved_current[w]);
             }
             /* 3. every weight whose threshold is known: thresholds, then one mask pass over all of
@@ -757,13 +761,9 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
                 int64_t k = targets[w];
                 searching = 0;
                 gathering = 0;
-                if (rule == LP_RULE_HISTOGRAM) {
-                    rank = k;
-                    searching = m > 0.0f && k > 0 && nbins > 1 && !resolved[w];
-                } else {
-                    rank = n - k + 1; /* the threshold is the rank-th smallest |w| */
-                    searching = m > 0.0f && k > 0 && k < n && !resolved[w];
-                }
+                rank = rank_of(rule, k, n);
+                if (rule == LP_RULE_HISTOGRAM) searching = m > 0.0f && k > 0 && nbins > 1 && !resolved[w];
+                else searching = m > 0.0f && k > 0 && k < n && !resolved[w];
                 if (searching) {
                     memset(hist, 0, sizeof(int64_t) * (size_t)nbins);
                     sample_histogram(b, n, m, nbins, hist);
@@ -842,7 +842,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             kept[w] = 0;
             for (int r = 0; r < team; r++) kept[w] += part_kept[(size_t)r * nweights + w];
         }
-    free(part_max); free(part_min); free(part_kept); free(counts); free(found); free(hist);
+    free(part_kept); free(counts); free(found); free(hist);
     free(max_bits); free(min_bits); free(gathered); free(bands); free(scans); free(offsets); free(resolved);
     free(resolved_current); free(done); free(cuts); free(chunks);
     return status == -2 ? -1 : status;
@@ -851,6 +851,20 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
 /* ------------------------------------------------------------------ block pruning */
 #define LP_POOL_AVG 0
 #define LP_POOL_MAX 1
+
+typedef struct { /* one weight's matrix and its block grid */
+    int64_t rows, cols, bh, bw, hb, wb;
+    int threads; /* one thread below 32 Ki elements */
+} lp_grid;
+
+static lp_grid grid_of(const int64_t *rows, const int64_t *cols, const int64_t *bhs, const int64_t *bws, int64_t w,
+                       int nthreads) {
+    lp_grid g = {rows[w], cols[w], bhs[w], bws[w], 0, 0, nthreads};
+    g.hb = (g.rows + g.bh - 1) / g.bh;
+    g.wb = (g.cols + g.bw - 1) / g.bw;
+    if (g.rows * g.cols < ((int64_t)1 << 15)) g.threads = 1;
+    return g;
+}
 
 /* Pool |w| of each weight (a rows x cols matrix) over bh x bw blocks that start at row and column
  * 0, into out[w] (hb x wb float32, hb = ceil(rows / bh), wb = ceil(cols / bw)).  An edge block
@@ -863,10 +877,9 @@ int lp_block_pool(int64_t nweights, const int64_t *ptrs, const int64_t *rows, co
     for (int64_t w = 0; w < nweights; w++) {
         const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
         float *out = (float *)(intptr_t)outs[w];
-        const int64_t nr = rows[w], nc = cols[w], bh = bhs[w], bw = bws[w];
-        const int64_t hb = (nr + bh - 1) / bh, wb = (nc + bw - 1) / bw;
-        int nt = nr * nc < ((int64_t)1 << 15) ? 1 : nthreads;
-#pragma omp parallel num_threads(nt)
+        const lp_grid g = grid_of(rows, cols, bhs, bws, w, nthreads);
+        const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, hb = g.hb, wb = g.wb;
+#pragma omp parallel num_threads(g.threads)
         {
             /* Per block row: first down the columns (bh rows into one vector: vectorised), then
              * across each block's columns. */
@@ -927,11 +940,10 @@ int lp_block_expand_zero(int64_t nweights, const int64_t *ptrs, const int64_t *r
         uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
         const uint8_t *bm = (const uint8_t *)(intptr_t)block_masks[w];
         uint8_t *m = (uint8_t *)(intptr_t)masks[w];
-        const int64_t nr = rows[w], nc = cols[w], bh = bhs[w], bw = bws[w];
-        const int64_t hb = (nr + bh - 1) / bh, wb = (nc + bw - 1) / bw;
-        int nt = nr * nc < ((int64_t)1 << 15) ? 1 : nthreads;
+        const lp_grid g = grid_of(rows, cols, bhs, bws, w, nthreads);
+        const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, hb = g.hb, wb = g.wb;
         int64_t total = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : total)
+#pragma omp parallel num_threads(g.threads) reduction(+ : total)
         {
             uint8_t *line = malloc((size_t)nc + 1);
             if (!line) {

@@ -49,6 +49,7 @@ __all__ = [
     "available",
     "block_pool",
     "eligible",
+    "fits",
     "expand_blocks_and_zero",
     "magnitude_update",
     "native_enabled",
@@ -170,29 +171,42 @@ def available() -> bool:
     return _library() is not None
 
 
+def fits(t: Tensor) -> bool:
+    """Whether the kernels can work on ``t`` in place: a contiguous float32 CPU tensor (see also :func:`eligible`)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
 def eligible(t: Tensor) -> bool:
-    """Whether the kernels can work on ``t`` in place: a contiguous float32 CPU tensor, outside ``torch.compile``."""
-    return (
-        t.device.type == "cpu"
-        and t.dtype == torch.float32
-        and t.is_contiguous()
-        and not torch.compiler.is_compiling()
-        and available()
-    )
+    """Whether the kernels can work on ``t`` now: it :func:`fits`, they are built, and not inside ``torch.compile``."""
+    return fits(t) and not torch.compiler.is_compiling() and available()
 
 
-def _checked_library(weights: list[Tensor], masks: list[Tensor]) -> ctypes.CDLL:
-    """The library, once every weight is :func:`eligible` and every mask a bool tensor of its size."""
+def _loaded() -> ctypes.CDLL:
+    """The library, where it can run (built, and not inside ``torch.compile``); else a ``RuntimeError``."""
     lib = _library()
     if lib is None:
         raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
     if torch.compiler.is_compiling():
         raise RuntimeError("lit_prune CPU kernels cannot run inside torch.compile")
+    return lib
+
+
+def _check_weight(i: int, w: Tensor) -> None:
+    if not fits(w):
+        raise ValueError(f"weight {i} must be a contiguous float32 CPU tensor, got {w.dtype} on {w.device}")
+
+
+def _check_mask(i: int, m: Tensor, numel: int) -> None:
+    if m.dtype != torch.bool or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != numel:
+        raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {numel} elements")
+
+
+def _checked_library(weights: list[Tensor], masks: list[Tensor]) -> ctypes.CDLL:
+    """The library, once every weight :func:`fits` and every mask is a bool tensor of its size (raw pointers follow)."""
+    lib = _loaded()
     for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
-        if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
-            raise ValueError(f"weight {i} must be a contiguous float32 CPU tensor, got {w.dtype} on {w.device}")
-        if m.dtype != torch.bool or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != w.numel():
-            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+        _check_weight(i, w)
+        _check_mask(i, m, w.numel())
     return lib
 
 
@@ -275,8 +289,9 @@ def release_scratch() -> None:
 def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple[ctypes.Array, ...]:
     """Pointers, rows, columns and block dims of 2-D weights, as C arrays (after the checks raw pointers need)."""
     for i, (w, (bh, bw)) in enumerate(zip(weights, block_dims, strict=True)):
-        if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
-            raise ValueError(f"weight {i} must be a contiguous 2-D float32 CPU tensor, got {tuple(w.shape)} {w.dtype}")
+        _check_weight(i, w)
+        if w.dim() != 2:
+            raise ValueError(f"weight {i} must be 2-D (a block view), got shape {tuple(w.shape)}")
         if bh < 1 or bw < 1:
             raise ValueError(f"block dims of weight {i} must be positive (resolve -1 first), got {(bh, bw)}")
     return (
@@ -299,9 +314,7 @@ def block_pool(weights: list[Tensor], block_dims: list[tuple[int, int]], pooling
     elements.  ``AVG`` accumulates in float64 and rounds the mean to float32 once.  Inf and NaN
     propagate.  One pass over the weights, which must be contiguous 2-D float32 CPU tensors.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
+    lib = _loaded()
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"pooling must be 'AVG' or 'MAX', got {pooling!r}")
     arrays = _matrices(weights, block_dims)
@@ -323,15 +336,12 @@ def expand_blocks_and_zero(
     ``block_masks`` are ``torch.bool`` tensors of the block grid, ``masks`` contiguous ``torch.bool``
     tensors of each weight's size.  Returns the kept counts.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("lit_prune CPU kernels are not available (no C compiler, or LIT_PRUNE_NATIVE=0)")
+    lib = _loaded()
     arrays = _matrices(weights, block_dims)
     for i, (w, d, b, m) in enumerate(zip(weights, block_dims, block_masks, masks, strict=True)):
         if b.dtype != torch.bool or not b.is_contiguous() or tuple(b.shape) != _block_grid(w, d):
             raise ValueError(f"block mask {i} must be a contiguous torch.bool tensor of shape {_block_grid(w, d)}")
-        if m.dtype != torch.bool or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != w.numel():
-            raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {w.numel()} elements")
+        _check_mask(i, m, w.numel())
     kept = (ctypes.c_int64 * len(weights))()
     status = lib.lp_block_expand_zero(
         len(weights), *arrays, _array(ctypes.c_int64, [b.data_ptr() for b in block_masks]),

@@ -493,9 +493,7 @@ class Pruning:
             and w.nm is None
         ):
             return None
-        if param.device.type != "cpu" or param.dtype != torch.float32 or not param.is_contiguous():
-            return None
-        if not mask.is_contiguous():
+        if not (cpu_kernels.fits(param) and mask.is_contiguous()):
             return None
         if w.block_dims == (1, 1) or block_view_shape(param.shape) is None:  # blocks need a 2-D view
             return "elementwise"
