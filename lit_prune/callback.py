@@ -154,7 +154,7 @@ class PruningCallback(Callback):
         pruning = self._engine()
         if step != self._last_seen_step:  # an optimizer step happened (not a mid-accumulation batch)
             self._last_seen_step = step
-            # An update applies the current masks itself, in the pass that reads each weight's max.
+            # An update applies the current masks itself (see Pruning.mask_update).
             if pruning.conditional_mask_update(step):
                 self._log_update(trainer, pl_module, step)
                 # The progress bar keeps the value until the next update: no per-step logging cost.

@@ -4,12 +4,13 @@ A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, 
 tensors, counts, the mask, the zeroing).  :func:`magnitude_update` does the same work for every
 weight of a model in one call, split across ``torch.get_num_threads()`` threads, in two passes
 over the weights.  A sample of each weight first predicts a narrow band of ``|w|`` around its
-threshold.  The first pass applies each weight's current mask and reads its maximum (and finds Inf
-and NaN before anything else is written), and in the same pass counts the scores below the band
+threshold.  The first pass writes nothing: it reads each weight as its current mask leaves it, takes
+its maximum (and finds Inf and NaN, before anything is written), counts the scores below the band
 and copies those inside it (a few per cent).  TF r1.11-r1.13's threshold bin, or TF r1.14+'s exact
 threshold, then comes from that copy, exactly; where the band missed (checked exactly), a counting
 pass at the float32 bin edges takes over.  The second pass writes the masks and zeroes the pruned
-weights.  :func:`block_pool` and :func:`expand_blocks_and_zero` do the same for block pruning.
+weights (those the current mask prunes too).  :func:`block_pool` and
+:func:`expand_blocks_and_zero` do the same for block pruning.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
 (``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
@@ -227,15 +228,15 @@ def magnitude_update(
 ) -> FusedUpdate:
     """The whole magnitude mask update of every weight, in one call: thresholds, masks, zeroing.
 
-    ``weights`` must be :func:`eligible` and ``masks`` contiguous ``torch.bool`` tensors of the
+    ``weights`` must :func:`fits` and ``masks`` be contiguous ``torch.bool`` tensors of the
     same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.masks.histogram_target_count`) for
     the histogram rule, or the kept counts ``k`` (:func:`lit_prune.masks.topk_count`) when
     ``exact``; ``previous`` the thresholds of the last update and ``decay`` the float32 pair
     ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Where ``apply[i]``
-    is true, weight ``i`` is first multiplied by its current mask (in the pass that finds its
-    maximum), so the update ranks the weights the model uses.  Returns the thresholds, the kept
-    counts and the counting passes each weight needed (0 where the band of its first pass decided
-    the threshold, see ``cpu_kernels.c``).
+    is true, weight ``i`` is ranked as multiplied by its current mask, and the weights that mask
+    prunes are zeroed too (in the mask pass), so the update ranks the weights the model uses.
+    Returns the thresholds, the kept counts and the counting passes each weight needed (0 where
+    the band of its first pass decided the threshold, see ``cpu_kernels.c``).
 
     Raises:
         NonFiniteWeights: a weight holds Inf or NaN (found before anything is written).

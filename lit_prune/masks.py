@@ -345,12 +345,12 @@ def magnitude_update_(
     weights, bit for bit, from :func:`lit_prune.cpu_kernels.magnitude_update`: one pass that
     reads every ``max |w|`` and copies the scores in a predicted band around each threshold,
     which decides it (a counting pass where the band missed), then the mask-and-zero pass.
-    Every weight must be
-    :func:`lit_prune.cpu_kernels.eligible` and each mask a contiguous ``torch.bool`` tensor of
-    its shape.  Where ``apply_current[i]`` is true, weight ``i`` is first multiplied by its
-    current mask (as :meth:`lit_prune.Pruning.apply_mask` would), in the same pass as its
-    maximum.  Returns ``(thresholds, kept counts)``: the new (smoothed) thresholds as one float32
-    vector, and the number of weights each mask keeps.
+    Every weight must :func:`lit_prune.cpu_kernels.fits` and each mask be a contiguous
+    ``torch.bool`` tensor of its shape.  Where ``apply_current[i]`` is true, weight ``i`` is
+    taken as multiplied by its current mask first (as :meth:`lit_prune.Pruning.apply_mask`
+    would); the mask pass zeroes what that mask prunes as well.  Returns ``(thresholds, kept
+    counts)``: the new (smoothed) thresholds as one float32 vector, and the number of weights
+    each mask keeps.
 
     Raises:
         lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say

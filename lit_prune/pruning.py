@@ -313,8 +313,8 @@ class Pruning:
     def mask_update(self, step: int) -> None:
         """Recompute every mask and threshold at ``step`` (unconditionally), then zero pruned weights.
 
-        The current masks are applied first (as :meth:`apply_mask`, in the same pass that reads
-        each weight's maximum on the fused CPU path), so the update ranks the weights the model
+        The current masks are applied first (as :meth:`apply_mask`; the fused CPU path folds them
+        into its mask pass, with the same result), so the update ranks the weights the model
         uses: a weight pruned before is 0 and ranks last, even if an optimizer step moved it since.
         A training loop therefore needs :meth:`apply_mask` only on the steps that do not update.
 
