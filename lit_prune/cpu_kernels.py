@@ -243,6 +243,12 @@ def magnitude_update(
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
+    for field, values in {"targets": targets, "previous": previous, "apply": apply}.items():
+        if values is not None and len(values) != n:
+            raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+    for i, (w, k) in enumerate(zip(weights, targets, strict=True)):
+        if not 0 <= k <= w.numel():
+            raise ValueError(f"`targets[{i}]` must be a count in [0, {w.numel()}], got {k}")
     maxima, thresholds = (ctypes.c_float * n)(), (ctypes.c_float * n)()
     kept, passes = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
     keep_weight, decay_weight = decay if decay is not None else (1.0, 0.0)

@@ -436,3 +436,19 @@ def test_the_scratch_can_be_released_and_the_next_update_allocates_it_again():
     cpu_kernels.release_scratch()
     cpu_kernels.release_scratch()  # twice is harmless
     assert_same(w, torch.tensor(0.0), 0.7)
+
+
+@needs_kernels
+def test_the_kernel_entry_point_refuses_mismatched_arguments():
+    w, mask = torch.randn(100), torch.ones(100, dtype=torch.bool)
+    call = {"exact": False, "nbins": 256, "decay": None}
+    with pytest.raises(ValueError, match=r"`targets` must have one entry per weight \(1\), got 2"):
+        cpu_kernels.magnitude_update([w], [mask], [50, 50], [0.0], **call)
+    with pytest.raises(ValueError, match=r"`apply` must have one entry per weight \(1\), got 0"):
+        cpu_kernels.magnitude_update([w], [mask], [50], [0.0], apply=[], **call)
+    with pytest.raises(ValueError, match=r"`targets\[0\]` must be a count in \[0, 100\], got 101"):
+        cpu_kernels.magnitude_update([w], [mask], [101], [0.0], **call)
+    with pytest.raises(ValueError, match="mask 0 must be a contiguous CPU torch.bool tensor of 100 elements"):
+        cpu_kernels.magnitude_update([w], [mask[:50]], [50], [0.0], **call)
+    with pytest.raises(ValueError, match="weight 0 must be a contiguous float32 CPU tensor"):
+        cpu_kernels.magnitude_update([w.double()], [mask], [50], [0.0], **call)
