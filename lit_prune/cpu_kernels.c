@@ -609,17 +609,21 @@ typedef struct {
  *      threshold, the mask pass.
  *
  * targets[w] is K = min{c : c/n >= s} for the histogram rule, k (the kept count) for the exact
- * rule.  Thresholds are smoothed as t = current * keep_weight + previous * decay_weight in float32
- * (when smooth != 0).  Writes maxima (max |w|, Inf or NaN for a non-finite weight), thresholds,
- * kept counts and the counting passes each weight needed (0: its band decided it).  Returns 0, 1
- * if a weight is not finite (nothing written but maxima), or -1 when out of memory. */
+ * rule.  stored[w] points to weight w's float32 threshold: the previous one, read first, and
+ * overwritten with the new one when the update succeeds.  Thresholds are smoothed as
+ * t = current * keep_weight + previous * decay_weight in float32 (when smooth != 0).  Writes maxima
+ * (max |w|, Inf or NaN for a non-finite weight), thresholds (a copy of the new ones), kept counts
+ * and the counting passes each weight needed (0: its band decided it).  Returns 0, 1 if a weight
+ * is not finite (nothing written but maxima), or -1 when out of memory. */
 int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
-                        const uint8_t *apply, const int64_t *targets, const float *previous, int smooth, float keep_weight,
+                        const uint8_t *apply, const int64_t *targets, const int64_t *stored, int smooth, float keep_weight,
                         float decay_weight, int rule, int64_t nbins, int nthreads, float *maxima,
                         float *thresholds, int64_t *kept, int64_t *passes) {
     int64_t total = 0, largest = 0;
+    float *previous = malloc(sizeof(float) * (size_t)(nweights > 0 ? nweights : 1));
     for (int64_t w = 0; w < nweights; w++) {
         passes[w] = 0;
+        if (previous) previous[w] = *(const float *)(intptr_t)stored[w];
         total += sizes[w];
         largest = sizes[w] > largest ? sizes[w] : largest;
     }
@@ -641,11 +645,11 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     int32_t *cuts = calloc(nweights, sizeof(int32_t));
     lp_chunk *chunks = calloc((size_t)(total / LP_MASK_CHUNK + nweights + 1), sizeof(lp_chunk));
     int64_t nchunks = 0;
-    if (!done || !cuts || !chunks || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
+    if (!previous || !done || !cuts || !chunks || !part_kept || !counts || !found || !hist || !max_bits || !min_bits || !bands ||
         !scans || !offsets || !resolved || !resolved_current) {
         free(part_kept); free(counts); free(found); free(hist);
         free(max_bits); free(min_bits); free(bands); free(scans); free(offsets); free(resolved);
-        free(resolved_current); free(done); free(cuts); free(chunks);
+        free(resolved_current); free(done); free(cuts); free(chunks); free(previous);
         return -1;
     }
     /* Shared between the threads; written only inside `single` blocks (each ends in a barrier). */
@@ -839,12 +843,13 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     }
     if (status == 0)
         for (int64_t w = 0; w < nweights; w++) {
+            *(float *)(intptr_t)stored[w] = thresholds[w];
             kept[w] = 0;
             for (int r = 0; r < team; r++) kept[w] += part_kept[(size_t)r * nweights + w];
         }
     free(part_kept); free(counts); free(found); free(hist);
     free(max_bits); free(min_bits); free(gathered); free(bands); free(scans); free(offsets); free(resolved);
-    free(resolved_current); free(done); free(cuts); free(chunks);
+    free(resolved_current); free(done); free(cuts); free(chunks); free(previous);
     return status == -2 ? -1 : status;
 }
 

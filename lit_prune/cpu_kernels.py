@@ -22,8 +22,9 @@ Example::
 
     >>> w, mask = torch.linspace(-1, 1, 1 << 17), torch.ones(1 << 17, dtype=torch.bool)
     >>> if available():  # TF's histogram rule at 50 %: K = 2**16, threshold bin 127 of 256
-    ...     found = magnitude_update([w], [mask], [1 << 16], [0.0], exact=False, nbins=256, decay=None)
-    ...     assert found.thresholds == [127 / 256] and found.kept == [int((w != 0).sum())]
+    ...     threshold = torch.zeros(())  # the last update's threshold, replaced by the new one
+    ...     found = magnitude_update([w], [mask], [1 << 16], [threshold], exact=False, nbins=256, decay=None)
+    ...     assert found.thresholds == [127 / 256] == [threshold.item()] and found.kept == [int((w != 0).sum())]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "magnitude_update",
     "native_enabled",
     "release_scratch",
+    "threshold_fits",
 ]
 
 _log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give the library's functions their C signatures."""
     lib.lp_magnitude_update.restype = ctypes.c_int
     lib.lp_magnitude_update.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _F32P, ctypes.c_int, ctypes.c_float,
+        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, ctypes.c_int, ctypes.c_float,
         ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
     ]  # fmt: skip
     lib.lp_release_scratch.restype = None
@@ -202,6 +204,11 @@ def _check_mask(i: int, m: Tensor, numel: int) -> None:
         raise ValueError(f"mask {i} must be a contiguous CPU torch.bool tensor of {numel} elements")
 
 
+def threshold_fits(t: Tensor) -> bool:
+    """Whether :func:`magnitude_update` can read and write threshold ``t`` in place: one float32 on the CPU."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1
+
+
 def _checked_library(weights: list[Tensor], masks: list[Tensor]) -> ctypes.CDLL:
     """The library, once every weight :func:`fits` and every mask is a bool tensor of its size (raw pointers follow)."""
     lib = _loaded()
@@ -219,7 +226,7 @@ def magnitude_update(
     weights: list[Tensor],
     masks: list[Tensor],
     targets: list[int],
-    previous: list[float],
+    thresholds: list[Tensor],
     *,
     exact: bool,
     nbins: int,
@@ -231,7 +238,9 @@ def magnitude_update(
     ``weights`` must :func:`fits` and ``masks`` be contiguous ``torch.bool`` tensors of the
     same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.masks.histogram_target_count`) for
     the histogram rule, or the kept counts ``k`` (:func:`lit_prune.masks.topk_count`) when
-    ``exact``; ``previous`` the thresholds of the last update and ``decay`` the float32 pair
+    ``exact``.  ``thresholds`` hold the last update's thresholds, one float32 CPU element each
+    (:func:`threshold_fits`); they are overwritten with the new ones (not on error), as the masks
+    are.  ``decay`` is the float32 pair
     ``(1 - threshold_decay, threshold_decay)`` (``None``: no moving average).  Where ``apply[i]``
     is true, weight ``i`` is ranked as multiplied by its current mask, and the weights that mask
     prunes are zeroed too (in the mask pass), so the update ranks the weights the model uses.
@@ -243,13 +252,17 @@ def magnitude_update(
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
-    for field, values in {"targets": targets, "previous": previous, "apply": apply}.items():
+    for field, values in {"targets": targets, "thresholds": thresholds, "apply": apply}.items():
         if values is not None and len(values) != n:
             raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+    for i, t in enumerate(thresholds):
+        if not threshold_fits(t):
+            got = f"{t.dtype} of shape {tuple(t.shape)} on {t.device}"
+            raise ValueError(f"`thresholds[{i}]` must be one float32 element on the CPU, got {got}")
     for i, (w, k) in enumerate(zip(weights, targets, strict=True)):
         if not 0 <= k <= w.numel():
             raise ValueError(f"`targets[{i}]` must be a count in [0, {w.numel()}], got {k}")
-    maxima, thresholds = (ctypes.c_float * n)(), (ctypes.c_float * n)()
+    maxima, found = (ctypes.c_float * n)(), (ctypes.c_float * n)()
     kept, passes = (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
     keep_weight, decay_weight = decay if decay is not None else (1.0, 0.0)
     status = lib.lp_magnitude_update(
@@ -259,7 +272,7 @@ def magnitude_update(
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         None if apply is None else bytes(bytearray(int(bool(a)) for a in apply)),
         _array(ctypes.c_int64, targets),
-        _array(ctypes.c_float, previous),
+        _array(ctypes.c_int64, [t.data_ptr() for t in thresholds]),  # read, then overwritten
         int(decay is not None),
         keep_weight,
         decay_weight,
@@ -267,7 +280,7 @@ def magnitude_update(
         256 if exact else nbins,
         torch.get_num_threads(),
         maxima,
-        thresholds,
+        found,
         kept,
         passes,
     )
@@ -275,7 +288,7 @@ def magnitude_update(
         raise MemoryError("lit_prune CPU kernels: out of memory")
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
-    return FusedUpdate(list(thresholds), list(kept), list(passes))
+    return FusedUpdate(list(found), list(kept), list(passes))
 
 
 def release_scratch() -> None:

@@ -329,7 +329,7 @@ def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
 @torch.no_grad()
 def magnitude_update_(
     weights: list[Tensor],
-    previous_thresholds: list[Tensor],
+    thresholds: list[Tensor],
     sparsities: list[float],
     masks: list[Tensor],
     *,
@@ -348,9 +348,10 @@ def magnitude_update_(
     Every weight must :func:`lit_prune.cpu_kernels.fits` and each mask be a contiguous
     ``torch.bool`` tensor of its shape.  Where ``apply_current[i]`` is true, weight ``i`` is
     taken as multiplied by its current mask first (as :meth:`lit_prune.Pruning.apply_mask`
-    would); the mask pass zeroes what that mask prunes as well.  Returns ``(thresholds, kept
-    counts)``: the new (smoothed) thresholds as one float32 vector, and the number of weights
-    each mask keeps.
+    would); the mask pass zeroes what that mask prunes as well.  ``thresholds`` (0-d tensors)
+    hold the last update's thresholds and receive the new (smoothed) ones, in place, as the masks
+    do.  Returns ``(thresholds, kept counts)``: the new thresholds as one float32 vector, and the
+    number of weights each mask keeps.
 
     Raises:
         lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
@@ -359,24 +360,31 @@ def magnitude_update_(
     Example::
 
         >>> w, mask = torch.tensor([-4.0, 3.0, -2.0, 1.0]), torch.ones(4, dtype=torch.bool)
+        >>> threshold = torch.tensor(0.0)
         >>> if cpu_kernels.eligible(w):
-        ...     thresholds, kept = magnitude_update_([w], [torch.tensor(0.0)], [0.5], [mask])
+        ...     thresholds, kept = magnitude_update_([w], [threshold], [0.5], [mask])
         ...     assert kept == [2] and mask.tolist() == [True, True, False, False] and w.tolist() == [-4.0, 3.0, 0, 0]
+        ...     assert threshold == thresholds[0]  # updated in place
     """
     if method not in ("histogram", "exact"):
         raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
     count = histogram_target_count if method == "histogram" else topk_count
     decay = None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
+    # The kernel reads and writes float32 CPU thresholds in place; others go through a float32 copy.
+    stored = [t if cpu_kernels.threshold_fits(t) else t.detach().to("cpu", torch.float32) for t in thresholds]
     found = cpu_kernels.magnitude_update(
         weights,
         masks,
         [count(w.numel(), float(s)) for w, s in zip(weights, sparsities, strict=True)],
-        [float(t) for t in previous_thresholds],  # float32 values: exact as doubles, and back
+        stored,
         exact=method == "exact",
         nbins=nbins,
         decay=decay,
         apply=apply_current,
     )
+    for threshold, copy in zip(thresholds, stored, strict=True):
+        if copy is not threshold:
+            threshold.copy_(copy)
     return torch.tensor(found.thresholds, dtype=torch.float32), found.kept
 
 
@@ -384,7 +392,7 @@ def magnitude_update_(
 def block_update_(
     weights: list[Tensor],
     pooled: list[Tensor],
-    previous_thresholds: list[Tensor],
+    thresholds: list[Tensor],
     sparsities: list[float],
     masks: list[Tensor],
     *,
@@ -400,7 +408,7 @@ def block_update_(
     :func:`compute_mask` with the same blocks (they live in pooled space, as in TF), found by
     :func:`magnitude_update_` on the pooled scores; each block mask is then expanded over its
     block and the pruned weights are zeroed in one pass.  ``weights`` and ``masks`` are the 2-D
-    views.  Returns ``(thresholds, kept counts)``.
+    views; ``thresholds`` receive the new ones in place.  Returns ``(thresholds, kept counts)``.
 
     Example::
 
@@ -412,16 +420,16 @@ def block_update_(
         ...     assert kept == [4] and w.tolist() == [[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.0]]
     """
     block_masks = [torch.empty(p.shape, dtype=torch.bool) for p in pooled]
-    thresholds, _ = magnitude_update_(
+    found, _ = magnitude_update_(
         pooled,
-        previous_thresholds,
+        thresholds,
         sparsities,
         block_masks,
         method=method,
         nbins=nbins,
         threshold_decay=threshold_decay,
     )
-    return thresholds, cpu_kernels.expand_blocks_and_zero(weights, block_dims, block_masks, masks)
+    return found, cpu_kernels.expand_blocks_and_zero(weights, block_dims, block_masks, masks)
 
 
 def _smoothed_threshold_and_cut(

@@ -76,12 +76,13 @@ class _Weight:
 
     @property
     def param(self) -> nn.Parameter:
-        return getattr(self.module, self.param_name)
+        found = self.module._parameters.get(self.param_name)  # what getattr finds, without Module.__getattr__
+        return found if found is not None else getattr(self.module, self.param_name)
 
     @property
     def mask(self) -> Tensor:
         if self.buffer_names is not None:
-            return getattr(self.module, self.buffer_names[0])
+            return self._buffer(self.buffer_names[0])
         assert self.plain_mask is not None and self.plain_threshold is not None
         device = self.param.device
         if self.plain_mask.device != device:  # the model moved: masks follow
@@ -93,13 +94,26 @@ class _Weight:
                 self.plain_threshold = self.plain_threshold.to(device)
         return self.plain_mask
 
+    def tensors(self) -> tuple[nn.Parameter, Tensor, Tensor]:
+        """``(param, mask, threshold)`` in one lookup (the plain layers' state moved with the model)."""
+        param = self.param
+        if self.buffer_names is not None:
+            return param, self._buffer(self.buffer_names[0]), self._buffer(self.buffer_names[1])
+        if self.plain_mask is not None and self.plain_mask.device == param.device:
+            return param, self.plain_mask, self.plain_threshold  # type: ignore[return-value]
+        return param, self.mask, self.threshold
+
     @property
     def threshold(self) -> Tensor:
         if self.buffer_names is not None:
-            return getattr(self.module, self.buffer_names[1])
+            return self._buffer(self.buffer_names[1])
         self.mask  # noqa: B018 - moves both if the model moved
         assert self.plain_threshold is not None
         return self.plain_threshold
+
+    def _buffer(self, name: str) -> Tensor:
+        found = self.module._buffers.get(name)
+        return found if found is not None else getattr(self.module, name)
 
 
 def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
@@ -348,8 +362,8 @@ class Pruning:
         # their own maxima (and Inf/NaN) before they change anything, block-pruned ones are pooled
         # and checked first; the rest are checked here, before any weight changes.
         kernels = not (defer or hp.use_tpu) and cpu_kernels.available() and not torch.compiler.is_compiling()
-        live = {w.name: (w.param, w.mask) for w in weights} if kernels else {}  # one attribute lookup each
-        kernel = {w.name: self._kernel_path(w, joint_names, *live[w.name]) for w in weights} if kernels else {}
+        live = {w.name: w.tensors() for w in weights} if kernels else {}  # one lookup each
+        kernel = {w.name: self._kernel_path(w, joint_names, *live[w.name][:2]) for w in weights} if kernels else {}
         fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
         fused_names = {w.name for w in fused + blocked}
@@ -358,7 +372,7 @@ class Pruning:
         self._apply_masks(skip={w.name for w in fused})
         weights = [w for w in weights if w.name not in fused_names]
         maxima = _abs_maxima([w.param for w in weights]) if weights else []
-        finite = torch.isfinite(torch.stack(maxima)) if weights else torch.ones(0, dtype=torch.bool)
+        finite = torch.isfinite(torch.stack(maxima)) if weights else None  # None: every weight took the kernels
         if defer:  # accelerators: no host read; the check is read back later, and bad weights keep their masks
             self._queue_nonfinite_check(finite, step, [w.name for w in weights])
         elif not hp.use_tpu and weights:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
@@ -377,9 +391,9 @@ class Pruning:
         if fused:
             bad: list[_Weight] = []
             try:
-                thresholds, kept_fused = magnitude_update_(
+                _, kept_fused = magnitude_update_(  # writes the thresholds in place
                     [live[w.name][0].detach() for w in fused],
-                    [w.threshold for w in fused],
+                    [live[w.name][2] for w in fused],
                     [sparsities[w.name] for w in fused],
                     [live[w.name][1] for w in fused],
                     method=hp.threshold_method,
@@ -391,14 +405,12 @@ class Pruning:
                 bad = [fused[i] for i in error.indices]
             if bad:
                 self._raise_nonfinite(bad, [], step)
-            for w, threshold, kept in zip(fused, thresholds.tolist(), kept_fused, strict=True):
-                w.threshold.fill_(threshold)
-                kept_by_name[w.name] = kept
+            kept_by_name.update(zip([w.name for w in fused], kept_fused, strict=True))
         if blocked:
-            thresholds, kept_blocked = block_update_(
+            _, kept_blocked = block_update_(  # writes the thresholds in place
                 views,
                 pooled,
-                [w.threshold for w in blocked],
+                [live[w.name][2] for w in blocked],
                 [sparsities[w.name] for w in blocked],
                 [w.mask.view(v.shape) for w, v in zip(blocked, views, strict=True)],
                 block_dims=dims,
@@ -406,9 +418,7 @@ class Pruning:
                 nbins=hp.nbins,
                 threshold_decay=hp.threshold_decay,
             )
-            for w, threshold, kept in zip(blocked, thresholds.tolist(), kept_blocked, strict=True):
-                w.threshold.fill_(threshold)
-                kept_by_name[w.name] = kept
+            kept_by_name.update(zip([w.name for w in blocked], kept_blocked, strict=True))
         staged: Tensor | None = None  # deferred checks: new masks land here first
 
         def target(w: _Weight) -> Tensor:
@@ -465,7 +475,8 @@ class Pruning:
             if weights:  # the fused kernels counted theirs
                 kept = torch.stack([torch.count_nonzero(w.mask) for w in weights]).tolist()  # cheaper than .all()
                 kept_by_name.update(zip([w.name for w in weights], kept, strict=True))
-            self._dense = {name: kept_by_name[name] == w.mask.numel() for name, w in self._weights.items()}
+            size = {name: t[1].numel() for name, t in live.items()}  # masks looked up once already
+            self._dense = {n: kept_by_name[n] == size.get(n, w.mask.numel()) for n, w in self._weights.items()}
         self.last_update_step = step
         self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
 

@@ -37,8 +37,9 @@ def fused_update(w: torch.Tensor, previous: torch.Tensor, sparsity: float, nbins
     w = w.clone()
     mask = torch.ones_like(w, dtype=torch.bool)
     (threshold,), (kept,) = magnitude_update_(
-        [w], [previous], [sparsity], [mask], method=method, nbins=nbins, threshold_decay=decay
+        [w], [stored := previous.clone()], [sparsity], [mask], method=method, nbins=nbins, threshold_decay=decay
     )
+    assert torch.equal(stored, threshold)  # written in place too
     assert kept == int(mask.sum())
     return threshold, mask, w
 
@@ -93,7 +94,13 @@ def passes(w: torch.Tensor, sparsity: float, method: str = "histogram") -> list[
     count = histogram_target_count if method == "histogram" else topk_count
     mask = torch.ones(w.shape, dtype=torch.bool)
     found = cpu_kernels.magnitude_update(
-        [w.clone()], [mask], [count(w.numel(), sparsity)], [0.0], exact=method == "exact", nbins=256, decay=None
+        [w.clone()],
+        [mask],
+        [count(w.numel(), sparsity)],
+        [torch.zeros(())],
+        exact=method == "exact",
+        nbins=256,
+        decay=None,
     )
     return found.passes
 
@@ -362,8 +369,9 @@ def test_fused_block_update_equals_eager(shape, block, pooling, kind, sparsity, 
     t_ref, m_ref, _ = compute_mask(w.abs(), previous, sparsity, block_dims=block, pooling=pooling, **options)
     fused, mask = w.clone().reshape(view), torch.ones(view, dtype=torch.bool)
     pooled = cpu_kernels.block_pool([fused], [dims], pooling)
-    (t,), (kept,) = block_update_([fused], pooled, [previous], [sparsity], [mask], block_dims=[dims], **options)
-    assert torch.equal(t, t_ref)
+    stored = previous.clone()
+    (t,), (kept,) = block_update_([fused], pooled, [stored], [sparsity], [mask], block_dims=[dims], **options)
+    assert torch.equal(t, t_ref) and torch.equal(stored, t_ref)
     assert torch.equal(mask.reshape(shape), m_ref) and kept == int(m_ref.sum())
     assert torch.equal(fused.reshape(shape), w * m_ref)
 
@@ -442,13 +450,31 @@ def test_the_scratch_can_be_released_and_the_next_update_allocates_it_again():
 def test_the_kernel_entry_point_refuses_mismatched_arguments():
     w, mask = torch.randn(100), torch.ones(100, dtype=torch.bool)
     call = {"exact": False, "nbins": 256, "decay": None}
+    zero = [torch.zeros(())]
     with pytest.raises(ValueError, match=r"`targets` must have one entry per weight \(1\), got 2"):
-        cpu_kernels.magnitude_update([w], [mask], [50, 50], [0.0], **call)
+        cpu_kernels.magnitude_update([w], [mask], [50, 50], zero, **call)
     with pytest.raises(ValueError, match=r"`apply` must have one entry per weight \(1\), got 0"):
-        cpu_kernels.magnitude_update([w], [mask], [50], [0.0], apply=[], **call)
+        cpu_kernels.magnitude_update([w], [mask], [50], zero, apply=[], **call)
     with pytest.raises(ValueError, match=r"`targets\[0\]` must be a count in \[0, 100\], got 101"):
-        cpu_kernels.magnitude_update([w], [mask], [101], [0.0], **call)
+        cpu_kernels.magnitude_update([w], [mask], [101], zero, **call)
     with pytest.raises(ValueError, match="mask 0 must be a contiguous CPU torch.bool tensor of 100 elements"):
-        cpu_kernels.magnitude_update([w], [mask[:50]], [50], [0.0], **call)
+        cpu_kernels.magnitude_update([w], [mask[:50]], [50], zero, **call)
     with pytest.raises(ValueError, match="weight 0 must be a contiguous float32 CPU tensor"):
-        cpu_kernels.magnitude_update([w.double()], [mask], [50], [0.0], **call)
+        cpu_kernels.magnitude_update([w.double()], [mask], [50], zero, **call)
+    with pytest.raises(ValueError, match=r"`thresholds\[0\]` must be one float32 element on the CPU"):
+        cpu_kernels.magnitude_update([w], [mask], [50], [torch.zeros((), dtype=torch.float64)], **call)
+    with pytest.raises(ValueError, match=r"`thresholds` must have one entry per weight \(1\), got 2"):
+        cpu_kernels.magnitude_update([w], [mask], [50], zero * 2, **call)
+
+
+@needs_kernels
+def test_thresholds_are_written_in_place_only_when_the_update_succeeds():
+    w, mask = torch.linspace(-1, 1, 4096), torch.ones(4096, dtype=torch.bool)
+    wide = torch.tensor(0.25, dtype=torch.float64)  # not float32: updated through a float32 copy
+    (found,), _ = magnitude_update_([w.clone()], [wide], [0.5], [mask.clone()], threshold_decay=0.5)
+    assert wide.dtype == torch.float64 and wide.item() == found.item()
+    stored, bad = torch.tensor(0.25), w.clone()
+    bad[100] = float("nan")
+    with pytest.raises(cpu_kernels.NonFiniteWeights):
+        magnitude_update_([bad], [stored], [0.5], [mask.clone()], threshold_decay=0.5)
+    assert stored.item() == 0.25
