@@ -279,16 +279,17 @@ static int64_t gather_block(const uint32_t *b, int64_t n, int32_t low, int32_t h
 }
 
 /* ---------------------------------------------------------------- the band: max, count, gather in one pass
- * Before the first pass a sample of each weight predicts where its threshold lies, as a band
- * [lo, hi) of |w| bits wide enough (4 sigma of the sample's rank error, plus 2 bins of margin) to
- * hold the bin edges that decide it.  The first pass then counts the scores below the band and
- * copies those inside it (a few per cent) while it reads the maximum; the threshold comes from
- * that copy, exactly, with no counting pass.  If the band missed (checked exactly), the weight
- * takes the counting pass after all. */
+ * Both rules need one order statistic of the scores, the rank-th smallest x: the exact rule's
+ * threshold is x itself, and TF's histogram bin is j = #{i : C_i < K} = bin(x) for rank K (the
+ * cumulative counts C_i reach K first at the bin of the K-th smallest score, as bin() does not
+ * decrease with the score).  Before the first pass a sample of each weight predicts where x lies,
+ * as a band [lo, hi) of |w| bits (4 sigma of the sample's rank error either side).  The first pass
+ * counts the scores below the band and copies those inside it (a few per cent) while it reads the
+ * maximum; x comes from that copy, exactly, with no counting pass over the weight.  If the band
+ * missed (checked exactly), the weight takes the counting pass after all. */
 #define LP_BAND_SIGMAS 4.0
-#define LP_BAND_MARGIN_BINS 2.0f
 #define LP_BAND_RUN 256 /* the band's sample: runs of 256 elements (1 KiB, one page), ... */
-#define LP_BAND_RUNS 32 /* ... about 32 of them (8 Ki elements) per weight */
+#define LP_BAND_RUNS 32 /* ... up to 32 of them (8 Ki elements) per weight, from 2 Mi elements up */
 #define LP_SAMPLE_CAP ((LP_BAND_RUNS + 4) * LP_BAND_RUN)
 
 #ifdef __AVX2__
@@ -315,9 +316,14 @@ typedef struct { /* one thread's share of the first pass over one weight */
 } lp_scan;
 
 /* The band's sample (runs of LP_BAND_RUN elements spread over the weight: few pages to touch, as
- * it reads cold memory), masked by m where given. */
+ * it reads cold memory), masked by m where given.  Smaller weights take fewer runs, down to 4: the
+ * sample costs its size, the band's copy the weight's size over the square root of it, so the
+ * cheapest sample grows as n^(2/3). */
 static int64_t sample_values(const uint32_t *b, const uint8_t *m, int64_t n, uint32_t *out) {
-    int64_t taken = 0, stride = n / LP_BAND_RUNS;
+    const double ratio = (double)n / (double)(1 << 21);
+    int64_t runs = LP_BAND_RUNS; /* runs = 32 (n / 2 Mi)^(2/3), at least 4 */
+    while (runs > 4 && (double)(runs * runs * runs) > 32768.0 * ratio * ratio) runs--;
+    int64_t taken = 0, stride = n / runs;
     stride = stride < LP_BAND_RUN ? LP_BAND_RUN : stride;
     for (int64_t s = 0; s < n && taken + LP_BAND_RUN <= LP_SAMPLE_CAP; s += stride) {
         int64_t len = n - s < LP_BAND_RUN ? n - s : LP_BAND_RUN;
@@ -327,12 +333,23 @@ static int64_t sample_values(const uint32_t *b, const uint8_t *m, int64_t n, uin
     return taken;
 }
 
-/* The band of one weight from its sample, for the rank-th smallest score of n.  The sample's order
- * statistics at rank +- LP_BAND_SIGMAS standard deviations are read from a histogram of its |w|
- * bits by their top bits (buckets 1/16 of an octave wide), rounded outwards to bucket bounds. */
-#define LP_BUCKET_SHIFT 19 /* 8 exponent bits and 4 mantissa bits: 4096 buckets */
-static lp_band band_of_sample(const uint32_t *sample, int64_t taken, int64_t n, int64_t rank, int rule,
-                              int64_t nbins, uint32_t *buckets) {
+#define LP_BUCKET_SHIFT 19 /* the sample's histogram: 8 exponent bits and 4 mantissa bits, 4096 buckets */
+
+/* The r-th smallest (0-based) of the sample, given the histogram of its top bits: the bucket
+ * holding it (seen: how many lie in the buckets below) is gathered into `into` and selected in. */
+static uint32_t sample_order_statistic(const uint32_t *sample, int64_t taken, const uint32_t *buckets, int64_t r,
+                                       uint32_t *into) {
+    int64_t seen = 0, k = 0;
+    while (seen + buckets[k] <= r) seen += buckets[k++];
+    int64_t filled = 0;
+    for (int64_t i = 0; i < taken; i++) into[filled] = sample[i], filled += (int64_t)(sample[i] >> LP_BUCKET_SHIFT) == k;
+    return select_kth(into, filled, r - seen);
+}
+
+/* The band of one weight from its sample, for the rank-th smallest score of n: from the sample's
+ * order statistics at rank +- LP_BAND_SIGMAS standard deviations (and 2), found through a
+ * histogram of its |w| bits by their top bits, then a selection in the bucket holding each. */
+static lp_band band_of_sample(const uint32_t *sample, int64_t taken, int64_t n, int64_t rank, uint32_t *buckets) {
     lp_band band = {0, 0, 0};
     if (taken < 1 || rank < 1 || rank > n) return band;
     const double q = (double)rank / (double)n, pos = q * (double)taken;
@@ -342,25 +359,12 @@ static lp_band band_of_sample(const uint32_t *sample, int64_t taken, int64_t n, 
     r_hi = r_hi < 0 ? 0 : (r_hi > taken - 1 ? taken - 1 : r_hi);
     const int nb = 1 << (31 - LP_BUCKET_SHIFT);
     memset(buckets, 0, sizeof(uint32_t) * (size_t)nb);
-    uint32_t top = 0u;
-    for (int64_t i = 0; i < taken; i++) {
-        buckets[sample[i] >> LP_BUCKET_SHIFT]++;
-        top = sample[i] > top ? sample[i] : top;
-    }
-    int64_t seen = 0, b_lo = -1, b_hi = -1; /* the buckets holding order statistics r_lo and r_hi */
-    for (int64_t k = 0; k < nb && b_hi < 0; k++) {
-        seen += buckets[k];
-        if (b_lo < 0 && seen > r_lo) b_lo = k;
-        if (seen > r_hi) b_hi = k;
-    }
-    float lo = from_bits((uint32_t)b_lo << LP_BUCKET_SHIFT), hi = from_bits((uint32_t)(b_hi + 1) << LP_BUCKET_SHIFT);
-    if (rule == LP_RULE_HISTOGRAM) { /* the two edges around the threshold lie within a bin of it */
-        const float margin = from_bits(top) / (float)nbins * LP_BAND_MARGIN_BINS;
-        lo -= margin;
-        hi += margin;
-    }
-    band.lo = r_lo == 0 || !(lo > 0.0f) ? 1 : (int32_t)to_bits(lo); /* zeros always count below */
-    band.hi = r_hi == taken - 1 || !(hi < INFINITY) ? (int32_t)LP_FINITE_LIMIT : (int32_t)to_bits(hi);
+    for (int64_t i = 0; i < taken; i++) buckets[sample[i] >> LP_BUCKET_SHIFT]++;
+    uint32_t *into = buckets + nb; /* room for the sample */
+    const uint32_t lo = r_lo == 0 ? 0u : sample_order_statistic(sample, taken, buckets, r_lo, into);
+    const uint32_t hi = r_hi == taken - 1 ? LP_FINITE_LIMIT : sample_order_statistic(sample, taken, buckets, r_hi, into) + 1u;
+    band.lo = lo == 0u ? 1 : (int32_t)lo; /* zeros always count below */
+    band.hi = hi >= LP_FINITE_LIMIT ? (int32_t)LP_FINITE_LIMIT : (int32_t)hi;
     if (band.hi <= band.lo) return band;
     int64_t inside = 0; /* the sample's share inside the band, doubled, sizes the copy */
     for (int64_t i = 0; i < taken; i++) inside += (int32_t)sample[i] >= band.lo && (int32_t)sample[i] < band.hi;
@@ -470,8 +474,8 @@ static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band b
     out->overflow = overflow;
 }
 
-/* The current threshold of one weight from its band, if the band holds what decides it: TF's
- * histogram bin j (the threshold j / nbins * m) or the exact rule's rank-th smallest score.
+/* The current threshold of one weight from its band, if the band holds the rank-th smallest score
+ * x: the exact rule's x, or TF's j / nbins * m with j = bin(x) (see the band's comment above).
  * Returns 1 and writes *current, or 0 (the band missed: count instead). */
 static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *parts, int team, float m, int64_t rank,
                         int rule, int64_t nbins, float *current) {
@@ -482,8 +486,13 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
         below += scans[r].below;
         inside += scans[r].count;
     }
+    if (rank <= below) { /* x is below the band: known only where that holds zeros alone (x = 0, j = 0) */
+        if (band.lo != 1) return 0;
+        *current = 0.0f;
+        return 1;
+    }
+    if (rank > below + inside) return 0;
     if (rule == LP_RULE_EXACT) {
-        if (!(below < rank && rank <= below + inside)) return 0;
         /* Narrow [low, high) (#{x < low} < rank <= #{x < high}) by counting at 8 points per pass
          * over the copies until a few thousand remain, then select among those. */
         int64_t low = band.lo, high = band.hi, c_low = below, c_high = below + inside;
@@ -515,37 +524,22 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
         free(few);
         return ok;
     }
-    /* Edges e_i (1 <= i <= nbins - 1) inside [lo, hi]: f(i) = #{x < e_i} = C_{i-1} there. */
-    const float lo = from_bits((uint32_t)band.lo);
-    if (!(lo < m)) return 0;
-    int64_t first = tf_bin(lo, m, nbins);
-    first = first >= 1 && bin_edge(m, first, nbins) == band.lo ? first : first + 1;
-    int64_t last = nbins - 1;
-    if ((uint32_t)band.hi < LP_FINITE_LIMIT && from_bits((uint32_t)band.hi) < m) last = tf_bin(from_bits((uint32_t)band.hi), m, nbins);
-    if (first < 1) first = 1;
-    if (first > last) return 0;
-    /* Count the copies below up to LP_EDGES edges per pass, from the band's first edge up, until
-     * f(i) reaches K: then j = i - 1 (f(first) >= K needs first = 1: j = 0; f < K everywhere
-     * needs last = nbins - 1: j = nbins - 1). */
-    int64_t j = -1;
-    for (int64_t start = first; start <= last && j < 0; start += LP_EDGES) {
+    /* j = bin(x) lies in [first, last], the bins of the band's ends, and is the largest i there
+     * with #{scores < e_i} < rank (f(e_first) <= below < rank, as e_first <= lo).  The copies are
+     * counted below up to LP_EDGES edges per pass, from e_{first+1} up, until the count reaches
+     * the rank: one pass for a band a few bins wide. */
+    const float top = from_bits((uint32_t)band.hi - 1u) < m ? from_bits((uint32_t)band.hi - 1u) : m;
+    const int64_t first = tf_bin(from_bits((uint32_t)band.lo), m, nbins), last = tf_bin(top, m, nbins);
+    int64_t j = first;
+    for (int64_t start = first + 1; start <= last && j == start - 1; start += LP_EDGES) {
         int32_t edges[LP_EDGES];
         int64_t acc[LP_EDGES] = {0};
         const int64_t width = last - start + 1 < LP_EDGES ? last - start + 1 : LP_EDGES;
         for (int k = 0; k < LP_EDGES; k++) edges[k] = k < width ? bin_edge(m, start + k, nbins) : INT32_MAX;
         for (int r = 0; r < team; r++) count_block(parts[r], scans[r].count, edges, acc);
-        for (int k = 0; k < width; k++) {
-            if (below + acc[k] < rank) continue;
-            if (start + k == first && first != 1) return 0; /* the threshold lies below the band */
-            j = start + k - 1;
-            break;
-        }
+        for (int k = 0; k < width && below + acc[k] < rank; k++) j = start + k;
     }
-    if (j < 0) {
-        if (last != nbins - 1) return 0; /* above it */
-        j = nbins - 1;
-    }
-    *current = (float)j / (float)nbins * m;
+    *current = (float)j / (float)nbins * m; /* the histogram rule's bin j */
     return 1;
 }
 
@@ -597,8 +591,8 @@ typedef struct {
  *      multiplied by its current mask where apply[w] (apply may be NULL), max and min, the count
  *      below its band and the scores inside it; any Inf or NaN (masked or not) stops here, with
  *      nothing changed;
- *   2. each weight's threshold from its band, exactly (TF's histogram bin j, or the exact rule's
- *      rank-th smallest score), where the band holds what decides it;
+ *   2. each weight's threshold from its band, exactly, where the band holds the rank-th smallest
+ *      score x (the exact rule's threshold; TF's histogram bin j = bin(x));
  *   3. for every weight whose threshold is known (from its band, or needing no search): the
  *      threshold and its moving average, then one mask pass over all of them in 64 Ki-element
  *      tasks: mask = |w| > cut (>= for the exact rule) on |w| taken as masked, and the weights
@@ -665,7 +659,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
 #pragma omp single
         team = omp_get_num_threads();
         /* 0. each weight's band, from a sample (the weights split among the threads) */
-        uint32_t *sample = malloc(sizeof(uint32_t) * (LP_SAMPLE_CAP + ((size_t)1 << (31 - LP_BUCKET_SHIFT))));
+        uint32_t *sample = malloc(sizeof(uint32_t) * (2 * LP_SAMPLE_CAP + ((size_t)1 << (31 - LP_BUCKET_SHIFT))));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < nweights; w++) {
             const int64_t n = sizes[w], k = targets[w];
@@ -674,7 +668,7 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             if (!sample || !needed) continue;
             const uint8_t *m = apply && apply[w] ? (const uint8_t *)(intptr_t)masks[w] : NULL;
             int64_t taken = sample_values((const uint32_t *)(intptr_t)ptrs[w], m, n, sample);
-            bands[w] = band_of_sample(sample, taken, n, want, rule, nbins, sample + LP_SAMPLE_CAP);
+            bands[w] = band_of_sample(sample, taken, n, want, sample + LP_SAMPLE_CAP);
         }
         free(sample);
 #pragma omp master
