@@ -105,6 +105,14 @@ def passes(w: torch.Tensor, sparsity: float, method: str = "histogram") -> list[
     return found.passes
 
 
+def band_runs(n: int) -> int:
+    """How many runs the band's sample of a weight of ``n`` takes (as cpu_kernels.c: 32 (n / 2 Mi)^(2/3), 4 to 32)."""
+    runs = 32
+    while runs > 4 and runs**3 > 32768.0 * (n / (1 << 21)) ** 2:
+        runs -= 1
+    return runs
+
+
 def sample_runs(n: int, run: int, runs: int) -> torch.Tensor:
     """Where a sample of ``runs`` runs of ``run`` elements spread over ``n`` reads (as cpu_kernels.c)."""
     hit = torch.zeros(n, dtype=torch.bool)
@@ -128,7 +136,7 @@ def test_a_misleading_sample_falls_back_to_counting_and_stays_exact(method):
     # Both samples (the band's: runs of 256; the counting search's: runs of 64) read tiny values.
     n = 1 << 18
     w = torch.linspace(0.5, 1.0, n)
-    runs = sample_runs(n, 256, 32) | sample_runs(n, 64, 128)
+    runs = sample_runs(n, 256, band_runs(n)) | sample_runs(n, 64, 128)
     w[runs] = torch.linspace(1e-4, 1e-3, int(runs.sum()))
     for s in [0.02, 0.3, 0.6, 0.97]:
         assert passes(w, s, method)[0] >= 1
@@ -141,7 +149,7 @@ def test_a_band_fuller_than_its_sample_said_falls_back_and_stays_exact(method):
     # The band's sample is spread out, everything else sits on one value inside its band.
     n = 1 << 18
     w = torch.full((n,), 0.5)
-    runs = sample_runs(n, 256, 32)
+    runs = sample_runs(n, 256, band_runs(n))
     w[runs] = torch.linspace(0.0, 1.0, int(runs.sum()))
     assert passes(w, 0.5, method)[0] >= 1
     for s in [0.3, 0.5, 0.7]:
