@@ -865,112 +865,217 @@ static lp_grid grid_of(const int64_t *rows, const int64_t *cols, const int64_t *
     return g;
 }
 
+/* The block rows of a weight that thread t of team takes (all of them for thread 0 of a small one). */
+static void share_of(const lp_grid *g, int t, int team, int64_t *first, int64_t *end) {
+    if (g->threads == 1) {
+        *first = 0;
+        *end = t == 0 ? g->hb : 0;
+    } else {
+        *first = g->hb * t / team;
+        *end = g->hb * (t + 1) / team;
+    }
+}
+
+/* |w| bits as the current mask leaves them (keep != 0: as they are; else +0, or NaN for an Inf or
+ * NaN, as Inf * 0 and NaN * 0 are NaN). */
+static uint32_t masked_abs(uint32_t bits, uint8_t keep) {
+    const uint32_t a = bits & LP_ABS, kept = 0u - (uint32_t)(keep != 0), bad = 0u - (uint32_t)(a >= LP_FINITE_LIMIT);
+    return (a & kept) | (0x7fc00000u & bad & ~kept);
+}
+
+/* One block row's pooled values from its column sums (or maxima): each block of bw columns in
+ * turn, the cropped last one over its real columns.  The sums run left to right as the generic
+ * loop's; the widths 1, 2, 4 and 8 are spelt out so that the compiler vectorises them. */
+#define LP_ACROSS(BW, BODY)                                                   \
+    case BW:                                                                  \
+        for (bc = 0; bc < full; bc++) {                                       \
+            const int64_t c0 = bc * BW;                                       \
+            BODY;                                                             \
+        }                                                                     \
+        break;
+static void across_avg(const double *sums, int64_t nc, int64_t bw, double rows, float *out) {
+    const int64_t full = nc / bw;
+    int64_t bc;
+    switch (bw) {
+        LP_ACROSS(1, out[bc] = (float)(sums[c0] / rows))
+        LP_ACROSS(2, out[bc] = (float)((sums[c0] + sums[c0 + 1]) / (rows * 2.0)))
+        LP_ACROSS(4, out[bc] = (float)((((sums[c0] + sums[c0 + 1]) + sums[c0 + 2]) + sums[c0 + 3]) / (rows * 4.0)))
+        LP_ACROSS(8, out[bc] = (float)((((((((sums[c0] + sums[c0 + 1]) + sums[c0 + 2]) + sums[c0 + 3]) + sums[c0 + 4]) +
+                                           sums[c0 + 5]) + sums[c0 + 6]) + sums[c0 + 7]) / (rows * 8.0)))
+    default:
+        for (bc = 0; bc < full; bc++) {
+            double sum = 0.0;
+            for (int64_t c = bc * bw; c < (bc + 1) * bw; c++) sum += sums[c];
+            out[bc] = (float)(sum / (rows * (double)bw));
+        }
+    }
+    if (full * bw < nc) { /* the cropped block */
+        double sum = 0.0;
+        for (int64_t c = full * bw; c < nc; c++) sum += sums[c];
+        out[full] = (float)(sum / (rows * (double)(nc - full * bw)));
+    }
+}
+
+static uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+static void across_max(const uint32_t *tops, int64_t nc, int64_t bw, float *out) {
+    const int64_t full = nc / bw;
+    int64_t bc;
+    uint32_t *bits = (uint32_t *)out; /* |w| bits order as the floats do */
+    switch (bw) {
+        LP_ACROSS(1, bits[bc] = tops[c0])
+        LP_ACROSS(2, bits[bc] = max_u32(tops[c0], tops[c0 + 1]))
+        LP_ACROSS(4, bits[bc] = max_u32(max_u32(tops[c0], tops[c0 + 1]), max_u32(tops[c0 + 2], tops[c0 + 3])))
+        LP_ACROSS(8, bits[bc] = max_u32(max_u32(max_u32(tops[c0], tops[c0 + 1]), max_u32(tops[c0 + 2], tops[c0 + 3])),
+                                        max_u32(max_u32(tops[c0 + 4], tops[c0 + 5]), max_u32(tops[c0 + 6], tops[c0 + 7]))))
+    default:
+        for (bc = 0; bc < full; bc++) {
+            uint32_t top = 0u;
+            for (int64_t c = bc * bw; c < (bc + 1) * bw; c++) top = max_u32(top, tops[c]);
+            bits[bc] = top;
+        }
+    }
+    if (full * bw < nc) {
+        uint32_t top = 0u;
+        for (int64_t c = full * bw; c < nc; c++) top = max_u32(top, tops[c]);
+        bits[full] = top;
+    }
+}
+
+/* The column sums (or maxima) of rows r0..r1 of |w| as masked (mask NULL: all kept), four rows
+ * per pass over the columns, then one; the sums add the rows in order, as one at a time would. */
+static void down_rows(const uint32_t *b, const uint8_t *mask, const uint8_t *ones, int64_t r0, int64_t r1, int64_t nc,
+                      int pooling, double *sums, uint32_t *tops) {
+    if (pooling == LP_POOL_MAX) memset(tops, 0, sizeof(uint32_t) * (size_t)nc);
+    else for (int64_t c = 0; c < nc; c++) sums[c] = 0.0;
+    int64_t r = r0;
+    for (; r < r1; r++) {
+        const uint32_t *w0 = b + r * nc;
+        const uint8_t *m0 = mask ? mask + r * nc : ones;
+        if (pooling == LP_POOL_MAX)
+            for (int64_t c = 0; c < nc; c++) tops[c] = max_u32(tops[c], masked_abs(w0[c], m0[c]));
+        else
+            for (int64_t c = 0; c < nc; c++) sums[c] += (double)from_bits(masked_abs(w0[c], m0[c]));
+    }
+}
+
 /* Pool |w| of each weight (a rows x cols matrix) over bh x bw blocks that start at row and column
- * 0, into out[w] (hb x wb float32, hb = ceil(rows / bh), wb = ceil(cols / bw)).  An edge block
- * that the shape cuts short is pooled over its real elements only.  AVG sums in double and
- * rounds the mean to float32 once (the correctly rounded mean, whatever the summation order, but
- * for double rounding in the last bit of a double); MAX is exact.  Inf and NaN propagate. */
+ * 0, into out[w] (hb x wb float32, hb = ceil(rows / bh), wb = ceil(cols / bw)), in one parallel
+ * region (each thread takes its share of every weight's block rows, no barrier between weights).
+ * Where masks[w] is not 0, |w| is taken as multiplied by that mask (masked Inf or NaN give NaN).
+ * An edge block that the shape cuts short is pooled over its real elements only.  AVG sums in
+ * double and rounds the mean to float32 once (the correctly rounded mean, whatever the summation
+ * order, but for double rounding in the last bit of a double); MAX is exact.  Inf and NaN
+ * propagate, and nonfinite[w] says whether weight w's pooled scores hold any. */
 int lp_block_pool(int64_t nweights, const int64_t *ptrs, const int64_t *rows, const int64_t *cols,
-                  const int64_t *bhs, const int64_t *bws, int pooling, const int64_t *outs, int nthreads) {
+                  const int64_t *bhs, const int64_t *bws, int pooling, const int64_t *outs, const int64_t *masks,
+                  int nthreads, uint8_t *nonfinite) {
     int status = 0;
+    int64_t widest = 1;
     for (int64_t w = 0; w < nweights; w++) {
-        const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
-        float *out = (float *)(intptr_t)outs[w];
-        const lp_grid g = grid_of(rows, cols, bhs, bws, w, nthreads);
-        const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, hb = g.hb, wb = g.wb;
-#pragma omp parallel num_threads(g.threads)
-        {
-            /* Per block row: first down the columns (bh rows into one vector: vectorised), then
-             * across each block's columns. */
-            double *sums = malloc(sizeof(double) * (size_t)nc);
-            uint32_t *tops = malloc(sizeof(uint32_t) * (size_t)nc);
-            if (!sums || !tops) {
+        widest = cols[w] > widest ? cols[w] : widest;
+        nonfinite[w] = 0;
+    }
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        /* Per block row: first down the columns (bh rows into one vector: vectorised), then
+         * across each block's columns. */
+        double *sums = malloc(sizeof(double) * (size_t)widest);
+        uint32_t *tops = malloc(sizeof(uint32_t) * (size_t)widest);
+        uint8_t *ones = malloc((size_t)widest); /* the mask of a weight with none */
+        if (ones) memset(ones, 1, (size_t)widest);
+        if (!sums || !tops || !ones) {
 #pragma omp atomic write
-                status = -1;
-            } else {
-#pragma omp for schedule(static)
-                for (int64_t br = 0; br < hb; br++) {
+            status = -1;
+        } else {
+            for (int64_t w = 0; w < nweights; w++) {
+                const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
+                const uint8_t *mask = (const uint8_t *)(intptr_t)masks[w];
+                float *out = (float *)(intptr_t)outs[w];
+                const lp_grid g = grid_of(rows, cols, bhs, bws, w, team);
+                const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, wb = g.wb;
+                int64_t first, end;
+                share_of(&g, t, team, &first, &end);
+                for (int64_t br = first; br < end; br++) {
                     const int64_t r0 = br * bh, r1 = r0 + bh < nr ? r0 + bh : nr;
-                    if (pooling == LP_POOL_MAX) {
-                        memset(tops, 0, sizeof(uint32_t) * (size_t)nc);
-                        for (int64_t r = r0; r < r1; r++) {
-                            const uint32_t *row = b + r * nc;
-                            for (int64_t c = 0; c < nc; c++) {
-                                uint32_t a = row[c] & LP_ABS;
-                                tops[c] = a > tops[c] ? a : tops[c];
-                            }
-                        }
-                    } else {
-                        for (int64_t c = 0; c < nc; c++) sums[c] = 0.0;
-                        for (int64_t r = r0; r < r1; r++) {
-                            const float *row = (const float *)(b + r * nc);
-                            for (int64_t c = 0; c < nc; c++) sums[c] += (double)fabsf(row[c]);
-                        }
-                    }
-                    for (int64_t bc = 0; bc < wb; bc++) {
-                        const int64_t c0 = bc * bw, c1 = c0 + bw < nc ? c0 + bw : nc;
-                        if (pooling == LP_POOL_MAX) {
-                            uint32_t top = 0u;
-                            for (int64_t c = c0; c < c1; c++) top = tops[c] > top ? tops[c] : top;
-                            out[br * wb + bc] = from_bits(top);
-                        } else {
-                            double s = 0.0;
-                            for (int64_t c = c0; c < c1; c++) s += sums[c];
-                            out[br * wb + bc] = (float)(s / (double)((r1 - r0) * (c1 - c0)));
-                        }
+                    down_rows(b, mask, ones, r0, r1, nc, pooling, sums, tops);
+                    if (pooling == LP_POOL_MAX) across_max(tops, nc, bw, out + br * wb);
+                    else across_avg(sums, nc, bw, (double)(r1 - r0), out + br * wb);
+                    uint32_t worst = 0u;
+                    for (int64_t bc = 0; bc < wb; bc++) worst = max_u32(worst, to_bits(out[br * wb + bc]) & LP_ABS);
+                    if (worst >= LP_FINITE_LIMIT) {
+#pragma omp atomic write
+                        nonfinite[w] = 1;
                     }
                 }
             }
-            free(sums);
-            free(tops);
         }
-        if (status != 0) return status;
+        free(sums);
+        free(tops);
+        free(ones);
     }
-    return 0;
+    return status;
 }
 
-/* mask[w] = its block mask (hb x wb bytes) expanded over bh x bw blocks and cropped to rows x cols;
- * pruned weights set to +0.0.  kept[w] receives the number of kept elements. */
+/* mask[w] = its block mask (hb x wb bytes) expanded over bh x bw blocks and cropped to rows x cols,
+ * in one parallel region; the weights that the new mask prunes, or the current one where
+ * apply[w] (apply may be NULL), are set to +0.0.  kept[w] receives the new mask's kept count. */
 int lp_block_expand_zero(int64_t nweights, const int64_t *ptrs, const int64_t *rows, const int64_t *cols,
                          const int64_t *bhs, const int64_t *bws, const int64_t *block_masks, const int64_t *masks,
-                         int nthreads, int64_t *kept) {
+                         const uint8_t *apply, int nthreads, int64_t *kept) {
     int status = 0;
+    int64_t widest = 1;
     for (int64_t w = 0; w < nweights; w++) {
-        uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
-        const uint8_t *bm = (const uint8_t *)(intptr_t)block_masks[w];
-        uint8_t *m = (uint8_t *)(intptr_t)masks[w];
-        const lp_grid g = grid_of(rows, cols, bhs, bws, w, nthreads);
-        const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, hb = g.hb, wb = g.wb;
-        int64_t total = 0;
-#pragma omp parallel num_threads(g.threads) reduction(+ : total)
-        {
-            uint8_t *line = malloc((size_t)nc + 1);
-            if (!line) {
+        widest = cols[w] > widest ? cols[w] : widest;
+        kept[w] = 0;
+    }
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        uint8_t *line = malloc((size_t)widest + 1);
+        if (!line) {
 #pragma omp atomic write
-                status = -1;
-            } else {
-#pragma omp for schedule(static)
-                for (int64_t br = 0; br < hb; br++) {
+            status = -1;
+        } else {
+            for (int64_t w = 0; w < nweights; w++) {
+                uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
+                const uint8_t *bm = (const uint8_t *)(intptr_t)block_masks[w];
+                uint8_t *m = (uint8_t *)(intptr_t)masks[w];
+                const int old = apply && apply[w];
+                const lp_grid g = grid_of(rows, cols, bhs, bws, w, team);
+                const int64_t nr = g.rows, nc = g.cols, bh = g.bh, bw = g.bw, wb = g.wb;
+                int64_t first, end, total = 0;
+                share_of(&g, t, team, &first, &end);
+                for (int64_t br = first; br < end; br++) {
                     const int64_t r0 = br * bh, r1 = r0 + bh < nr ? r0 + bh : nr;
                     int64_t line_kept = 0;
                     for (int64_t bc = 0, c = 0; bc < wb; bc++) {
-                        const int64_t end = c + bw < nc ? c + bw : nc;
+                        const int64_t stop = c + bw < nc ? c + bw : nc;
                         const uint8_t keep = bm[br * wb + bc] != 0;
-                        line_kept += keep * (end - c);
-                        for (; c < end; c++) line[c] = keep;
+                        line_kept += keep * (stop - c);
+                        for (; c < stop; c++) line[c] = keep;
                     }
                     total += line_kept * (r1 - r0);
                     for (int64_t r = r0; r < r1; r++) {
                         uint32_t *row = b + r * nc;
-                        memcpy(m + r * nc, line, (size_t)nc);
-                        for (int64_t c = 0; c < nc; c++) row[c] &= 0u - (uint32_t)line[c];
+                        uint8_t *mrow = m + r * nc;
+                        if (old) {
+                            for (int64_t c = 0; c < nc; c++) {
+                                row[c] &= 0u - (uint32_t)(line[c] & (mrow[c] != 0));
+                                mrow[c] = line[c];
+                            }
+                        } else {
+                            memcpy(mrow, line, (size_t)nc);
+                            for (int64_t c = 0; c < nc; c++) row[c] &= 0u - (uint32_t)line[c];
+                        }
                     }
                 }
+#pragma omp atomic
+                kept[w] += total;
             }
-            free(line);
         }
-        if (status != 0) return status;
-        kept[w] = total;
+        free(line);
     }
-    return 0;
+    return status;
 }

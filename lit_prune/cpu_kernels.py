@@ -138,10 +138,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lp_release_scratch.restype = None
     lib.lp_release_scratch.argtypes = []
     lib.lp_block_pool.restype = ctypes.c_int
-    lib.lp_block_pool.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, ctypes.c_int]
+    lib.lp_block_pool.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P, _I64P, ctypes.c_int, ctypes.c_char_p
+    ]  # fmt: skip
     lib.lp_block_expand_zero.restype = ctypes.c_int
     lib.lp_block_expand_zero.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_int, _I64P
+        ctypes.c_int64, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, _I64P, ctypes.c_char_p, ctypes.c_int, _I64P
     ]  # fmt: skip
     return lib
 
@@ -252,7 +254,7 @@ def magnitude_update(
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
-    for field, values in {"targets": targets, "thresholds": thresholds, "apply": apply}.items():
+    for field, values in {"targets": targets, "thresholds": thresholds}.items():
         if values is not None and len(values) != n:
             raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
     for i, t in enumerate(thresholds):
@@ -270,7 +272,7 @@ def magnitude_update(
         _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
         _array(ctypes.c_int64, [w.numel() for w in weights]),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
-        None if apply is None else bytes(bytearray(int(bool(a)) for a in apply)),
+        _flags(apply, n, "apply"),
         _array(ctypes.c_int64, targets),
         _array(ctypes.c_int64, [t.data_ptr() for t in thresholds]),  # read, then overwritten
         int(decay is not None),
@@ -327,34 +329,88 @@ def _block_grid(w: Tensor, dims: tuple[int, int]) -> tuple[int, int]:
     return -(-w.shape[0] // dims[0]), -(-w.shape[1] // dims[1])
 
 
-def block_pool(weights: list[Tensor], block_dims: list[tuple[int, int]], pooling: str) -> list[Tensor]:
+def _flags(values: list[bool] | None, n: int, field: str) -> bytes | None:
+    if values is None:
+        return None
+    if len(values) != n:
+        raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+    return bytes(bytearray(int(bool(v)) for v in values))
+
+
+def block_pool(
+    weights: list[Tensor],
+    block_dims: list[tuple[int, int]],
+    pooling: str,
+    *,
+    masks: list[Tensor | None] | None = None,
+    out: list[Tensor] | None = None,
+    check_finite: bool = False,
+) -> list[Tensor]:
     """``AVG`` or ``MAX`` of ``|w|`` over the blocks of each 2-D weight, as :func:`lit_prune.masks.block_pool`.
 
     Blocks start at row and column 0; an edge block the shape cuts short is pooled over its real
     elements.  ``AVG`` accumulates in float64 and rounds the mean to float32 once.  Inf and NaN
     propagate.  One pass over the weights, which must be contiguous 2-D float32 CPU tensors.
+    Where ``masks[i]`` is given (a contiguous ``torch.bool`` tensor of weight ``i``'s shape),
+    ``|w|`` is taken as multiplied by it, as :meth:`lit_prune.Pruning.apply_mask` would leave it
+    (a masked Inf or NaN gives NaN).  ``out`` receives the pooled scores (contiguous float32
+    tensors of each block grid's shape; new ones if not given) and is returned.
+
+    Raises:
+        NonFiniteWeights: with ``check_finite``, a pooled score is Inf or NaN (found in the same
+            pass; ``out`` holds the pooled scores all the same).
+
+    Example::
+
+        >>> w = torch.tensor([[1.0, -3.0], [5.0, 7.0]])
+        >>> keep = torch.tensor([[True, True], [False, True]])
+        >>> if available():
+        ...     assert block_pool([w], [(2, 2)], "AVG")[0].item() == 4.0
+        ...     assert block_pool([w], [(2, 2)], "AVG", masks=[keep])[0].item() == 2.75
     """
     lib = _loaded()
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"pooling must be 'AVG' or 'MAX', got {pooling!r}")
     arrays = _matrices(weights, block_dims)
-    out = [torch.empty(_block_grid(w, d), dtype=torch.float32) for w, d in zip(weights, block_dims, strict=True)]
+    grids = [_block_grid(w, d) for w, d in zip(weights, block_dims, strict=True)]
+    if out is None:
+        out = [torch.empty(g, dtype=torch.float32) for g in grids]
+    for i, (o, g) in enumerate(zip(out, grids, strict=True)):
+        if not (fits(o) and tuple(o.shape) == g):
+            raise ValueError(f"out {i} must be a contiguous float32 CPU tensor of shape {g}")
+    pointers = [0] * len(weights)
+    if masks is not None:
+        if len(masks) != len(weights):
+            raise ValueError(f"`masks` must have one entry per weight ({len(weights)}), got {len(masks)}")
+        for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
+            if m is not None:
+                _check_mask(i, m, w.numel())
+                pointers[i] = m.data_ptr()
+    nonfinite = ctypes.create_string_buffer(max(1, len(weights)))
     status = lib.lp_block_pool(
         len(weights), *arrays, int(pooling == "MAX"), _array(ctypes.c_int64, [o.data_ptr() for o in out]),
-        torch.get_num_threads(),
+        _array(ctypes.c_int64, pointers), torch.get_num_threads(), nonfinite,
     )  # fmt: skip
     if status < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")
+    if check_finite and any(nonfinite.raw[: len(weights)]):
+        raise NonFiniteWeights([i for i in range(len(weights)) if nonfinite.raw[i]])
     return out
 
 
 def expand_blocks_and_zero(
-    weights: list[Tensor], block_dims: list[tuple[int, int]], block_masks: list[Tensor], masks: list[Tensor]
+    weights: list[Tensor],
+    block_dims: list[tuple[int, int]],
+    block_masks: list[Tensor],
+    masks: list[Tensor],
+    *,
+    apply: list[bool] | None = None,
 ) -> list[int]:
     """Write each weight's mask from its block mask (each block's value on its cells, cropped) and zero the pruned.
 
     ``block_masks`` are ``torch.bool`` tensors of the block grid, ``masks`` contiguous ``torch.bool``
-    tensors of each weight's size.  Returns the kept counts.
+    tensors of each weight's size.  Where ``apply[i]`` is true, the weights that the current mask
+    (``masks[i]`` before it is overwritten) prunes are zeroed too.  Returns the kept counts.
     """
     lib = _loaded()
     arrays = _matrices(weights, block_dims)
@@ -365,7 +421,8 @@ def expand_blocks_and_zero(
     kept = (ctypes.c_int64 * len(weights))()
     status = lib.lp_block_expand_zero(
         len(weights), *arrays, _array(ctypes.c_int64, [b.data_ptr() for b in block_masks]),
-        _array(ctypes.c_int64, [m.data_ptr() for m in masks]), torch.get_num_threads(), kept,
+        _array(ctypes.c_int64, [m.data_ptr() for m in masks]), _flags(apply, len(weights), "apply"),
+        torch.get_num_threads(), kept,
     )  # fmt: skip
     if status < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")

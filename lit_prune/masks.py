@@ -400,6 +400,8 @@ def block_update_(
     method: str = "histogram",
     nbins: int = 256,
     threshold_decay: float = 0.0,
+    apply_current: list[bool] | None = None,
+    block_masks: list[Tensor] | None = None,
 ) -> tuple[Tensor, list[int]]:
     """TF's block mask update of several 2-D weights on the fused CPU kernels, from their pooled scores.
 
@@ -408,7 +410,10 @@ def block_update_(
     :func:`compute_mask` with the same blocks (they live in pooled space, as in TF), found by
     :func:`magnitude_update_` on the pooled scores; each block mask is then expanded over its
     block and the pruned weights are zeroed in one pass.  ``weights`` and ``masks`` are the 2-D
-    views; ``thresholds`` receive the new ones in place.  Returns ``(thresholds, kept counts)``.
+    views; ``thresholds`` receive the new ones in place.  Where ``apply_current[i]`` is true, the
+    weights that the current mask prunes are zeroed too (pool with ``masks=`` to rank them as
+    zero).  ``block_masks`` (``torch.bool`` tensors of the block grids) are scratch, new if not
+    given.  Returns ``(thresholds, kept counts)``.
 
     Example::
 
@@ -419,7 +424,8 @@ def block_update_(
         ...     _, kept = block_update_([w], pooled, [torch.tensor(0.0)], [0.5], [mask], block_dims=[(2, 2)])
         ...     assert kept == [4] and w.tolist() == [[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 4.0, 4.0]]
     """
-    block_masks = [torch.empty(p.shape, dtype=torch.bool) for p in pooled]
+    if block_masks is None:
+        block_masks = [torch.empty(p.shape, dtype=torch.bool) for p in pooled]
     found, _ = magnitude_update_(
         pooled,
         thresholds,
@@ -429,7 +435,7 @@ def block_update_(
         nbins=nbins,
         threshold_decay=threshold_decay,
     )
-    return found, cpu_kernels.expand_blocks_and_zero(weights, block_dims, block_masks, masks)
+    return found, cpu_kernels.expand_blocks_and_zero(weights, block_dims, block_masks, masks, apply=apply_current)
 
 
 def _smoothed_threshold_and_cut(

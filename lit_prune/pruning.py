@@ -217,6 +217,7 @@ class Pruning:
         self._warned_new: set[str] = set()
         self._model_signature: tuple | None = None  # the parameters as last checked (skip unchanged models)
         self._pending_check: tuple[Tensor, Any, int, list[str]] | None = None
+        self._block_scratch: tuple[Tensor, Tensor] | None = None  # pooled scores and block masks (CPU kernels)
         self._bind()
         # Per weight: its mask keeps everything, so apply_mask can skip it.  Masks created here are
         # all ones; a masked layer's own buffers may already hold a pruned mask.
@@ -368,8 +369,8 @@ class Pruning:
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
         fused_names = {w.name for w in fused + blocked}
         # The update ranks the weights the model uses: the current masks are applied first (the
-        # element-wise kernels do it in their first pass), so pruned weights rank last.
-        self._apply_masks(skip={w.name for w in fused})
+        # kernels fold them into their passes), so pruned weights rank last.
+        self._apply_masks(skip=fused_names)
         weights = [w for w in weights if w.name not in fused_names]
         maxima = _abs_maxima([w.param for w in weights]) if weights else []
         finite = torch.isfinite(torch.stack(maxima)) if weights else None  # None: every weight took the kernels
@@ -382,12 +383,22 @@ class Pruning:
                 self._raise_nonfinite(bad, fused + blocked, step)
         kept_by_name: dict[str, int] = {}
         if blocked:
-            views = [w.param.detach().view(block_view_shape(w.param.shape)) for w in blocked]
+            views = [live[w.name][0].detach().view(block_view_shape(live[w.name][0].shape)) for w in blocked]
+            masks_2d = [live[w.name][1].view(v.shape) for w, v in zip(blocked, views, strict=True)]
             dims = [resolve_block_dims(w.block_dims, v.shape) for w, v in zip(blocked, views, strict=True)]
-            pooled = cpu_kernels.block_pool(views, dims, hp.block_pooling_function)
-            flags = torch.isfinite(torch.stack([p.max() for p in pooled])).tolist()
-            if not all(flags):
-                self._raise_nonfinite([w for w, ok in zip(blocked, flags, strict=True) if not ok], fused, step)
+            applied = [not self._dense[w.name] for w in blocked]
+            pooled, block_masks = self._block_buffers(views, dims)
+            try:
+                cpu_kernels.block_pool(
+                    views,
+                    dims,
+                    hp.block_pooling_function,
+                    masks=[m if a else None for m, a in zip(masks_2d, applied, strict=True)],
+                    out=pooled,
+                    check_finite=True,
+                )
+            except cpu_kernels.NonFiniteWeights as error:
+                self._raise_nonfinite([blocked[i] for i in error.indices], fused, step)
         if fused:
             bad: list[_Weight] = []
             try:
@@ -412,8 +423,10 @@ class Pruning:
                 pooled,
                 [live[w.name][2] for w in blocked],
                 [sparsities[w.name] for w in blocked],
-                [w.mask.view(v.shape) for w, v in zip(blocked, views, strict=True)],
+                masks_2d,
                 block_dims=dims,
+                apply_current=applied,
+                block_masks=block_masks,
                 method=hp.threshold_method,
                 nbins=hp.nbins,
                 threshold_decay=hp.threshold_decay,
@@ -479,6 +492,24 @@ class Pruning:
             self._dense = {n: kept_by_name[n] == size.get(n, w.mask.numel()) for n, w in self._weights.items()}
         self.last_update_step = step
         self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
+
+    def _block_buffers(self, views: list[Tensor], dims: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Pooled scores and block masks for the block kernels.
+
+        Views of two buffers kept between updates: fresh ones would page-fault on every page the
+        kernels write.  They hold 5 bytes per block.
+        """
+        grids = [(-(-v.shape[0] // bh), -(-v.shape[1] // bw)) for v, (bh, bw) in zip(views, dims, strict=True)]
+        total = sum(r * c for r, c in grids)
+        if self._block_scratch is None or self._block_scratch[0].numel() < total:
+            self._block_scratch = (torch.empty(total, dtype=torch.float32), torch.empty(total, dtype=torch.bool))
+        scores, flags = self._block_scratch
+        pooled, block_masks, at = [], [], 0
+        for r, c in grids:
+            pooled.append(scores[at : at + r * c].view(r, c))
+            block_masks.append(flags[at : at + r * c].view(r, c))
+            at += r * c
+        return pooled, block_masks
 
     def _raise_nonfinite(self, bad: list[_Weight], unchecked: list[_Weight], step: int) -> None:
         """Raise the ``FloatingPointError`` naming every non-finite pruned weight (``unchecked`` are checked here)."""

@@ -486,3 +486,39 @@ def test_thresholds_are_written_in_place_only_when_the_update_succeeds():
     with pytest.raises(cpu_kernels.NonFiniteWeights):
         magnitude_update_([bad], [stored], [0.5], [mask.clone()], threshold_decay=0.5)
     assert stored.item() == 0.25
+
+
+@needs_kernels
+@pytest.mark.parametrize("pooling", ["AVG", "MAX"])
+def test_block_kernels_apply_the_current_mask_as_apply_mask_would(pooling):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(37, 29, generator=g)
+    mask = torch.rand(37, 29, generator=g) > 0.4
+    w[3, 4], w[5, 6] = float("inf"), float("nan")
+    mask[3, 4] = mask[5, 6] = False  # Inf * 0 and NaN * 0 are NaN: pruned non-finite weights still show
+    masked = w * mask
+    pooled = cpu_kernels.block_pool([w], [(4, 3)], pooling, masks=[mask])[0]
+    expected = block_pool(masked.abs(), (4, 3), pooling)
+    assert torch.equal(pooled.isnan(), expected.isnan())
+    assert torch.equal(pooled.nan_to_num(), expected.nan_to_num())
+    finite = torch.randn(37, 29, generator=g)
+    masked = finite * mask
+    pooled = cpu_kernels.block_pool([finite.clone()], [(4, 3)], pooling, masks=[mask])[0]
+    assert torch.equal(pooled, block_pool(masked.abs(), (4, 3), pooling))
+    block_mask = pooled > pooled.median()
+    new_mask, zeroed = mask.clone(), finite.clone()
+    (kept,) = cpu_kernels.expand_blocks_and_zero([zeroed], [(4, 3)], [block_mask], [new_mask], apply=[True])
+    expanded = block_mask.repeat_interleave(4, 0).repeat_interleave(3, 1)[:37, :29]
+    assert torch.equal(new_mask, expanded) and kept == int(expanded.sum())
+    assert torch.equal(zeroed, finite * (expanded & mask))  # pruned by either mask
+
+
+@needs_kernels
+def test_block_pool_names_the_weights_whose_pooled_scores_are_not_finite():
+    ok, bad = torch.randn(8, 8), torch.randn(8, 8)
+    bad[5, 1] = float("inf")
+    pooled = cpu_kernels.block_pool([ok, bad], [(4, 4), (4, 4)], "AVG")  # propagates, no error by default
+    assert pooled[1][1, 0] == float("inf") and pooled[0].isfinite().all()
+    with pytest.raises(cpu_kernels.NonFiniteWeights) as error:
+        cpu_kernels.block_pool([ok, bad], [(4, 4), (4, 4)], "MAX", check_finite=True)
+    assert error.value.indices == [1]

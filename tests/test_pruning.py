@@ -440,12 +440,13 @@ def test_an_update_applies_the_current_masks_before_it_ranks(monkeypatch, kernel
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_a_non_finite_pruned_weight_is_an_error_too(monkeypatch, kernels, bad):
+@pytest.mark.parametrize("blocks", [1, 4], ids=["elementwise", "blocks"])
+def test_a_non_finite_pruned_weight_is_an_error_too(monkeypatch, kernels, bad, blocks):
     # Multiplying by the mask would keep it (Inf * 0 is NaN): the run has diverged either way.
     if not kernels:
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
-    pruning = Pruning(model, sparsity=0.5)
+    pruning = Pruning(model, PruningHParams(block_height=blocks, block_width=blocks), sparsity=0.5)
     pruning.mask_update(1)
     mask = pruning.get_masks()["0.weight"]
     with torch.no_grad():
