@@ -101,10 +101,12 @@ def histogram_threshold(
 ) -> Tensor:
     """TF r1.11-r1.13's histogram/CDF threshold of non-negative float32 ``scores`` (a 0-d tensor).
 
-    ``sort_count=True`` counts the bins by sorting and ``searchsorted`` instead of a histogram
-    scatter (TF's ``use_tpu`` swapped in a ``while_loop`` CDF for the same reason: no
-    scatter/atomics); both give the same threshold.  CUDA tensors always take it: it is
-    deterministic (``torch.histc`` and atomics are not) and needs no host read.  An all-zero
+    Off the CPU search (on accelerators, under ``torch.compile``, for small or non-float32
+    scores) no histogram is built: TF's bin ``j`` is the bin of the ``K``-th smallest score (the
+    cumulative counts first reach ``K`` there), found with static shapes and no host read, by a
+    sort with ``sort_count=True`` (TF's ``use_tpu`` swapped in a ``while_loop`` CDF for the same
+    reason: no scatter/atomics) and on CUDA, by ``kthvalue`` otherwise.  No path uses
+    ``torch.histc`` or atomics, so all are deterministic; all give the same threshold.  An all-zero
     ``scores`` gives threshold 0 (TF produced NaN there).
 
     Example::
@@ -149,21 +151,27 @@ def _host_values_are_free(t: Tensor) -> bool:
 
 
 def _count_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int, sort_count: bool) -> Tensor:
-    """``j = #{i : C_i < K}`` from the full histogram (sync-free; ``sort_count`` avoids the scatter)."""
+    """``j = #{i : C_i < K}`` without a histogram: the bin of the ``K``-th smallest score (sync-free).
+
+    The cumulative counts ``C_i`` first reach ``K`` at the bin of the ``K``-th smallest score,
+    because TF's float32 binning never decreases with the score; so ``j`` is that score's bin,
+    computed with the same float32 operations.  The score comes from a sort (static shapes: CUDA,
+    where ``kthvalue`` is slow, and ``sort_count``, TF's ``use_tpu``) or from ``kthvalue``.
+    """
     # An all-zero tensor (max 0) would give NaN bins; divide by 1 there (the caller returns 0).
-    bins = _histogram_bins(flat, torch.where(max_value > 0, max_value, torch.ones_like(max_value)), nbins)
-    if sort_count:
-        # C_i = #{bin <= i} straight from the sorted bin indices.
-        cumulative = torch.searchsorted(
-            torch.sort(bins).values,
-            torch.arange(nbins, dtype=bins.dtype, device=bins.device),
-            right=True,
-        )
-    else:
-        counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, bins.long(), torch.ones_like(flat, dtype=torch.int64))
-        cumulative = counts.cumsum(0)
-    return (cumulative < k).sum().to(torch.float32)
+    safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
+    return _histogram_bins(_kth_smallest(flat, k, sort=sort_count), safe, nbins)
+
+
+def _kth_smallest(flat: Tensor, rank: int, *, sort: bool = False) -> Tensor:
+    """The ``rank``-th smallest (1-based) of ``flat`` as a 0-d tensor: static shapes, no host read.
+
+    A sort where asked or on CUDA (its radix sort is fast and deterministic; ``kthvalue`` is slow
+    there), ``kthvalue`` elsewhere.
+    """
+    if sort or flat.device.type == "cuda":
+        return torch.sort(flat).values[rank - 1]
+    return torch.kthvalue(flat, rank).values
 
 
 def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -> Tensor | None:
@@ -249,13 +257,11 @@ def exact_threshold(scores: Tensor, sparsity: float, *, static: bool = False) ->
     if k == flat.numel():
         return flat.min()
     rank = flat.numel() - k + 1  # the threshold is the rank-th smallest score
-    if flat.device.type == "cuda":  # kthvalue is slow on CUDA; its radix sort is fast, static and deterministic
-        return torch.sort(flat).values[rank - 1]
-    if not static and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
+    if not static and flat.device.type != "cuda" and flat.numel() >= _SEARCH_MIN_NUMEL and _host_values_are_free(flat):
         found = _search_kth_smallest(flat, rank)
         if found is not None:
             return found
-    return torch.kthvalue(flat, rank).values
+    return _kth_smallest(flat, rank)
 
 
 def _search_kth_smallest(flat: Tensor, rank: int) -> Tensor | None:
@@ -304,11 +310,7 @@ def joint_threshold(scores: list[Tensor], sparsity: float, method: str = "histog
     max_value = torch.stack([f.max() for f in flat]).max()
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=max_value.device)
-    safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
-    counts = torch.zeros(nbins, dtype=torch.int64, device=max_value.device)
-    for f in flat:
-        counts.scatter_add_(0, _histogram_bins(f, safe, nbins).long(), torch.ones_like(f, dtype=torch.int64))
-    j = (counts.cumsum(0) < k).sum().to(torch.float32)
+    j = _count_threshold_bin(torch.cat(flat), max_value, k, nbins, sort_count=False)
     threshold = torch.div(j, float(nbins)).mul_(max_value)
     return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
 
