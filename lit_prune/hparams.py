@@ -73,7 +73,7 @@ class PruningHParams:
         sparsity_function_end_step: Step where it reaches ``target_sparsity`` (> begin step).
         sparsity_function_exponent: Exponent of the polynomial schedule (3 = Zhu & Gupta).
         use_tpu: TF's switch to its TPU-friendly implementations: here the threshold comes from
-            a sort (static shapes, no scatter/atomics, no host reads), same masks.
+            one order statistic (static shapes, no scatter/atomics, no host reads), same masks.
         prune_option: Saliency (google-research): ``weight`` (``|w|``), ``first_order_gradient``
             or ``second_order_gradient``.
         gradient_decay_rate: EMA decay of the gradient saliency (google-research); in [0, 1).

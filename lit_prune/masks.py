@@ -101,13 +101,13 @@ def histogram_threshold(
 ) -> Tensor:
     """TF r1.11-r1.13's histogram/CDF threshold of non-negative float32 ``scores`` (a 0-d tensor).
 
-    Off the CPU search (on accelerators, under ``torch.compile``, for small or non-float32
-    scores) no histogram is built: TF's bin ``j`` is the bin of the ``K``-th smallest score (the
-    cumulative counts first reach ``K`` there), found with static shapes and no host read, by a
-    sort with ``sort_count=True`` (TF's ``use_tpu`` swapped in a ``while_loop`` CDF for the same
-    reason: no scatter/atomics) and on CUDA, by ``kthvalue`` otherwise.  No path uses
-    ``torch.histc`` or atomics, so all are deterministic; all give the same threshold.  An all-zero
-    ``scores`` gives threshold 0 (TF produced NaN there).
+    On the CPU a sample predicts the bin and a few exact counts confirm it.  Elsewhere (on
+    accelerators, under ``torch.compile``, with ``sort_count=True`` as TF's ``use_tpu`` asks, for
+    small or non-float32 scores) no histogram is built: TF's bin ``j`` is the bin of the ``K``-th
+    smallest score (the cumulative counts first reach ``K`` there), taken with static shapes and
+    no host read (``kthvalue`` on the CPU, a sort elsewhere).  No path uses ``torch.histc`` or
+    atomics, so all are deterministic; all give the same threshold.  An all-zero ``scores`` gives
+    threshold 0 (TF produced NaN there).
 
     Example::
 
@@ -116,7 +116,6 @@ def histogram_threshold(
         (50.0, 49.80392074584961)
     """
     flat = scores.reshape(-1)
-    sort_count = sort_count or flat.device.type == "cuda"  # no atomics: deterministic, as the CPU path
     k = histogram_target_count(flat.numel(), sparsity)
     if max_value is None:
         max_value = flat.max()
@@ -131,7 +130,7 @@ def histogram_threshold(
     ):
         j = _search_threshold_bin(flat, max_value, k, nbins)
     if j is None:
-        j = _count_threshold_bin(flat, max_value, k, nbins, sort_count)
+        j = _count_threshold_bin(flat, max_value, k, nbins)
     threshold = torch.div(j, float(nbins)).mul_(max_value)
     return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
 
@@ -150,28 +149,27 @@ def _host_values_are_free(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _count_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int, sort_count: bool) -> Tensor:
+def _count_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -> Tensor:
     """``j = #{i : C_i < K}`` without a histogram: the bin of the ``K``-th smallest score (sync-free).
 
     The cumulative counts ``C_i`` first reach ``K`` at the bin of the ``K``-th smallest score,
     because TF's float32 binning never decreases with the score; so ``j`` is that score's bin,
-    computed with the same float32 operations.  The score comes from a sort (static shapes: CUDA,
-    where ``kthvalue`` is slow, and ``sort_count``, TF's ``use_tpu``) or from ``kthvalue``.
+    computed with the same float32 operations.
     """
     # An all-zero tensor (max 0) would give NaN bins; divide by 1 there (the caller returns 0).
     safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
-    return _histogram_bins(_kth_smallest(flat, k, sort=sort_count), safe, nbins)
+    return _histogram_bins(_kth_smallest(flat, k), safe, nbins)
 
 
-def _kth_smallest(flat: Tensor, rank: int, *, sort: bool = False) -> Tensor:
+def _kth_smallest(flat: Tensor, rank: int) -> Tensor:
     """The ``rank``-th smallest (1-based) of ``flat`` as a 0-d tensor: static shapes, no host read.
 
-    A sort where asked or on CUDA (its radix sort is fast and deterministic; ``kthvalue`` is slow
-    there), ``kthvalue`` elsewhere.
+    ``kthvalue`` on the CPU; a sort elsewhere (CUDA's radix sort is fast and deterministic where
+    its ``kthvalue`` is slow, and a sort is what XLA compiles best).
     """
-    if sort or flat.device.type == "cuda":
-        return torch.sort(flat).values[rank - 1]
-    return torch.kthvalue(flat, rank).values
+    if flat.device.type == "cpu":
+        return torch.kthvalue(flat, rank).values
+    return torch.sort(flat).values[rank - 1]
 
 
 def _search_threshold_bin(flat: Tensor, max_value: Tensor, k: int, nbins: int) -> Tensor | None:
@@ -310,7 +308,7 @@ def joint_threshold(scores: list[Tensor], sparsity: float, method: str = "histog
     max_value = torch.stack([f.max() for f in flat]).max()
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=max_value.device)
-    j = _count_threshold_bin(torch.cat(flat), max_value, k, nbins, sort_count=False)
+    j = _count_threshold_bin(torch.cat(flat), max_value, k, nbins)
     threshold = torch.div(j, float(nbins)).mul_(max_value)
     return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
 
