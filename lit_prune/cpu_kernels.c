@@ -1079,3 +1079,172 @@ int lp_block_expand_zero(int64_t nweights, const int64_t *ptrs, const int64_t *r
     }
     return status;
 }
+
+/* ------------------------------------------------------------------ N:M */
+#define LP_NM_MAX_M 64
+
+/* Groups g0..g1 of m: rank, mask, zero (see lp_nm_update); returns the kept count.  Inlined with a
+ * constant m, the compares unroll. */
+static inline __attribute__((always_inline)) int64_t nm_groups(uint32_t *b, uint8_t *mask, int old, int64_t g0,
+                                                               int64_t g1, const int64_t m, int64_t keep_count,
+                                                               uint32_t *largest_pruned) {
+    int64_t kept = 0;
+    uint32_t largest = *largest_pruned;
+    for (int64_t g = g0; g < g1; g++) {
+        uint32_t s[LP_NM_MAX_M];
+        uint32_t *x = b + g * m;
+        uint8_t *k = mask + g * m;
+        for (int64_t i = 0; i < m; i++) s[i] = (x[i] & LP_ABS) & (0u - (uint32_t)(!old || k[i]));
+        for (int64_t i = 0; i < m; i++) {
+            int64_t rank = 0;
+            for (int64_t j = 0; j < i; j++) rank += s[j] >= s[i];
+            for (int64_t j = i + 1; j < m; j++) rank += s[j] > s[i];
+            const uint32_t keep = rank < keep_count, live = keep & (uint32_t)(!old || k[i]);
+            largest = max_u32(largest, s[i] & (0u - (1u - keep)));
+            x[i] &= 0u - live;
+            k[i] = (uint8_t)keep;
+            kept += keep;
+        }
+    }
+    *largest_pruned = largest;
+    return kept;
+}
+
+#ifdef __AVX2__
+/* 2:4-style groups of 4, eight at a time: the four registers are transposed so that each holds one
+ * position of eight groups, ranked with six compares, and transposed back.  Returns the groups
+ * done (a multiple of 8); the caller finishes the rest. */
+static int64_t nm_groups4_avx2(uint32_t *b, uint8_t *mask, int old, int64_t g0, int64_t g1, int64_t keep_count,
+                               uint32_t *largest_pruned, int64_t *kept) {
+    const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), zero = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi32(-1), bar = _mm256_set1_epi32((int32_t)-keep_count);
+    __m256i largest = zero;
+    int64_t count = 0, g = g0;
+    for (; g + 8 <= g1; g += 8) {
+        uint32_t *x = b + g * 4;
+        uint8_t *k = mask + g * 4;
+        __m256i raw[4], live[4], v[4];
+        for (int r = 0; r < 4; r++) {
+            raw[r] = _mm256_loadu_si256((const __m256i *)(x + 8 * r));
+            live[r] = ones;
+            if (old) live[r] = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(k + 8 * r))), zero), ones);
+            v[r] = _mm256_and_si256(_mm256_and_si256(raw[r], abs_bits), live[r]);
+        }
+        /* per 128-bit lane, a 4x4 transpose: t[p] holds position p of eight groups */
+        __m256i a0 = _mm256_unpacklo_epi32(v[0], v[1]), a1 = _mm256_unpackhi_epi32(v[0], v[1]);
+        __m256i a2 = _mm256_unpacklo_epi32(v[2], v[3]), a3 = _mm256_unpackhi_epi32(v[2], v[3]);
+        __m256i t0 = _mm256_unpacklo_epi64(a0, a2), t1 = _mm256_unpackhi_epi64(a0, a2);
+        __m256i t2 = _mm256_unpacklo_epi64(a1, a3), t3 = _mm256_unpackhi_epi64(a1, a3);
+        /* gJK: position J beats K (J > K, strictly greater); K beats J on ties, so J >= ... is ~gJK */
+        __m256i g10 = _mm256_cmpgt_epi32(t1, t0), g20 = _mm256_cmpgt_epi32(t2, t0), g30 = _mm256_cmpgt_epi32(t3, t0);
+        __m256i g21 = _mm256_cmpgt_epi32(t2, t1), g31 = _mm256_cmpgt_epi32(t3, t1), g32 = _mm256_cmpgt_epi32(t3, t2);
+        __m256i n10 = _mm256_xor_si256(g10, ones), n20 = _mm256_xor_si256(g20, ones), n30 = _mm256_xor_si256(g30, ones);
+        __m256i n21 = _mm256_xor_si256(g21, ones), n31 = _mm256_xor_si256(g31, ones), n32 = _mm256_xor_si256(g32, ones);
+        /* minus each rank (compares are -1 when true); kept where -rank > -keep_count */
+        __m256i r0 = _mm256_add_epi32(_mm256_add_epi32(g10, g20), g30);
+        __m256i r1 = _mm256_add_epi32(_mm256_add_epi32(n10, g21), g31);
+        __m256i r2 = _mm256_add_epi32(_mm256_add_epi32(n20, n21), g32);
+        __m256i r3 = _mm256_add_epi32(_mm256_add_epi32(n30, n31), n32);
+        __m256i k0 = _mm256_cmpgt_epi32(r0, bar), k1 = _mm256_cmpgt_epi32(r1, bar);
+        __m256i k2 = _mm256_cmpgt_epi32(r2, bar), k3 = _mm256_cmpgt_epi32(r3, bar);
+        largest = _mm256_max_epu32(largest, _mm256_andnot_si256(k0, t0));
+        largest = _mm256_max_epu32(largest, _mm256_andnot_si256(k1, t1));
+        largest = _mm256_max_epu32(largest, _mm256_andnot_si256(k2, t2));
+        largest = _mm256_max_epu32(largest, _mm256_andnot_si256(k3, t3));
+        /* back to memory order (the same transpose) */
+        __m256i b0 = _mm256_unpacklo_epi32(k0, k1), b1 = _mm256_unpackhi_epi32(k0, k1);
+        __m256i b2 = _mm256_unpacklo_epi32(k2, k3), b3 = _mm256_unpackhi_epi32(k2, k3);
+        __m256i keep[4] = {_mm256_unpacklo_epi64(b0, b2), _mm256_unpackhi_epi64(b0, b2), _mm256_unpacklo_epi64(b1, b3),
+                           _mm256_unpackhi_epi64(b1, b3)};
+        for (int r = 0; r < 4; r++) {
+            const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep[r]));
+            count += __builtin_popcount((unsigned)bits);
+            memcpy(k + 8 * r, &lp_byte_masks[bits], 8);
+            _mm256_storeu_si256((__m256i *)(x + 8 * r), _mm256_and_si256(raw[r], _mm256_and_si256(keep[r], live[r])));
+        }
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, largest);
+    for (int i = 0; i < 8; i++) *largest_pruned = max_u32(*largest_pruned, lanes[i]);
+    *kept += count;
+    return g - g0;
+}
+#endif
+
+/* The N:M mask update of every weight, in two passes: the first (where check != 0) finds Inf or
+ * NaN anywhere (and then changes nothing); the second ranks each group of m[w] consecutive scores (|w| as masked by
+ * the current mask where apply[w]), keeps the m - pruned[w] highest (an equal score earlier in
+ * the group ranks higher), writes the mask, and zeroes the weights that the new or the current
+ * mask prunes.  thresholds[w] receives the largest pruned score (0 if none), kept[w] the kept
+ * count, maxima[w] max |w| (Inf or NaN for a non-finite weight).  Every size divides by its m
+ * (m <= LP_NM_MAX_M).  Returns 0, 1 if a weight is not finite, -1 when out of memory. */
+int lp_nm_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
+                 const uint8_t *apply, const int64_t *ms, const int64_t *pruned, int check, int nthreads, float *maxima,
+                 float *thresholds, int64_t *kept) {
+    int status = 0;
+    uint32_t *raw = calloc((size_t)LP_MAX_THREADS * (size_t)(nweights > 0 ? nweights : 1), sizeof(uint32_t));
+    uint32_t *cut = calloc((size_t)LP_MAX_THREADS * (size_t)(nweights > 0 ? nweights : 1), sizeof(uint32_t));
+    int64_t *counts = calloc((size_t)LP_MAX_THREADS * (size_t)(nweights > 0 ? nweights : 1), sizeof(int64_t));
+    if (!raw || !cut || !counts) {
+        free(raw); free(cut); free(counts);
+        return -1;
+    }
+    int nt = nthreads < 1 ? 1 : (nthreads > LP_MAX_THREADS ? LP_MAX_THREADS : nthreads);
+#pragma omp parallel num_threads(nt)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        for (int64_t w = 0; w < nweights && check; w++) { /* 1. raw max |w|, masked positions too */
+            const uint32_t *b = (const uint32_t *)(intptr_t)ptrs[w];
+            const int64_t a = sizes[w] * t / team, z = sizes[w] * (t + 1) / team;
+            uint32_t top = 0u;
+            for (int64_t i = a; i < z; i++) top = max_u32(top, b[i] & LP_ABS);
+            raw[(size_t)t * nweights + w] = top;
+        }
+#pragma omp barrier
+#pragma omp single
+        for (int64_t w = 0; w < nweights; w++) {
+            uint32_t top = 0u;
+            for (int r = 0; r < team; r++) top = max_u32(top, raw[(size_t)r * nweights + w]);
+            maxima[w] = from_bits(top);
+            if (top >= LP_FINITE_LIMIT) status = 1;
+        }
+        if (status == 0) {
+            for (int64_t w = 0; w < nweights; w++) { /* 2. rank, mask, zero */
+                uint32_t *b = (uint32_t *)(intptr_t)ptrs[w];
+                uint8_t *mask = (uint8_t *)(intptr_t)masks[w];
+                const int old = apply && apply[w];
+                const int64_t m = ms[w], keep_count = ms[w] - pruned[w], groups = sizes[w] / ms[w];
+                const int64_t g0 = groups * t / team, g1 = groups * (t + 1) / team;
+                uint32_t largest_pruned = 0u;
+                int64_t kept_here = 0;
+                switch (m) { /* constant widths unroll */
+                case 2: kept_here = nm_groups(b, mask, old, g0, g1, 2, keep_count, &largest_pruned); break;
+                case 4: {
+                    int64_t first = g0;
+#ifdef __AVX2__
+                    first += nm_groups4_avx2(b, mask, old, g0, g1, keep_count, &largest_pruned, &kept_here);
+#endif
+                    kept_here += nm_groups(b, mask, old, first, g1, 4, keep_count, &largest_pruned);
+                    break;
+                }
+                case 8: kept_here = nm_groups(b, mask, old, g0, g1, 8, keep_count, &largest_pruned); break;
+                default: kept_here = nm_groups(b, mask, old, g0, g1, m, keep_count, &largest_pruned);
+                }
+                cut[(size_t)t * nweights + w] = largest_pruned;
+                counts[(size_t)t * nweights + w] = kept_here;
+            }
+        }
+    }
+    if (status == 0)
+        for (int64_t w = 0; w < nweights; w++) {
+            uint32_t top = 0u;
+            kept[w] = 0;
+            for (int r = 0; r < nt; r++) {
+                top = max_u32(top, cut[(size_t)r * nweights + w]);
+                kept[w] += counts[(size_t)r * nweights + w];
+            }
+            thresholds[w] = from_bits(top);
+        }
+    free(raw); free(cut); free(counts);
+    return status;
+}

@@ -55,6 +55,7 @@ __all__ = [
     "expand_blocks_and_zero",
     "magnitude_update",
     "native_enabled",
+    "nm_update",
     "release_scratch",
     "threshold_fits",
 ]
@@ -134,6 +135,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.lp_magnitude_update.argtypes = [
         ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, ctypes.c_int, ctypes.c_float,
         ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int, _F32P, _F32P, _I64P, _I64P,
+    ]  # fmt: skip
+    lib.lp_nm_update.restype = ctypes.c_int
+    lib.lp_nm_update.argtypes = [
+        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, ctypes.c_int, ctypes.c_int, _F32P, _F32P,
+        _I64P,
     ]  # fmt: skip
     lib.lp_release_scratch.restype = None
     lib.lp_release_scratch.argtypes = []
@@ -291,6 +297,77 @@ def magnitude_update(
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
     return FusedUpdate(list(found), list(kept), list(passes))
+
+
+#: The largest M the N:M kernel takes (it ranks each group of M in registers).
+NM_MAX_M = 64
+
+
+def nm_update(
+    weights: list[Tensor],
+    masks: list[Tensor],
+    nm: list[tuple[int, int]],
+    pruned: list[int],
+    thresholds: list[Tensor],
+    *,
+    apply: list[bool] | None = None,
+    check: bool = True,
+) -> list[int]:
+    """The N:M mask update of every weight, in one call, as :func:`lit_prune.nm.nm_mask` gives it.
+
+    Each group of ``M`` consecutive elements (``nm[i] = (N, M)``, ``M`` dividing the size, at most
+    :data:`NM_MAX_M`) keeps its ``M - pruned[i]`` highest ``|w|`` (an equal score earlier in the
+    group ranks higher); the masks are written, the pruned weights zeroed, and ``thresholds``
+    (one float32 CPU element each) receive the largest pruned score (0 if none).  Where
+    ``apply[i]`` is true, weight ``i`` is ranked as multiplied by its current mask first and what
+    that mask prunes is zeroed too.  Two passes: Inf or NaN anywhere is found by the first, before
+    anything changes (``check=False`` skips it, for a caller that has checked).  Returns the kept
+    counts.
+
+    Raises:
+        NonFiniteWeights: a weight holds Inf or NaN (nothing was written).
+
+    Example::
+
+        >>> w, mask = torch.tensor([[0.1, -0.4, 0.3, 0.2, 5.0, 5.0, -5.0, 1.0]]), torch.ones(1, 8, dtype=torch.bool)
+        >>> if available():
+        ...     assert nm_update([w], [mask], [(2, 4)], [2], [torch.zeros(())]) == [4]
+        ...     assert mask.int().tolist() == [[0, 1, 1, 0, 1, 1, 0, 0]] and w[0, 0] == 0 and w[0, 6] == 0
+    """
+    lib = _checked_library(weights, masks)
+    n = len(weights)
+    for field, values in {"nm": nm, "pruned": pruned, "thresholds": thresholds}.items():
+        if len(values) != n:
+            raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+    for i, (w, (keep, m), p, t) in enumerate(zip(weights, nm, pruned, thresholds, strict=True)):
+        if not (1 <= keep <= m <= NM_MAX_M and w.numel() % m == 0):
+            raise ValueError(f"`nm[{i}]` must be (N, M) with 1 <= N <= M <= {NM_MAX_M}, M dividing {w.numel()}")
+        if not 0 <= p <= m - keep:
+            raise ValueError(f"`pruned[{i}]` must be in [0, {m - keep}], got {p}")
+        if not threshold_fits(t):
+            raise ValueError(f"`thresholds[{i}]` must be one float32 element on the CPU")
+    maxima, found, kept = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
+    status = lib.lp_nm_update(
+        n,
+        _array(ctypes.c_int64, [w.data_ptr() for w in weights]),
+        _array(ctypes.c_int64, [w.numel() for w in weights]),
+        _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
+        _flags(apply, n, "apply"),
+        _array(ctypes.c_int64, [m for _, m in nm]),
+        _array(ctypes.c_int64, pruned),
+        int(check),
+        torch.get_num_threads(),
+        maxima,
+        found,
+        kept,
+    )
+    if status < 0:
+        raise MemoryError("lit_prune CPU kernels: out of memory")
+    if status == 1:
+        raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
+    for t, value in zip(thresholds, found, strict=True):
+        t.fill_(value)
+    return list(kept)
 
 
 def release_scratch() -> None:

@@ -367,19 +367,21 @@ class Pruning:
         kernel = {w.name: self._kernel_path(w, joint_names, *live[w.name][:2]) for w in weights} if kernels else {}
         fused = [w for w in weights if kernel.get(w.name) == "elementwise"]
         blocked = [w for w in weights if kernel.get(w.name) == "block"]
-        fused_names = {w.name for w in fused + blocked}
+        nm_fused = [w for w in weights if kernel.get(w.name) == "nm"]
+        fused_names = {w.name for w in fused + blocked + nm_fused}
         # The update ranks the weights the model uses: the current masks are applied first (the
         # kernels fold them into their passes), so pruned weights rank last.
         self._apply_masks(skip=fused_names)
         weights = [w for w in weights if w.name not in fused_names]
-        maxima = _abs_maxima([w.param for w in weights]) if weights else []
-        finite = torch.isfinite(torch.stack(maxima)) if weights else None  # None: every weight took the kernels
+        checked = weights + nm_fused  # the N:M kernel writes as it goes: its weights are checked here
+        maxima = _abs_maxima([w.param for w in checked]) if checked else []
+        finite = torch.isfinite(torch.stack(maxima)) if checked else None  # None: every weight took the kernels
         if defer:  # accelerators: no host read; the check is read back later, and bad weights keep their masks
             self._queue_nonfinite_check(finite, step, [w.name for w in weights])
-        elif not hp.use_tpu and weights:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
+        elif not hp.use_tpu and checked:  # use_tpu: no data-dependent host reads at all (TF's TPU path had none)
             flags = finite.cpu()
             if not bool(flags.all()):
-                bad = [w for w, ok in zip(weights, flags.tolist(), strict=True) if not ok]
+                bad = [w for w, ok in zip(checked, flags.tolist(), strict=True) if not ok]
                 self._raise_nonfinite(bad, fused + blocked, step)
         kept_by_name: dict[str, int] = {}
         if blocked:
@@ -432,6 +434,17 @@ class Pruning:
                 threshold_decay=hp.threshold_decay,
             )
             kept_by_name.update(zip([w.name for w in blocked], kept_blocked, strict=True))
+        if nm_fused:
+            kept_nm = cpu_kernels.nm_update(
+                [live[w.name][0].detach() for w in nm_fused],
+                [live[w.name][1] for w in nm_fused],
+                [w.nm for w in nm_fused],  # type: ignore[misc]
+                [nm_pruned_per_group(w.nm[1], sparsities[w.name], w.nm[0]) for w in nm_fused],  # type: ignore[index]
+                [live[w.name][2] for w in nm_fused],
+                apply=[not self._dense[w.name] for w in nm_fused],
+                check=False,  # checked above, with the others, before anything was written
+            )
+            kept_by_name.update(zip([w.name for w in nm_fused], kept_nm, strict=True))
         staged: Tensor | None = None  # deferred checks: new masks land here first
 
         def target(w: _Weight) -> Tensor:
@@ -457,7 +470,7 @@ class Pruning:
             for w in joint:
                 commit(w, compare(scores[w.name], shared, out=target(w)), shared, all_ok)
         scratch: Tensor | None = None
-        for i, (w, max_abs) in enumerate(zip(weights, maxima, strict=True)):
+        for i, (w, max_abs) in enumerate(zip(weights, maxima[: len(weights)], strict=True)):
             if w.name in joint_names:
                 continue
             param = w.param
@@ -521,21 +534,21 @@ class Pruning:
         raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
 
     def _kernel_path(self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor) -> str | None:
-        """Which fused CPU kernels update ``w`` (``param``, ``mask``): ``"elementwise"``, ``"block"`` or ``None``.
+        """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, ``"nm"`` or ``None`` (eager).
 
-        Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, histogram
-        rule with ``nbins`` up to 65536 or the exact rule, not ranked jointly and not N:M; ``None``
-        means the eager path.  The caller checks that the kernels can run at all.
+        Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, not
+        ranked jointly: N:M with M up to :data:`lit_prune.cpu_kernels.NM_MAX_M`, or the histogram
+        rule with ``nbins`` up to 65536 or the exact rule; ``None`` means the eager path.  The
+        caller checks that the kernels can run at all.
         """
         hp = self.hparams
-        if not (
-            hp.prune_option == "weight"
-            and (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS)
-            and w.name not in joint_names
-            and w.nm is None
-        ):
+        if hp.prune_option != "weight" or w.name in joint_names:
             return None
         if not (cpu_kernels.fits(param) and mask.is_contiguous()):
+            return None
+        if w.nm is not None:
+            return "nm" if w.nm[1] <= cpu_kernels.NM_MAX_M else None
+        if not (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS):
             return None
         if w.block_dims == (1, 1) or block_view_shape(param.shape) is None:  # blocks need a 2-D view
             return "elementwise"

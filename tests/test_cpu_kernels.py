@@ -22,6 +22,7 @@ from lit_prune.masks import (
     resolve_block_dims,
     topk_count,
 )
+from lit_prune.nm import nm_mask
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
@@ -443,6 +444,13 @@ def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkey
         pooled = cpu_kernels.block_pool([fused], [(4, 3)], pooling)
         (t,), _ = block_update_([fused], pooled, [torch.tensor(0.0)], [0.6], [mask], block_dims=[(4, 3)])
         assert torch.equal(t, t_ref) and torch.equal(mask, m_ref) and torch.equal(fused, w * m_ref)
+    ties = (torch.randn(12, 64, generator=g) * 2).round() / 2
+    current = torch.rand(ties.shape, generator=g) > 0.2
+    for pruned in (1, 2):  # 2:4 by the portable loop
+        expected = nm_mask((ties * current).abs(), 4, pruned)
+        fused, mask, t = ties.clone(), current.clone(), torch.zeros(())
+        cpu_kernels.nm_update([fused], [mask], [(2, 4)], [pruned], [t], apply=[True])
+        assert torch.equal(mask, expected) and torch.equal(fused, ties * current * expected)
 
 
 @needs_kernels
@@ -522,3 +530,85 @@ def test_block_pool_names_the_weights_whose_pooled_scores_are_not_finite():
     with pytest.raises(cpu_kernels.NonFiniteWeights) as error:
         cpu_kernels.block_pool([ok, bad], [(4, 4), (4, 4)], "MAX", check_finite=True)
     assert error.value.indices == [1]
+
+
+@needs_kernels
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    groups=st.integers(1, 7),
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 16), (5, 64)]),
+    fraction=st.floats(0.0, 1.0),
+    levels=st.sampled_from([3, 50, 0]),  # few levels: many ties; 0: continuous
+    applied=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_nm_kernel_equals_the_eager_nm_mask(rows, groups, nm, fraction, levels, applied, seed):
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, groups * m, generator=g)
+    if levels:
+        w = (w * levels).round() / levels  # ties, and zeros
+    current = torch.rand(w.shape, generator=g) > 0.3 if applied else torch.ones(w.shape, dtype=torch.bool)
+    pruned = round(fraction * (m - n))
+    scores = (w * current).abs()  # what apply_mask leaves, as the eager update ranks it
+    expected = nm_mask(scores, m, pruned)
+    expected_threshold = torch.where(expected, 0.0, scores).amax()
+    fused, mask, threshold = w.clone(), current.clone(), torch.full((), 7.0)
+    (kept,) = cpu_kernels.nm_update([fused], [mask], [nm], [pruned], [threshold], apply=[applied])
+    assert torch.equal(mask, expected) and kept == int(expected.sum())
+    assert torch.equal(threshold, expected_threshold)
+    assert torch.equal(fused, w * current * expected)
+
+
+@needs_kernels
+def test_nm_kernel_refuses_bad_arguments_and_non_finite_weights():
+    w, mask, t = torch.randn(2, 8), torch.ones(2, 8, dtype=torch.bool), torch.zeros(())
+    with pytest.raises(ValueError, match=r"`nm\[0\]` must be \(N, M\)"):
+        cpu_kernels.nm_update([w], [mask], [(2, 3)], [1], [t])  # 3 does not divide 16
+    with pytest.raises(ValueError, match=r"`pruned\[0\]` must be in \[0, 2\], got 3"):
+        cpu_kernels.nm_update([w], [mask], [(2, 4)], [3], [t])
+    w[1, 5] = float("nan")
+    before = w.clone()
+    with pytest.raises(cpu_kernels.NonFiniteWeights):
+        cpu_kernels.nm_update([w], [mask], [(2, 4)], [2], [t])
+    assert mask.all() and torch.equal(w.isnan(), before.isnan()) and t == 0
+
+
+@needs_kernels
+def test_nm_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
+    def run(use_kernels: bool) -> Pruning:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
+        calls = []
+        real = cpu_kernels.nm_update
+        monkeypatch.setattr(cpu_kernels, "nm_update", lambda *a, **k: calls.append(1) or real(*a, **k))
+        net = model()
+        spec = PruningHParams(
+            begin_pruning_step=0,
+            end_pruning_step=40,
+            pruning_frequency=10,
+            sparsity_function_end_step=30,
+            target_sparsity=0.5,
+            nm_sparsity_map=["[23]\\.weight:2:4"],
+        )
+        pruning = Pruning(net, spec)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        for step in range(41):
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4,), generator=g)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if not pruning.conditional_mask_update(step):
+                pruning.apply_mask()
+        assert len(calls) == (4 if use_kernels else 0)
+        monkeypatch.setattr(cpu_kernels, "nm_update", real)
+        return pruning
+
+    fast, slow = run(True), run(False)
+    for name in fast.weight_names:
+        assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
+        assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
+        assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
+    fast.check_nm()
+    assert fast.nm_weights() == {"2.weight": (2, 4), "3.weight": (2, 4)}
