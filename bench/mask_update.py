@@ -14,6 +14,8 @@ which is what Lightning's ``ModelPruning`` does at its first pruning epoch.  "A 
 starts from masks at 0.45 and an optimizer step since (pruned weights moved off zero), applies
 them and goes to 0.5, as each update of a gradual schedule does in the callback;
 "eager path" is the update a machine without a C compiler runs (the fused kernels switched off).
+The 2:4 rows prune every weight whose input size divides by 4 N:M (ResNet-18's stem stays on
+the histogram rule).
 Prints a markdown table and writes JSON to bench/results/.
 """
 
@@ -23,6 +25,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -48,6 +51,19 @@ def prune_targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 HISTOGRAM = "lit_prune histogram (TF r1.13), first update"
+NM = "lit_prune 2:4 (N:M) where in*kh*kw divides by 4, the rest histogram"
+
+
+def nm_spec(model: nn.Module) -> PruningHParams:
+    """2:4 for every conv/linear weight whose input size divides by 4 (its target 0.5, as the rest's)."""
+    names = [
+        f"^{re.escape(name)}$"
+        for name, p in model.named_parameters()
+        if name.endswith("weight") and p.dim() > 1 and p[0].numel() % 4 == 0
+    ]
+    return PruningHParams(nm_sparsity_map=[f"{n}:2:4" for n in names])
+
+
 LATER = "lit_prune histogram, a later update (0.45 -> 0.5, after an optimizer step)"
 
 
@@ -102,6 +118,8 @@ def bench_model(label: str, make: Callable[[], nn.Module], repeats: int, slow_pe
         "lit_prune exact (TF r1.14+)": PruningHParams(threshold_method="exact"),
         "lit_prune block 4x4 AVG": PruningHParams(block_height=4, block_width=4),
         "lit_prune histogram, use_tpu path": PruningHParams(use_tpu=True),
+        NM: nm_spec(model),
+        NM + ", eager path": nm_spec(model),
     }.items():
         pruning = Pruning(model, spec, sparsity=0.5)
         dense = copy.deepcopy(pruning.state_dict())
