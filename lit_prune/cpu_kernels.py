@@ -3,14 +3,15 @@
 A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
 tensors, counts, the mask, the zeroing).  :func:`magnitude_update` does the same work for every
 weight of a model in one call, split across ``torch.get_num_threads()`` threads, in two passes
-over the weights.  A sample of each weight first predicts a narrow band of ``|w|`` around its
-threshold.  The first pass writes nothing: it reads each weight as its current mask leaves it, takes
+over the weights.  Both rules hang on one order statistic of ``|w|`` (TF's histogram bin is the
+bin of the K-th smallest score), and a sample of each weight first predicts a narrow band of
+``|w|`` around it.  The first pass writes nothing: it reads each weight as its current mask leaves it, takes
 its maximum (and finds Inf and NaN, before anything is written), counts the scores below the band
 and copies those inside it (a few per cent).  TF r1.11-r1.13's threshold bin, or TF r1.14+'s exact
 threshold, then comes from that copy, exactly; where the band missed (checked exactly), a counting
 pass at the float32 bin edges takes over.  The second pass writes the masks and zeroes the pruned
 weights (those the current mask prunes too).  :func:`block_pool` and
-:func:`expand_blocks_and_zero` do the same for block pruning.
+:func:`expand_blocks_and_zero` do the same for block pruning, :func:`nm_update` for N:M.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
 (``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
