@@ -865,6 +865,13 @@ static lp_grid grid_of(const int64_t *rows, const int64_t *cols, const int64_t *
     return g;
 }
 
+/* The most columns of any weight (at least 1): the size of the block kernels' per-thread rows. */
+static int64_t widest_of(const int64_t *cols, int64_t nweights) {
+    int64_t widest = 1;
+    for (int64_t w = 0; w < nweights; w++) widest = cols[w] > widest ? cols[w] : widest;
+    return widest;
+}
+
 /* The block rows of a weight that thread t of team takes (all of them for thread 0 of a small one). */
 static void share_of(const lp_grid *g, int t, int team, int64_t *first, int64_t *end) {
     if (g->threads == 1) {
@@ -971,11 +978,8 @@ int lp_block_pool(int64_t nweights, const int64_t *ptrs, const int64_t *rows, co
                   const int64_t *bhs, const int64_t *bws, int pooling, const int64_t *outs, const int64_t *masks,
                   int nthreads, uint8_t *nonfinite) {
     int status = 0;
-    int64_t widest = 1;
-    for (int64_t w = 0; w < nweights; w++) {
-        widest = cols[w] > widest ? cols[w] : widest;
-        nonfinite[w] = 0;
-    }
+    const int64_t widest = widest_of(cols, nweights);
+    memset(nonfinite, 0, (size_t)nweights);
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         const int t = omp_get_thread_num(), team = omp_get_num_threads();
@@ -1025,11 +1029,8 @@ int lp_block_expand_zero(int64_t nweights, const int64_t *ptrs, const int64_t *r
                          const int64_t *bhs, const int64_t *bws, const int64_t *block_masks, const int64_t *masks,
                          const uint8_t *apply, int nthreads, int64_t *kept) {
     int status = 0;
-    int64_t widest = 1;
-    for (int64_t w = 0; w < nweights; w++) {
-        widest = cols[w] > widest ? cols[w] : widest;
-        kept[w] = 0;
-    }
+    const int64_t widest = widest_of(cols, nweights);
+    memset(kept, 0, sizeof(int64_t) * (size_t)nweights);
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads)
     {
         const int t = omp_get_thread_num(), team = omp_get_num_threads();

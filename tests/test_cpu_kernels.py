@@ -198,24 +198,17 @@ def model() -> torch.nn.Module:
     )
 
 
-def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", blocks: bool = False) -> Pruning:
+#: The schedule both training runs share: updates at steps 10, 20, 30 and 40 (TF's rule).
+SCHEDULE = {"begin_pruning_step": 0, "end_pruning_step": 40, "pruning_frequency": 10, "sparsity_function_end_step": 30}
+
+
+def train_and_count(use_kernels: bool, monkeypatch, spec: PruningHParams, owner, kernel: str) -> Pruning:
+    """41 SGD steps of :func:`model` pruned by ``spec``, kernels on or off; ``owner.kernel`` runs 4 times or 0."""
     monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
     calls = []
-    fused = block_update_ if blocks else magnitude_update_
-    monkeypatch.setattr(pruning_module, fused.__name__, lambda *a, **k: calls.append(1) or fused(*a, **k))
+    real = getattr(owner, kernel)
+    monkeypatch.setattr(owner, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     net = model()
-    spec = PruningHParams(
-        begin_pruning_step=0,
-        end_pruning_step=40,
-        pruning_frequency=10,
-        sparsity_function_end_step=30,
-        target_sparsity=0.9,
-        threshold_decay=0.3,
-        weight_sparsity_map=["2\\.weight:0.5"],
-        threshold_method=method,
-        block_dims_map=["^[02]\\.weight:2x3"] if blocks else [],
-        block_pooling_function="MAX" if method == "exact" else "AVG",
-    )
     pruning = Pruning(net, spec)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(1)
@@ -226,8 +219,30 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", b
         opt.zero_grad()
         if not pruning.conditional_mask_update(step):  # an update applies the current masks itself
             pruning.apply_mask()
-    assert len(calls) == (4 if use_kernels else 0)  # TF's rule: updates at steps 10, 20, 30, 40
+    monkeypatch.setattr(owner, kernel, real)
+    assert len(calls) == (4 if use_kernels else 0)
     return pruning
+
+
+def assert_same_pruning(fast: Pruning, slow: Pruning) -> None:
+    for name in fast.weight_names:
+        assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
+        assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
+        assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
+
+
+def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", blocks: bool = False) -> Pruning:
+    spec = PruningHParams(
+        **SCHEDULE,
+        target_sparsity=0.9,
+        threshold_decay=0.3,
+        weight_sparsity_map=["2\\.weight:0.5"],
+        threshold_method=method,
+        block_dims_map=["^[02]\\.weight:2x3"] if blocks else [],
+        block_pooling_function="MAX" if method == "exact" else "AVG",
+    )
+    fused = block_update_ if blocks else magnitude_update_
+    return train_and_count(use_kernels, monkeypatch, spec, pruning_module, fused.__name__)
 
 
 @needs_kernels
@@ -236,10 +251,7 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", b
 def test_pruning_with_and_without_kernels_ends_the_same(monkeypatch, method, blocks):
     fast = train_and_prune(True, monkeypatch, method, blocks)
     slow = train_and_prune(False, monkeypatch, method, blocks)
-    for name in fast.weight_names:
-        assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
-        assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
-        assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
+    assert_same_pruning(fast, slow)
     sparsity = fast.get_weight_sparsity()
     assert float(sparsity["0.weight"]) == pytest.approx(0.9, abs=0.02)
     assert float(sparsity["2.weight"]) == pytest.approx(0.5, abs=0.05 if blocks else 0.02)
@@ -577,38 +589,9 @@ def test_nm_kernel_refuses_bad_arguments_and_non_finite_weights():
 
 @needs_kernels
 def test_nm_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
-    def run(use_kernels: bool) -> Pruning:
-        monkeypatch.setattr(cpu_kernels, "available", lambda: use_kernels and cpu_kernels._library() is not None)
-        calls = []
-        real = cpu_kernels.nm_update
-        monkeypatch.setattr(cpu_kernels, "nm_update", lambda *a, **k: calls.append(1) or real(*a, **k))
-        net = model()
-        spec = PruningHParams(
-            begin_pruning_step=0,
-            end_pruning_step=40,
-            pruning_frequency=10,
-            sparsity_function_end_step=30,
-            target_sparsity=0.5,
-            nm_sparsity_map=["[23]\\.weight:2:4"],
-        )
-        pruning = Pruning(net, spec)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        g = torch.Generator().manual_seed(1)
-        for step in range(41):
-            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 7, (4,), generator=g)
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-            opt.zero_grad()
-            if not pruning.conditional_mask_update(step):
-                pruning.apply_mask()
-        assert len(calls) == (4 if use_kernels else 0)
-        monkeypatch.setattr(cpu_kernels, "nm_update", real)
-        return pruning
-
-    fast, slow = run(True), run(False)
-    for name in fast.weight_names:
-        assert torch.equal(fast.get_masks()[name], slow.get_masks()[name]), name
-        assert torch.equal(fast.get_thresholds()[name], slow.get_thresholds()[name]), name
-        assert torch.equal(fast.get_weights()[name], slow.get_weights()[name]), name
+    spec = PruningHParams(**SCHEDULE, target_sparsity=0.5, nm_sparsity_map=["[23]\\.weight:2:4"])
+    fast = train_and_count(True, monkeypatch, spec, cpu_kernels, "nm_update")
+    slow = train_and_count(False, monkeypatch, spec, cpu_kernels, "nm_update")
+    assert_same_pruning(fast, slow)
     fast.check_nm()
     assert fast.nm_weights() == {"2.weight": (2, 4), "3.weight": (2, 4)}
