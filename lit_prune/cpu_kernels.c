@@ -1176,12 +1176,12 @@ static int64_t nm_groups4_avx2(uint32_t *b, uint8_t *mask, int old, int64_t g0, 
  * NaN anywhere (and then changes nothing); the second ranks each group of m[w] consecutive scores (|w| as masked by
  * the current mask where apply[w]), keeps the m - pruned[w] highest (an equal score earlier in
  * the group ranks higher), writes the mask, and zeroes the weights that the new or the current
- * mask prunes.  thresholds[w] receives the largest pruned score (0 if none), kept[w] the kept
- * count, maxima[w] max |w| (Inf or NaN for a non-finite weight).  Every size divides by its m
- * (m <= LP_NM_MAX_M).  Returns 0, 1 if a weight is not finite, -1 when out of memory. */
+ * mask prunes.  thresholds[w] and the float32 at stored[w] receive the largest pruned score (0 if
+ * none), kept[w] the kept count, maxima[w] max |w| (Inf or NaN for a non-finite weight).  Every
+ * size divides by its m (m <= LP_NM_MAX_M).  Returns 0, 1 if a weight is not finite, -1 when out of memory. */
 int lp_nm_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
-                 const uint8_t *apply, const int64_t *ms, const int64_t *pruned, int check, int nthreads, float *maxima,
-                 float *thresholds, int64_t *kept) {
+                 const uint8_t *apply, const int64_t *ms, const int64_t *pruned, const int64_t *stored, int check,
+                 int nthreads, float *maxima, float *thresholds, int64_t *kept) {
     int status = 0;
     uint32_t *raw = calloc((size_t)LP_MAX_THREADS * (size_t)(nweights > 0 ? nweights : 1), sizeof(uint32_t));
     uint32_t *cut = calloc((size_t)LP_MAX_THREADS * (size_t)(nweights > 0 ? nweights : 1), sizeof(uint32_t));
@@ -1245,6 +1245,7 @@ int lp_nm_update(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, co
                 kept[w] += counts[(size_t)r * nweights + w];
             }
             thresholds[w] = from_bits(top);
+            *(float *)(intptr_t)stored[w] = thresholds[w];
         }
     free(raw); free(cut); free(counts);
     return status;

@@ -139,8 +139,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ]  # fmt: skip
     lib.lp_nm_update.restype = ctypes.c_int
     lib.lp_nm_update.argtypes = [
-        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, ctypes.c_int, ctypes.c_int, _F32P, _F32P,
-        _I64P,
+        ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, _I64P, ctypes.c_int, ctypes.c_int, _F32P,
+        _F32P, _I64P,
     ]  # fmt: skip
     lib.lp_release_scratch.restype = None
     lib.lp_release_scratch.argtypes = []
@@ -218,6 +218,22 @@ def threshold_fits(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == 1
 
 
+def _check_lengths(n: int, **fields: list | None) -> None:
+    """Each list given (``None``: not given) has one entry per weight."""
+    for field, values in fields.items():
+        if values is not None and len(values) != n:
+            raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+
+
+def _threshold_pointers(thresholds: list[Tensor]) -> ctypes.Array:
+    """Where the kernels read and write each threshold, once each :func:`threshold_fits`."""
+    for i, t in enumerate(thresholds):
+        if not threshold_fits(t):
+            got = f"{t.dtype} of shape {tuple(t.shape)} on {t.device}"
+            raise ValueError(f"`thresholds[{i}]` must be one float32 element on the CPU, got {got}")
+    return _array(ctypes.c_int64, [t.data_ptr() for t in thresholds])
+
+
 def _checked_library(weights: list[Tensor], masks: list[Tensor]) -> ctypes.CDLL:
     """The library, once every weight :func:`fits` and every mask is a bool tensor of its size (raw pointers follow)."""
     lib = _loaded()
@@ -261,13 +277,8 @@ def magnitude_update(
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
-    for field, values in {"targets": targets, "thresholds": thresholds}.items():
-        if values is not None and len(values) != n:
-            raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
-    for i, t in enumerate(thresholds):
-        if not threshold_fits(t):
-            got = f"{t.dtype} of shape {tuple(t.shape)} on {t.device}"
-            raise ValueError(f"`thresholds[{i}]` must be one float32 element on the CPU, got {got}")
+    _check_lengths(n, targets=targets, thresholds=thresholds, apply=apply)
+    stored = _threshold_pointers(thresholds)
     for i, (w, k) in enumerate(zip(weights, targets, strict=True)):
         if not 0 <= k <= w.numel():
             raise ValueError(f"`targets[{i}]` must be a count in [0, {w.numel()}], got {k}")
@@ -281,7 +292,7 @@ def magnitude_update(
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]),
         _flags(apply, n, "apply"),
         _array(ctypes.c_int64, targets),
-        _array(ctypes.c_int64, [t.data_ptr() for t in thresholds]),  # read, then overwritten
+        stored,  # read, then overwritten
         int(decay is not None),
         keep_weight,
         decay_weight,
@@ -337,16 +348,13 @@ def nm_update(
     """
     lib = _checked_library(weights, masks)
     n = len(weights)
-    for field, values in {"nm": nm, "pruned": pruned, "thresholds": thresholds}.items():
-        if len(values) != n:
-            raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
-    for i, (w, (keep, m), p, t) in enumerate(zip(weights, nm, pruned, thresholds, strict=True)):
+    _check_lengths(n, nm=nm, pruned=pruned, thresholds=thresholds, apply=apply)
+    for i, (w, (keep, m), p) in enumerate(zip(weights, nm, pruned, strict=True)):
         if not (1 <= keep <= m <= NM_MAX_M and w.numel() % m == 0):
             raise ValueError(f"`nm[{i}]` must be (N, M) with 1 <= N <= M <= {NM_MAX_M}, M dividing {w.numel()}")
         if not 0 <= p <= m - keep:
             raise ValueError(f"`pruned[{i}]` must be in [0, {m - keep}], got {p}")
-        if not threshold_fits(t):
-            raise ValueError(f"`thresholds[{i}]` must be one float32 element on the CPU")
+    stored = _threshold_pointers(thresholds)
     maxima, found, kept = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)()
     status = lib.lp_nm_update(
         n,
@@ -356,6 +364,7 @@ def nm_update(
         _flags(apply, n, "apply"),
         _array(ctypes.c_int64, [m for _, m in nm]),
         _array(ctypes.c_int64, pruned),
+        stored,
         int(check),
         torch.get_num_threads(),
         maxima,
@@ -366,8 +375,6 @@ def nm_update(
         raise MemoryError("lit_prune CPU kernels: out of memory")
     if status == 1:
         raise NonFiniteWeights([i for i, m in enumerate(maxima) if not math.isfinite(m)])
-    for t, value in zip(thresholds, found, strict=True):
-        t.fill_(value)
     return list(kept)
 
 
@@ -410,8 +417,7 @@ def _block_grid(w: Tensor, dims: tuple[int, int]) -> tuple[int, int]:
 def _flags(values: list[bool] | None, n: int, field: str) -> bytes | None:
     if values is None:
         return None
-    if len(values) != n:
-        raise ValueError(f"`{field}` must have one entry per weight ({n}), got {len(values)}")
+    _check_lengths(n, **{field: values})
     return bytes(bytearray(int(bool(v)) for v in values))
 
 
@@ -458,8 +464,7 @@ def block_pool(
             raise ValueError(f"out {i} must be a contiguous float32 CPU tensor of shape {g}")
     pointers = [0] * len(weights)
     if masks is not None:
-        if len(masks) != len(weights):
-            raise ValueError(f"`masks` must have one entry per weight ({len(weights)}), got {len(masks)}")
+        _check_lengths(len(weights), masks=masks)
         for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
             if m is not None:
                 _check_mask(i, m, w.numel())
