@@ -50,6 +50,7 @@ __all__ = [
     "FusedUpdate",
     "NonFiniteWeights",
     "available",
+    "block_grid",
     "block_pool",
     "eligible",
     "fits",
@@ -410,8 +411,15 @@ def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple
     )
 
 
-def _block_grid(w: Tensor, dims: tuple[int, int]) -> tuple[int, int]:
-    return -(-w.shape[0] // dims[0]), -(-w.shape[1] // dims[1])
+def block_grid(shape: tuple[int, ...] | torch.Size, dims: tuple[int, int]) -> tuple[int, int]:
+    """The block grid of a 2-D ``shape`` in ``dims`` blocks from row and column 0 (edge blocks cut short).
+
+    Example::
+
+        >>> block_grid((10, 6), (4, 3))
+        (3, 2)
+    """
+    return -(-shape[0] // dims[0]), -(-shape[1] // dims[1])
 
 
 def _flags(values: list[bool] | None, n: int, field: str) -> bytes | None:
@@ -456,7 +464,7 @@ def block_pool(
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"pooling must be 'AVG' or 'MAX', got {pooling!r}")
     arrays = _matrices(weights, block_dims)
-    grids = [_block_grid(w, d) for w, d in zip(weights, block_dims, strict=True)]
+    grids = [block_grid(w.shape, d) for w, d in zip(weights, block_dims, strict=True)]
     if out is None:
         out = [torch.empty(g, dtype=torch.float32) for g in grids]
     for i, (o, g) in enumerate(zip(out, grids, strict=True)):
@@ -498,8 +506,8 @@ def expand_blocks_and_zero(
     lib = _loaded()
     arrays = _matrices(weights, block_dims)
     for i, (w, d, b, m) in enumerate(zip(weights, block_dims, block_masks, masks, strict=True)):
-        if b.dtype != torch.bool or not b.is_contiguous() or tuple(b.shape) != _block_grid(w, d):
-            raise ValueError(f"block mask {i} must be a contiguous torch.bool tensor of shape {_block_grid(w, d)}")
+        if b.dtype != torch.bool or not b.is_contiguous() or tuple(b.shape) != block_grid(w.shape, d):
+            raise ValueError(f"block mask {i} must be a contiguous torch.bool tensor of shape {block_grid(w.shape, d)}")
         _check_mask(i, m, w.numel())
     kept = (ctypes.c_int64 * len(weights))()
     status = lib.lp_block_expand_zero(

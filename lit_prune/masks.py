@@ -499,7 +499,7 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     """
     rows, cols = scores.shape
     bh, bw = block_dims
-    hb, wb = -(-rows // bh), -(-cols // bw)
+    hb, wb = cpu_kernels.block_grid(scores.shape, block_dims)
     padded = scores
     if hb * bh != rows or wb * bw != cols:
         padded = torch.nn.functional.pad(scores, (0, wb * bw - cols, 0, hb * bh - rows))

@@ -512,7 +512,7 @@ class Pruning:
         Views of two buffers kept between updates: fresh ones would page-fault on every page the
         kernels write.  They hold 5 bytes per block.
         """
-        grids = [(-(-v.shape[0] // bh), -(-v.shape[1] // bw)) for v, (bh, bw) in zip(views, dims, strict=True)]
+        grids = [cpu_kernels.block_grid(v.shape, d) for v, d in zip(views, dims, strict=True)]
         total = sum(r * c for r, c in grids)
         if self._block_scratch is None or self._block_scratch[0].numel() < total:
             self._block_scratch = (torch.empty(total, dtype=torch.float32), torch.empty(total, dtype=torch.bool))
