@@ -37,10 +37,12 @@ __all__ = [
     "joint_threshold",
     "block_view_shape",
     "compute_mask",
+    "decay_pair",
     "exact_threshold",
     "expand_blocks",
     "histogram_threshold",
     "histogram_target_count",
+    "kernel_targets",
     "magnitude_update_",
     "resolve_block_dims",
     "smooth_threshold",
@@ -326,6 +328,31 @@ def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
     return current * _f32(1.0 - decay) + previous * _f32(decay)
 
 
+def kernel_targets(sizes: list[int], sparsities: list[float], method: str) -> list[int]:
+    """What the fused kernels rank for: TF's ``K`` per weight (``"histogram"``), or the kept count (``"exact"``).
+
+    Example::
+
+        >>> kernel_targets([10, 10], [0.5, 0.25], "histogram"), kernel_targets([10], [0.25], "exact")
+        ([5, 3], [8])
+    """
+    if method not in ("histogram", "exact"):
+        raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
+    count = histogram_target_count if method == "histogram" else topk_count
+    return [count(n, float(s)) for n, s in zip(sizes, sparsities, strict=True)]
+
+
+def decay_pair(threshold_decay: float) -> tuple[float, float] | None:
+    """The float32 weights ``(1 - d, d)`` of TF's threshold moving average, ``None`` for ``d = 0`` (none).
+
+    Example::
+
+        >>> decay_pair(0.0), decay_pair(0.5)
+        (None, (0.5, 0.5))
+    """
+    return None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
+
+
 @torch.no_grad()
 def magnitude_update_(
     weights: list[Tensor],
@@ -366,20 +393,16 @@ def magnitude_update_(
         ...     assert kept == [2] and mask.tolist() == [True, True, False, False] and w.tolist() == [-4.0, 3.0, 0, 0]
         ...     assert threshold == thresholds[0]  # updated in place
     """
-    if method not in ("histogram", "exact"):
-        raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
-    count = histogram_target_count if method == "histogram" else topk_count
-    decay = None if threshold_decay == 0.0 else (_f32(1.0 - threshold_decay), _f32(threshold_decay))
     # The kernel reads and writes float32 CPU thresholds in place; others go through a float32 copy.
     stored = [t if cpu_kernels.threshold_fits(t) else t.detach().to("cpu", torch.float32) for t in thresholds]
     found = cpu_kernels.magnitude_update(
         weights,
         masks,
-        [count(w.numel(), float(s)) for w, s in zip(weights, sparsities, strict=True)],
+        kernel_targets([w.numel() for w in weights], sparsities, method),
         stored,
         exact=method == "exact",
         nbins=nbins,
-        decay=decay,
+        decay=decay_pair(threshold_decay),
         apply=apply_current,
     )
     for threshold, copy in zip(thresholds, stored, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -241,8 +242,9 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", b
         block_dims_map=["^[02]\\.weight:2x3"] if blocks else [],
         block_pooling_function="MAX" if method == "exact" else "AVG",
     )
-    fused = block_update_ if blocks else magnitude_update_
-    return train_and_count(use_kernels, monkeypatch, spec, pruning_module, fused.__name__)
+    if blocks:
+        return train_and_count(use_kernels, monkeypatch, spec, pruning_module, "block_update_")
+    return train_and_count(use_kernels, monkeypatch, spec, cpu_kernels.MagnitudeBatch, "update")
 
 
 @needs_kernels
@@ -595,3 +597,50 @@ def test_nm_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
     assert_same_pruning(fast, slow)
     fast.check_nm()
     assert fast.nm_weights() == {"2.weight": (2, 4), "3.weight": (2, 4)}
+
+
+@needs_kernels
+def test_the_kernel_plan_is_reused_until_a_tensor_is_replaced():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    pruning = Pruning(net, sparsity=lambda step: 0.1 * step)
+    pruning.mask_update(1)
+    plan = pruning._plan
+    assert plan is not None and plan.batch is not None and len(plan.batch) == 2
+    pruning.mask_update(2)
+    assert pruning._plan is plan  # same tensors: the checked pointers are reused
+    fresh = torch.randn(64, 64)
+    net[0].weight.data = fresh.clone()  # new storage for the same parameter
+    masked = fresh * pruning.get_masks()["0.weight"]  # the update ranks it as its current mask leaves it
+    threshold, expected, zeroed = eager_update(masked, pruning.get_thresholds()["0.weight"], 0.3, 256, 0.0, "histogram")
+    pruning.mask_update(3)
+    assert pruning._plan is not plan
+    assert torch.equal(pruning.get_masks()["0.weight"], expected)  # the kernel ran on the new storage
+    assert torch.equal(net[0].weight.detach(), zeroed) and torch.equal(pruning.get_thresholds()["0.weight"], threshold)
+    pruning.load_state_dict(pruning.state_dict())  # copies in place: the plan stays
+    plan = pruning._plan
+    pruning.mask_update(4)
+    assert pruning._plan is plan
+    net.double()  # float64 weights: the eager path, then back to float32 and the kernels
+    pruning.mask_update(5)
+    assert pruning._plan.batch is None and pruning.get_weight_sparsity()["0.weight"] == pytest.approx(0.5, abs=2e-2)
+    net.float()
+    pruning.mask_update(6)
+    assert pruning._plan.batch is not None and pruning.get_weight_sparsity()["1.weight"] == pytest.approx(0.6, abs=2e-2)
+    copied = copy.deepcopy(pruning)  # the plan holds raw pointers: it is not copied (nor pickled)
+    assert copied._plan is None
+    copied.mask_update(7)
+    assert copied._plan is not None and copied._plan.pointers != pruning._plan.pointers
+
+
+@needs_kernels
+def test_a_magnitude_batch_refuses_what_the_kernel_cannot_take():
+    w, mask, threshold = torch.randn(100), torch.ones(100, dtype=torch.bool), torch.zeros(())
+    batch = cpu_kernels.MagnitudeBatch([w], [mask], [threshold])
+    assert batch.matches([w], [mask], [threshold]) and not batch.matches([w.clone()], [mask], [threshold])
+    with pytest.raises(ValueError, match=r"`targets\[0\]` must be a count in \[0, 100\], got -1"):
+        batch.update([-1], exact=False, nbins=256, decay=None)
+    with pytest.raises(ValueError, match=r"`thresholds` must have one entry per weight \(1\), got 0"):
+        cpu_kernels.MagnitudeBatch([w], [mask], [])
+    with pytest.raises(ValueError, match="mask 0 must be a contiguous CPU torch.bool tensor of 100 elements"):
+        cpu_kernels.MagnitudeBatch([w], [mask.view(10, 10).t()], [threshold])
