@@ -74,6 +74,17 @@ __attribute__((constructor)) static void init_byte_masks(void) {
  * (the current mask, which may be m itself), the weights are taken as multiplied by it first:
  * |w| is 0 where it is false, and those weights are zeroed too. */
 #define LP_STORE_BLOCK 64
+/* Software prefetch LP_PREFETCH elements (2 KiB) ahead of the passes over the weights: one thread
+ * alone reads at about half this machine's bandwidth, and the hardware prefetcher keeps too few
+ * lines in flight.  Measured, ResNet-18 and a 50 M Linear stack: the update 6-12 % faster at 1 KiB
+ * or 2 KiB, slower at 512 bytes; prefetching the masks too gave nothing. */
+#define LP_PREFETCH 512
+static inline void prefetch_block(const uint32_t *at, int for_write) {
+    for (int k = 0; k < LP_STORE_BLOCK; k += 16) { /* a block is 4 cache lines */
+        if (for_write) __builtin_prefetch(at + LP_PREFETCH + k, 1, 0);
+        else __builtin_prefetch(at + LP_PREFETCH + k, 0, 0);
+    }
+}
 static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n, int32_t cut) {
     int64_t kept = 0;
     int64_t i = 0;
@@ -81,7 +92,12 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), cuts = _mm256_set1_epi32(cut);
     const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
     uint8_t before[LP_STORE_BLOCK];
+    _Alignas(32) uint64_t line[LP_STORE_BLOCK / 8]; /* the block's 64 mask bytes */
+    /* Without a current mask to read, each block's mask line is only written: streamed (no read
+     * for ownership, a quarter of the pass's traffic over the weights) where it is aligned. */
+    const int stream = !old && ((uintptr_t)m & 31u) == 0u;
     for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        prefetch_block(b + i, 1);
         if (old) memcpy(before, old + i, LP_STORE_BLOCK); /* m may be old: read it before writing */
         __m256i stale = zero; /* bits of non-zero weights to zero */
         for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
@@ -90,9 +106,15 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n
             if (old) live = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(before + g))), zero), ones);
             __m256i keep = _mm256_cmpgt_epi32(_mm256_and_si256(a, live), cuts);
             int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
-            memcpy(m + i + g, &lp_byte_masks[bits], 8);
+            line[g / 8] = lp_byte_masks[bits];
             kept += __builtin_popcount((unsigned)bits);
             stale = _mm256_or_si256(stale, _mm256_andnot_si256(_mm256_and_si256(keep, live), a));
+        }
+        if (stream) { /* i is a multiple of 64: m + i stays 32-byte aligned */
+            _mm256_stream_si256((__m256i *)(m + i), _mm256_load_si256((const __m256i *)line));
+            _mm256_stream_si256((__m256i *)(m + i + 32), _mm256_load_si256((const __m256i *)(line + 4)));
+        } else {
+            memcpy(m + i, line, LP_STORE_BLOCK);
         }
         if (_mm256_testz_si256(stale, stale)) continue;
         for (int g = 0; g < LP_STORE_BLOCK; g += 8) { /* again from L1: zero the lanes not kept */
@@ -103,6 +125,7 @@ static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n
             _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_and_si256(x, _mm256_and_si256(keep, live)));
         }
     }
+    if (stream) _mm_sfence(); /* the streamed lines are visible before the pass's barrier */
 #endif
     for (; i < n; i++) {
         const int live = !old || old[i];
@@ -422,6 +445,7 @@ static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band b
                 cap = LP_STORE_BLOCK + 8;
                 count = 0;
             }
+            prefetch_block(b + i, 0);
             for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
                 __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
                 vraw = _mm256_max_epu32(vraw, a);
