@@ -871,6 +871,67 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
     return status == -2 ? -1 : status;
 }
 
+/* ------------------------------------------------------------------ applying the masks */
+
+/* w = w * mask on b[0..n): the weights a false mask byte prunes become +0.0.  A block of
+ * LP_STORE_BLOCK weights is stored back only when it holds a non-zero weight to zero, so masks
+ * applied again (or to weights no step has moved) cost one read. */
+static void apply_block(uint32_t *b, const uint8_t *m, int64_t n) {
+    int64_t i = 0;
+#ifdef __AVX2__
+    const __m256i zero = _mm256_setzero_si256(), abs_bits = _mm256_set1_epi32((int32_t)LP_ABS);
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        prefetch_block(b + i, 1);
+        __m256i stale = zero, drop[LP_STORE_BLOCK / 8];
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
+            drop[g / 8] = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(m + i + g))), zero);
+            __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
+            stale = _mm256_or_si256(stale, _mm256_and_si256(drop[g / 8], x));
+        }
+        if (_mm256_testz_si256(stale, stale)) continue;
+        for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(b + i + g));
+            _mm256_storeu_si256((__m256i *)(b + i + g), _mm256_andnot_si256(drop[g / 8], x));
+        }
+    }
+#endif
+    for (; i < n; i++)
+        if (!m[i] && (b[i] & LP_ABS)) b[i] = 0u;
+}
+
+/* apply_mask for every weight w with which[w] (which may be NULL: all), in one parallel region of
+ * 64 Ki-element tasks.  Returns 0, or -1 when out of memory. */
+int lp_apply_masks(int64_t nweights, const int64_t *ptrs, const int64_t *sizes, const int64_t *masks,
+                   const uint8_t *which, int nthreads) {
+    int64_t total = 0, ntasks = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        if (which && !which[w]) continue;
+        total += sizes[w];
+        ntasks += (sizes[w] + LP_MASK_CHUNK - 1) / LP_MASK_CHUNK;
+    }
+    if (ntasks == 0) return 0;
+    lp_chunk *tasks = malloc(sizeof(lp_chunk) * (size_t)ntasks);
+    if (!tasks) return -1;
+    int64_t k = 0;
+    for (int64_t w = 0; w < nweights; w++) {
+        if (which && !which[w]) continue;
+        for (int64_t a = 0; a < sizes[w]; a += LP_MASK_CHUNK) {
+            lp_chunk c = {w, a, a + LP_MASK_CHUNK < sizes[w] ? a + LP_MASK_CHUNK : sizes[w]};
+            tasks[k++] = c;
+        }
+    }
+    int nt = nthreads < 1 ? 1 : (nthreads > LP_MAX_THREADS ? LP_MAX_THREADS : nthreads);
+    if (total < ((int64_t)1 << 15) * nt) nt = (int)(total >> 15) + 1; /* >= 32 Ki elements per thread */
+    if (nt > ntasks) nt = (int)ntasks;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t c = 0; c < ntasks; c++) {
+        const lp_chunk ch = tasks[c];
+        apply_block((uint32_t *)(intptr_t)ptrs[ch.w] + ch.a, (const uint8_t *)(intptr_t)masks[ch.w] + ch.a, ch.z - ch.a);
+    }
+    free(tasks);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ block pruning */
 #define LP_POOL_AVG 0
 #define LP_POOL_MAX 1

@@ -49,6 +49,7 @@ from torch import Tensor
 __all__ = [
     "FusedUpdate",
     "MagnitudeBatch",
+    "MaskBatch",
     "NonFiniteWeights",
     "available",
     "block_grid",
@@ -144,6 +145,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, _I64P, _I64P, _I64P, ctypes.c_int, ctypes.c_int, _F32P,
         _F32P, _I64P,
     ]  # fmt: skip
+    lib.lp_apply_masks.restype = ctypes.c_int
+    lib.lp_apply_masks.argtypes = [ctypes.c_int64, _I64P, _I64P, _I64P, ctypes.c_char_p, ctypes.c_int]
     lib.lp_release_scratch.restype = None
     lib.lp_release_scratch.argtypes = []
     lib.lp_block_pool.restype = ctypes.c_int
@@ -249,16 +252,63 @@ def _array(ctype: type, values: list) -> ctypes.Array:
     return (ctype * len(values))(*values)
 
 
-class MagnitudeBatch:
-    """Weights, masks and thresholds checked once for :func:`magnitude_update`, their pointers kept.
+class MaskBatch:
+    """Weights and masks checked once for the kernels, their pointer arrays kept; :meth:`apply` zeroes pruned weights.
 
-    A model's update spends much of its time outside the kernel when each call checks every
-    tensor and builds its pointer arrays anew: about half a millisecond with ResNet-18's 21
-    weights and cold caches, a sixth of the whole update.  A batch does that once, and each
-    :meth:`update` passes the kept arrays.  It updates the storage its tensors had when it was
-    built (it keeps them alive): build a new batch when a tensor is replaced (``param.data = ...``,
-    ``module.to(...)``, a new mask); :meth:`matches` tells whether tensors are still the ones it
-    holds.  :func:`magnitude_update` is a one-off batch.
+    A model's update or mask application spends much of its time outside the kernel when each
+    call checks every tensor and builds its pointer arrays anew (about half a millisecond with
+    ResNet-18's 21 weights and cold caches).  A batch does that once.  It works on the storage
+    its tensors had when it was built (it keeps that storage alive): build a new batch when a
+    tensor is replaced (``param.data = ...``, ``module.to(...)``, a new mask); :meth:`matches`
+    tells whether tensors are still the ones it holds.
+
+    Example::
+
+        >>> w, mask = torch.tensor([-1.0, 2.0, -3.0, 4.0]), torch.tensor([True, False, True, False])
+        >>> if available():
+        ...     MaskBatch([w], [mask]).apply()
+        ...     assert w.tolist() == [-1.0, 0.0, -3.0, 0.0]
+    """
+
+    def __init__(self, weights: list[Tensor], masks: list[Tensor], *others: list[Tensor]) -> None:
+        _checked_library(weights, masks)
+        n = len(weights)
+        self.sizes = [w.numel() for w in weights]
+        # Aliases of the storages the pointers below point into: they stay alive with the batch.
+        self._held = [t.detach() for t in [*weights, *masks, *(t for ts in others for t in ts)]]
+        self._pointers = [t.data_ptr() for t in self._held]
+        self._weights = _array(ctypes.c_int64, self._pointers[:n])
+        self._sizes = _array(ctypes.c_int64, self.sizes)
+        self._masks = _array(ctypes.c_int64, self._pointers[n : 2 * n])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def matches(self, weights: list[Tensor], masks: list[Tensor], *others: list[Tensor]) -> bool:
+        """Whether these tensors are (still) the storage this batch works on, in the same order.
+
+        Equal pointers and sizes: each is a contiguous view of one and the same storage (weights
+        are contiguous float32 CPU tensors when the batch is built, and stay so at that address).
+        """
+        now = [t.data_ptr() for t in [*weights, *masks, *(t for ts in others for t in ts)]]
+        return now == self._pointers and [w.numel() for w in weights] == self.sizes
+
+    def apply(self, which: list[bool] | None = None) -> None:
+        """Zero the weights each mask prunes, in place (``which``: only those weights; ``None``: all).
+
+        One read of the weights and masks; a block of 64 weights is written back only where it
+        holds a non-zero weight to zero.  Pruned weights become ``+0.0``.
+        """
+        status = _loaded().lp_apply_masks(
+            len(self.sizes), self._weights, self._sizes, self._masks, _flags(which, len(self), "which"),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status < 0:
+            raise MemoryError("lit_prune CPU kernels: out of memory")
+
+
+class MagnitudeBatch(MaskBatch):
+    """A :class:`MaskBatch` with each weight's threshold: :meth:`update` runs :func:`magnitude_update` on it.
 
     Example::
 
@@ -275,26 +325,8 @@ class MagnitudeBatch:
         n = len(weights)
         _check_lengths(n, thresholds=thresholds)
         self._stored = _threshold_pointers(thresholds)  # read, then overwritten, by each update
-        self.sizes = [w.numel() for w in weights]
-        # Aliases of the storages the pointers below point into: they stay alive with the batch.
-        self._held = [t.detach() for t in [*weights, *masks, *thresholds]]
-        self._pointers = [t.data_ptr() for t in self._held]
-        self._weights = _array(ctypes.c_int64, self._pointers[:n])
-        self._sizes = _array(ctypes.c_int64, self.sizes)
-        self._masks = _array(ctypes.c_int64, self._pointers[n : 2 * n])
+        super().__init__(weights, masks, thresholds)
         self._found = (ctypes.c_float * n)(), (ctypes.c_float * n)(), (ctypes.c_int64 * n)(), (ctypes.c_int64 * n)()
-
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def matches(self, weights: list[Tensor], masks: list[Tensor], thresholds: list[Tensor]) -> bool:
-        """Whether these tensors are (still) the storage this batch updates, in the same order.
-
-        Equal pointers and sizes: each is a contiguous view of one and the same storage (weights
-        are contiguous float32 CPU tensors when the batch is built, and stay so at that address).
-        """
-        now = [t.data_ptr() for t in [*weights, *masks, *thresholds]]
-        return now == self._pointers and [w.numel() for w in weights] == self.sizes
 
     def update(
         self,

@@ -135,6 +135,8 @@ class _KernelPlan:
     nm_fused: list[_Weight]
     batch: cpu_kernels.MagnitudeBatch | None  # the element-wise ones, checked once
     sizes: dict[str, int]
+    applied: list[str]  # the weights apply_mask takes to the kernel: float32 CPU ones, with their masks
+    apply_batch: cpu_kernels.MaskBatch | None
 
     @property
     def names(self) -> frozenset[str]:
@@ -404,7 +406,7 @@ class Pruning:
         # The update ranks the weights the model uses: the current masks are applied first (the
         # kernels fold them into their passes), so pruned weights rank last.
         if not all_fused:
-            self._apply_masks(skip=fused_names)
+            self._apply_masks(skip=fused_names, plan=plan)
         weights = [w for w in weights if w.name not in fused_names]
         checked = weights + nm_fused  # the N:M kernel writes as it goes: its weights are checked here
         maxima = _abs_maxima([w.param for w in checked]) if checked else []
@@ -538,7 +540,7 @@ class Pruning:
             }
         self.last_update_step = step
         if not all_fused:
-            self._apply_masks(skip=fused_names)  # the fused kernels zeroed their weights already
+            self._apply_masks(skip=fused_names, plan=plan)  # the fused kernels zeroed their weights already
 
     def _block_buffers(self, views: list[Tensor], dims: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor]]:
         """Pooled scores and block masks for the block kernels.
@@ -581,7 +583,12 @@ class Pruning:
         if plan is not None and plan.key == key and plan.pointers == pointers and plan.live.keys() == live.keys():
             plan.live = live
             return plan
-        kernel = {w.name: self._kernel_path(w, joint_names, *live[w.name][:2]) for w in weights}
+        kernel = {  # a mask of another shape (the model changed) is left to the eager path, which names it
+            w.name: self._kernel_path(w, joint_names, *live[w.name][:2])
+            if live[w.name][0].shape == live[w.name][1].shape
+            else None
+            for w in weights
+        }
         fused = [w for w in weights if kernel[w.name] == "elementwise"]
         batch = None
         if fused:
@@ -607,7 +614,18 @@ class Pruning:
             nm_fused=[w for w in weights if kernel[w.name] == "nm"],
             batch=batch,
             sizes={name: t[1].numel() for name, t in live.items()},
+            applied=[],
+            apply_batch=None,
         )
+        applied = [
+            name
+            for name, (param, mask, _) in live.items()
+            if cpu_kernels.fits(param) and mask.dtype == torch.bool and mask.is_contiguous()
+            and mask.numel() == param.numel()
+        ]  # fmt: skip
+        if applied:
+            self._plan.applied = applied
+            self._plan.apply_batch = cpu_kernels.MaskBatch([live[n][0] for n in applied], [live[n][1] for n in applied])
         return self._plan
 
     def _kernel_path(self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor) -> str | None:
@@ -739,7 +757,7 @@ class Pruning:
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the pruned weights in place (one multiply per weight by its 1-byte mask, no host sync).
+        """Zero the pruned weights in place (one pass over the weights and their 1-byte masks, no host sync).
 
         Call it after every optimizer step so pruned weights stay exactly zero; a step that runs
         :meth:`mask_update` (or an updating :meth:`conditional_mask_update`) needs no call, as the
@@ -748,14 +766,28 @@ class Pruning:
         """
         self._apply_masks()
 
-    def _apply_masks(self, skip: set[str] | frozenset[str] = frozenset()) -> None:
-        for name, w in self._weights.items():
-            if not self._dense[name] and name not in skip:
-                try:
-                    w.param.detach().mul_(w.mask.view(torch.uint8))
-                except RuntimeError:
-                    self._check_model()  # names the weight whose shape changed
-                    raise
+    def _apply_masks(self, skip: frozenset[str] = frozenset(), plan: _KernelPlan | None = None) -> None:
+        """Zero the pruned weights of every weight whose mask prunes something, but those in ``skip``.
+
+        Float32 CPU weights go to the kernel in one call (``plan``: the caller's, checked already);
+        the rest take one multiply each by the mask.
+        """
+        todo = {name for name in self._weights if not self._dense[name] and name not in skip}
+        if todo and plan is None and cpu_kernels.available() and not torch.compiler.is_compiling():
+            weights = list(self._weights.values())
+            if not self._defer_checks(weights[0].param):
+                plan = self._kernel_plan(weights, {w.name for w in self._joint()})
+        if todo and plan is not None and plan.apply_batch is not None:
+            which = [name in todo for name in plan.applied]
+            if any(which):
+                plan.apply_batch.apply(which)
+                todo.difference_update(plan.applied)
+        for name in todo:
+            try:
+                self._weights[name].param.detach().mul_(self._weights[name].mask.view(torch.uint8))
+            except RuntimeError:
+                self._check_model()  # names the weight whose shape changed
+                raise
         self._raise_pending_nonfinite(wait=False)  # an accelerator's deferred NaN check, once read back
 
     def is_dense(self, name: str) -> bool:

@@ -465,6 +465,10 @@ def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkey
         fused, mask, t = ties.clone(), current.clone(), torch.zeros(())
         cpu_kernels.nm_update([fused], [mask], [(2, 4)], [pruned], [t], apply=[True])
         assert torch.equal(mask, expected) and torch.equal(fused, ties * current * expected)
+    masked = torch.randn(1001, generator=g)
+    keep = torch.rand(1001, generator=g) > 0.5
+    cpu_kernels.MaskBatch([masked], [keep]).apply()  # apply_mask by the portable loop
+    assert torch.equal(masked != 0, keep)
 
 
 @needs_kernels
@@ -644,3 +648,46 @@ def test_a_magnitude_batch_refuses_what_the_kernel_cannot_take():
         cpu_kernels.MagnitudeBatch([w], [mask], [])
     with pytest.raises(ValueError, match="mask 0 must be a contiguous CPU torch.bool tensor of 100 elements"):
         cpu_kernels.MagnitudeBatch([w], [mask.view(10, 10).t()], [threshold])
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=4),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    zeros=st.booleans(),
+    data=st.data(),
+)
+def test_applying_masks_by_the_kernel_is_a_multiply_by_the_mask(sizes, density, seed, zeros, data):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, generator=g) for n in sizes]
+    if zeros:  # some weights already zero (pruned and not moved since): those blocks are not written
+        weights = [w * (torch.rand(n, generator=g) > 0.3) for w, n in zip(weights, sizes, strict=True)]
+    masks = [torch.rand(n, generator=g) < density for n in sizes]
+    which = data.draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
+    expected = [w * m if chosen else w.clone() for w, m, chosen in zip(weights, masks, which, strict=True)]
+    cpu_kernels.MaskBatch(weights, masks).apply(which)
+    for w, e in zip(weights, expected, strict=True):
+        assert torch.equal(w, e)  # -0.0 == +0.0: the kernel writes +0.0 where the multiply gives -0.0
+
+
+@needs_kernels
+def test_apply_mask_takes_the_kernel_for_float32_cpu_weights_and_the_multiply_for_others(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8).double())
+    pruning = Pruning(net, sparsity=0.5)
+    pruning.mask_update(0)
+    assert pruning._plan.applied == ["0.weight"]  # float64 is not the kernel's
+    calls = []
+    real = cpu_kernels.MaskBatch.apply
+    monkeypatch.setattr(
+        cpu_kernels.MaskBatch, "apply", lambda self, which=None: calls.append(which) or real(self, which)
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # an optimizer step moves pruned weights off zero
+    pruning.apply_mask()
+    assert calls == [[True]]
+    for name, w in pruning.get_weights().items():
+        assert torch.equal(w != 0, pruning.get_masks()[name]), name
