@@ -465,6 +465,7 @@ def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkey
         fused, mask, t = ties.clone(), current.clone(), torch.zeros(())
         cpu_kernels.nm_update([fused], [mask], [(2, 4)], [pruned], [t], apply=[True])
         assert torch.equal(mask, expected) and torch.equal(fused, ties * current * expected)
+    check_current_masks_applied([1, 63, 64, 1001, 70_001], 3)  # the mask bits by the portable loops
     masked = torch.randn(1001, generator=g)
     keep = torch.rand(1001, generator=g) > 0.5
     cpu_kernels.MaskBatch([masked], [keep]).apply()  # apply_mask by the portable loop
@@ -691,3 +692,35 @@ def test_apply_mask_takes_the_kernel_for_float32_cpu_weights_and_the_multiply_fo
     assert calls == [[True]]
     for name, w in pruning.get_weights().items():
         assert torch.equal(w != 0, pruning.get_masks()[name]), name
+
+
+def check_current_masks_applied(sizes, seed, method="histogram"):
+    """Several weights, each ranked as its current mask leaves it where ``apply`` says so: as the eager path."""
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(n, generator=g) for n in sizes]
+    current = [torch.rand(n, generator=g) < 0.7 for n in sizes]
+    applied = [bool(i % 3) for i in range(len(sizes))]
+    expected = []
+    for w, cur, a in zip(weights, current, applied, strict=True):
+        ranked = w * cur if a else w
+        threshold, mask, _ = eager_update(ranked, torch.tensor(0.0), 0.6, 256, 0.0, method)
+        expected.append((threshold, mask, ranked * mask))
+    thresholds = [torch.tensor(0.0) for _ in sizes]
+    masks_out = [c.clone() for c in current]
+    _, kept = magnitude_update_(
+        weights, thresholds, [0.6] * len(sizes), masks_out, method=method, apply_current=applied
+    )
+    for (t_ref, m_ref, w_ref), t, m, w, k in zip(expected, thresholds, masks_out, weights, kept, strict=True):
+        assert torch.equal(t, t_ref) and torch.equal(m, m_ref) and torch.equal(w, w_ref) and k == int(m.sum())
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 200_000), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["histogram", "exact"]),
+)
+def test_the_current_masks_are_applied_by_the_kernel_as_by_the_eager_path(sizes, seed, method):
+    # Shares of each thread, the first pass's mask bits and the mask pass's 64 Ki tasks end anywhere.
+    check_current_masks_applied(sizes, seed, method)
