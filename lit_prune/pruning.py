@@ -584,26 +584,18 @@ class Pruning:
             plan.live = live
             return plan
         kernel = {  # a mask of another shape (the model changed) is left to the eager path, which names it
-            w.name: self._kernel_path(w, joint_names, *live[w.name][:2])
+            w.name: self._kernel_path(w, joint_names, *live[w.name])
             if live[w.name][0].shape == live[w.name][1].shape
             else None
             for w in weights
         }
         fused = [w for w in weights if kernel[w.name] == "elementwise"]
-        batch = None
-        if fused:
-            tensors = [live[w.name] for w in fused]
-            # The kernel reads and writes float32 CPU thresholds in place; others take the eager path.
-            fits = [cpu_kernels.threshold_fits(t[2]) for t in tensors]
-            if not all(fits):
-                for w, ok in zip(fused, fits, strict=True):
-                    kernel[w.name] = kernel[w.name] if ok else None
-                fused = [w for w, ok in zip(fused, fits, strict=True) if ok]
-                tensors = [t for t, ok in zip(tensors, fits, strict=True) if ok]
-            if fused:
-                batch = cpu_kernels.MagnitudeBatch(
-                    [t[0] for t in tensors], [t[1] for t in tensors], [t[2] for t in tensors]
-                )
+        applied = [  # apply_mask's kernel takes every float32 CPU weight with a bool mask of its size
+            name
+            for name, (param, mask, _) in live.items()
+            if cpu_kernels.fits(param) and mask.dtype == torch.bool and mask.is_contiguous()
+            and mask.numel() == param.numel()
+        ]  # fmt: skip
         self._plan = _KernelPlan(
             key=key,
             pointers=pointers,
@@ -612,29 +604,23 @@ class Pruning:
             fused=fused,
             blocked=[w for w in weights if kernel[w.name] == "block"],
             nm_fused=[w for w in weights if kernel[w.name] == "nm"],
-            batch=batch,
+            batch=cpu_kernels.MagnitudeBatch(*zip(*[live[w.name] for w in fused], strict=True)) if fused else None,
             sizes={name: t[1].numel() for name, t in live.items()},
-            applied=[],
-            apply_batch=None,
+            applied=applied,
+            apply_batch=cpu_kernels.MaskBatch(*zip(*[live[n][:2] for n in applied], strict=True)) if applied else None,
         )
-        applied = [
-            name
-            for name, (param, mask, _) in live.items()
-            if cpu_kernels.fits(param) and mask.dtype == torch.bool and mask.is_contiguous()
-            and mask.numel() == param.numel()
-        ]  # fmt: skip
-        if applied:
-            self._plan.applied = applied
-            self._plan.apply_batch = cpu_kernels.MaskBatch([live[n][0] for n in applied], [live[n][1] for n in applied])
         return self._plan
 
-    def _kernel_path(self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor) -> str | None:
+    def _kernel_path(
+        self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor, threshold: Tensor
+    ) -> str | None:
         """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, ``"nm"`` or ``None`` (eager).
 
         Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, not
         ranked jointly: N:M with M up to :data:`lit_prune.cpu_kernels.NM_MAX_M`, or the histogram
-        rule with ``nbins`` up to 65536 or the exact rule; ``None`` means the eager path.  The
-        caller checks that the kernels can run at all.
+        rule with ``nbins`` up to 65536 or the exact rule (element-wise: with a float32 CPU threshold,
+        which the kernel reads and writes in place); ``None`` means the eager path.  The caller
+        checks that the kernels can run at all.
         """
         hp = self.hparams
         if hp.prune_option != "weight" or w.name in joint_names:
@@ -646,7 +632,8 @@ class Pruning:
         if not (hp.threshold_method == "exact" or hp.nbins <= _FUSED_MAX_NBINS):
             return None
         if w.block_dims == (1, 1) or block_view_shape(param.shape) is None:  # blocks need a 2-D view
-            return "elementwise"
+            # The element-wise kernel reads and writes its float32 CPU threshold in place.
+            return "elementwise" if cpu_kernels.threshold_fits(threshold) else None
         return "block"
 
     @staticmethod
