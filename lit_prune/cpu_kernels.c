@@ -549,19 +549,33 @@ static int resolve_band(lp_band band, const lp_scan *scans, uint32_t *const *par
         return ok;
     }
     /* j = bin(x) lies in [first, last], the bins of the band's ends, and is the largest i there
-     * with #{scores < e_i} < rank (f(e_first) <= below < rank, as e_first <= lo).  The copies are
-     * counted below up to LP_EDGES edges per pass, from e_{first+1} up, until the count reaches
-     * the rank: one pass for a band a few bins wide. */
+     * with #{scores < e_i} < rank (f(e_first) <= below < rank, as e_first <= lo).  Each pass
+     * counts the copies below up to LP_EDGES edges spread over the bins still open and keeps the
+     * stretch between the last edge under the rank and the first one at it: one pass for a band
+     * up to 8 bins wide, two up to 80 (a small weight's band, from a small sample, spans dozens;
+     * walking its edges 8 at a time from the bottom took up to 8 passes). */
     const float top = from_bits((uint32_t)band.hi - 1u) < m ? from_bits((uint32_t)band.hi - 1u) : m;
     const int64_t first = tf_bin(from_bits((uint32_t)band.lo), m, nbins), last = tf_bin(top, m, nbins);
-    int64_t j = first;
-    for (int64_t start = first + 1; start <= last && j == start - 1; start += LP_EDGES) {
+    int64_t j = first, top_bin = last;
+    while (top_bin > j) {
+        const int64_t width = top_bin - j, probes = width < LP_EDGES ? width : LP_EDGES;
+        int64_t at[LP_EDGES], acc[LP_EDGES] = {0};
         int32_t edges[LP_EDGES];
-        int64_t acc[LP_EDGES] = {0};
-        const int64_t width = last - start + 1 < LP_EDGES ? last - start + 1 : LP_EDGES;
-        for (int k = 0; k < LP_EDGES; k++) edges[k] = k < width ? bin_edge(m, start + k, nbins) : INT32_MAX;
+        for (int k = 0; k < LP_EDGES; k++) {
+            at[k] = k < probes ? j + (k + 1) * width / probes : 0; /* the last probe is top_bin */
+            edges[k] = k < probes ? bin_edge(m, at[k], nbins) : INT32_MAX;
+        }
         for (int r = 0; r < team; r++) count_block(parts[r], scans[r].count, edges, acc);
-        for (int k = 0; k < width && below + acc[k] < rank; k++) j = start + k;
+        int64_t below_rank = j, open_top = top_bin;
+        for (int k = 0; k < probes; k++) {
+            if (below + acc[k] < rank) {
+                below_rank = at[k];
+            } else {
+                open_top = at[k] - 1;
+                break;
+            }
+        }
+        j = below_rank, top_bin = open_top;
     }
     *current = (float)j / (float)nbins * m; /* the histogram rule's bin j */
     return 1;

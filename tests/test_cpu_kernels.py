@@ -724,3 +724,19 @@ def check_current_masks_applied(sizes, seed, method="histogram"):
 def test_the_current_masks_are_applied_by_the_kernel_as_by_the_eager_path(sizes, seed, method):
     # Shares of each thread, the first pass's mask bits and the mask pass's 64 Ki tasks end anywhere.
     check_current_masks_applied(sizes, seed, method)
+
+
+@pytest.mark.skipif(
+    cpu_kernels.platform.system() != "Linux" or not (cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")),
+    reason="no C compiler: the eager path is the product here",
+)
+def test_the_kernels_build_where_a_compiler_exists(monkeypatch, tmp_path):
+    # Without this, a C error would turn every kernel test into a skip and the engine into its eager path.
+    monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path))
+    compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
+    try:
+        cpu_kernels._build(compiler, cpu_kernels._FLAGS)
+    except cpu_kernels.subprocess.CalledProcessError as error:
+        pytest.fail(f"the CPU kernels do not compile:\n{error.stderr.decode(errors='replace')[-2000:]}")
+    if cpu_kernels.native_enabled():
+        assert cpu_kernels.available()
