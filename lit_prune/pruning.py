@@ -398,6 +398,8 @@ class Pruning:
         # their own maxima (and Inf/NaN) before they change anything, block-pruned ones are pooled
         # and checked first; the rest are checked here, before any weight changes.
         kernels = not (defer or hp.use_tpu) and cpu_kernels.available() and not torch.compiler.is_compiling()
+        if defer:
+            self._drop_plan()  # on an accelerator now: the plan's CPU storage is not kept alive
         plan = self._kernel_plan(weights, joint_names) if kernels else None
         live = plan.live if plan else {}
         fused, blocked, nm_fused = (plan.fused, plan.blocked, plan.nm_fused) if plan else ([], [], [])
@@ -611,6 +613,10 @@ class Pruning:
         )
         return self._plan
 
+    def _drop_plan(self) -> None:
+        """Forget the kernel plan, which keeps the storage it was made for alive (the model left the CPU)."""
+        self._plan = None
+
     def _kernel_path(
         self, w: _Weight, joint_names: set[str], param: Tensor, mask: Tensor, threshold: Tensor
     ) -> str | None:
@@ -762,7 +768,9 @@ class Pruning:
         todo = {name for name in self._weights if not self._dense[name] and name not in skip}
         if todo and plan is None and cpu_kernels.available() and not torch.compiler.is_compiling():
             weights = list(self._weights.values())
-            if not self._defer_checks(weights[0].param):
+            if self._defer_checks(weights[0].param):
+                self._drop_plan()  # on an accelerator now: the plan's CPU storage is not kept alive
+            else:
                 plan = self._kernel_plan(weights, {w.name for w in self._joint()})
         if todo and plan is not None and plan.apply_batch is not None:
             which = [name in todo for name in plan.applied]

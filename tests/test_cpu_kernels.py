@@ -740,3 +740,18 @@ def test_the_kernels_build_where_a_compiler_exists(monkeypatch, tmp_path):
         pytest.fail(f"the CPU kernels do not compile:\n{error.stderr.decode(errors='replace')[-2000:]}")
     if cpu_kernels.native_enabled():
         assert cpu_kernels.available()
+
+
+@needs_kernels
+def test_the_kernel_plan_is_dropped_when_the_model_leaves_the_cpu(monkeypatch):
+    # The plan keeps its tensors' storage alive: moved to an accelerator, the model's CPU copies must go.
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    pruning = Pruning(net, sparsity=0.5)
+    pruning.mask_update(0)
+    assert pruning._plan is not None
+    monkeypatch.setattr(Pruning, "_defer_checks", staticmethod(lambda param: True))  # as on a GPU
+    pruning.apply_mask()
+    assert pruning._plan is None
+    pruning.mask_update(1)
+    pruning.apply_mask()
+    assert pruning._plan is None
