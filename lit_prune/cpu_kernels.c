@@ -24,6 +24,14 @@
 #define LP_SAMPLE_RUNS 128 /* ... about 128 runs (8 Ki elements) per weight, or the whole of a small one */
 #define LP_MAX_THREADS 64
 #define LP_ABS 0x7fffffffu
+/* The first pass's AVX-512 loop (16 lanes, compress stores, mask registers) where the compiler
+ * targets it; measured on a 2-core AVX-512 machine: the first update 7-10 % faster than the AVX2
+ * loop, a later one (masks read too) about 20 % faster. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define LP_AVX512 1
+#else
+#define LP_AVX512 0
+#endif
 
 static void count_block(const uint32_t *b, int64_t n, const int32_t *edges, int64_t *acc) {
     /* Each |w| is loaded once and compared with the eight edges held in registers. */
@@ -427,7 +435,37 @@ static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band b
     const int32_t lo = band.hi > band.lo ? band.lo : 0;
     const uint32_t span = band.hi > band.lo ? (uint32_t)(band.hi - band.lo) : 0u;
     int64_t cap = band.cap;
-#ifdef __AVX2__
+#if LP_AVX512
+    uint32_t spill[LP_STORE_BLOCK + 16]; /* where the packed lanes go when there is no room (or no band) */
+    if (!span || !buf) buf = spill, cap = LP_STORE_BLOCK + 16;
+    const __m512i abs_bits = _mm512_set1_epi32((int32_t)LP_ABS), lows = _mm512_set1_epi32(lo);
+    const __m512i spans = _mm512_set1_epi32((int32_t)span);
+    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi32(-1), vraw = vmax;
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        if (count + LP_STORE_BLOCK + 16 > cap) { /* full (or no band): stop copying, count no more */
+            if (span && buf != spill) overflow = 1;
+            buf = spill;
+            cap = LP_STORE_BLOCK + 16;
+            count = 0;
+        }
+        if (!m) prefetch_block(b + i, 0); /* with a mask to read as well, the prefetch measured slower */
+        for (int g = 0; g < LP_STORE_BLOCK; g += 16) {
+            __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(b + i + g)), abs_bits);
+            vraw = _mm512_max_epu32(vraw, a);
+            if (m) a = _mm512_maskz_mov_epi32(_mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(m + i + g)), _mm_set1_epi8(-1)), a);
+            vmax = _mm512_max_epu32(vmax, a);
+            vmin = _mm512_min_epu32(vmin, a);
+            const __m512i d = _mm512_sub_epi32(a, lows); /* negative exactly below the band (a and lo < 2^31) */
+            const __mmask16 inside = _mm512_cmplt_epu32_mask(d, spans);
+            below += __builtin_popcount((unsigned)_mm512_movepi32_mask(d));
+            _mm512_storeu_si512((void *)(buf + count), _mm512_maskz_compress_epi32(inside, a)); /* packed to the front */
+            count += __builtin_popcount((unsigned)inside);
+        }
+    }
+    mx = (uint32_t)_mm512_reduce_max_epu32(vmax);
+    mn = (uint32_t)_mm512_reduce_min_epu32(vmin);
+    raw = (uint32_t)_mm512_reduce_max_epu32(vraw);
+#elif defined(__AVX2__)
     uint32_t spill[LP_STORE_BLOCK + 8]; /* where the packed lanes go when there is no room (or no band) */
     if (!span || !buf) buf = spill, cap = LP_STORE_BLOCK + 8;
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), zero = _mm256_setzero_si256();
@@ -445,7 +483,7 @@ static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band b
                 cap = LP_STORE_BLOCK + 8;
                 count = 0;
             }
-            prefetch_block(b + i, 0);
+            if (!m) prefetch_block(b + i, 0); /* with a mask to read as well, the prefetch measured slower */
             for (int g = 0; g < LP_STORE_BLOCK; g += 8) {
                 __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(b + i + g)), abs_bits);
                 vraw = _mm256_max_epu32(vraw, a);

@@ -438,12 +438,15 @@ def test_updates_from_several_python_threads_at_once_match_one_at_a_time():
 
 @needs_kernels
 @pytest.mark.skipif(cpu_kernels.platform.machine() not in ("x86_64", "AMD64"), reason="AVX2 is an x86 option")
-def test_the_portable_code_paths_built_without_avx2_give_the_same_results(monkeypatch, tmp_path):
-    # A CPU without AVX2 (or another architecture) runs the plain C loops: build them here, check them.
+@pytest.mark.parametrize("without", ["-mno-avx2", "-mno-avx512f"], ids=["plain-C", "AVX2"])
+def test_the_other_code_paths_give_the_same_results(monkeypatch, tmp_path, without):
+    # The library is built for the CPU it runs on: a CPU without AVX2 (or another architecture) runs
+    # the plain C loops, one without AVX-512 the AVX2 loops.  Build those here and check them (on a
+    # CPU without AVX-512 the second build is the usual one).
     monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path))
     compiler = cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc")
     plain = cpu_kernels._declare(
-        cpu_kernels.ctypes.CDLL(str(cpu_kernels._build(compiler, [*cpu_kernels._FLAGS, "-mno-avx2"])))
+        cpu_kernels.ctypes.CDLL(str(cpu_kernels._build(compiler, [*cpu_kernels._FLAGS, without])))
     )
     monkeypatch.setattr(cpu_kernels, "_library", lambda: plain)
     g = torch.Generator().manual_seed(9)
