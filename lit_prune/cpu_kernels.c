@@ -424,11 +424,62 @@ static uint32_t *band_scratch(size_t n) {
     return lp_scratch;
 }
 
+#if LP_AVX512
+typedef struct { /* the state of scan_lanes between its blocks, and what it found */
+    uint32_t *buf, *spill;
+    int64_t cap, count, below;
+    int overflow;
+    uint32_t max, min, raw;
+} lp_lanes;
+
+/* scan_block's loop on 16 lanes (compress stores, mask registers), specialised on whether a mask
+ * is read and whether the minimum is wanted; returns where it stopped (a multiple of a block). */
+static inline __attribute__((always_inline)) int64_t scan_lanes(const uint32_t *b, const uint8_t *m, int64_t n, int32_t lo,
+                                                              uint32_t span, lp_lanes *at, const int masked,
+                                                              const int want_min) {
+    const __m512i abs_bits = _mm512_set1_epi32((int32_t)LP_ABS), lows = _mm512_set1_epi32(lo);
+    const __m512i spans = _mm512_set1_epi32((int32_t)span);
+    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi32(-1), vraw = vmax;
+    uint32_t *buf = at->buf;
+    int64_t cap = at->cap, count = 0, below = 0, i = 0;
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        if (count + LP_STORE_BLOCK + 16 > cap) { /* full (or no band): stop copying, count no more */
+            if (span && buf != at->spill) at->overflow = 1;
+            buf = at->spill;
+            cap = LP_STORE_BLOCK + 16;
+            count = 0;
+        }
+        if (!masked) prefetch_block(b + i, 0); /* with a mask to read as well, the prefetch measured slower */
+        for (int g = 0; g < LP_STORE_BLOCK; g += 16) {
+            __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(b + i + g)), abs_bits);
+            if (masked) {
+                vraw = _mm512_max_epu32(vraw, a);
+                a = _mm512_maskz_mov_epi32(_mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(m + i + g)), _mm_set1_epi8(-1)), a);
+            }
+            vmax = _mm512_max_epu32(vmax, a);
+            if (want_min) vmin = _mm512_min_epu32(vmin, a);
+            const __m512i d = _mm512_sub_epi32(a, lows); /* negative exactly below the band (a and lo < 2^31) */
+            const __mmask16 inside = _mm512_cmplt_epu32_mask(d, spans);
+            below += __builtin_popcount((unsigned)_mm512_movepi32_mask(d));
+            _mm512_storeu_si512((void *)(buf + count), _mm512_maskz_compress_epi32(inside, a)); /* packed to the front */
+            count += __builtin_popcount((unsigned)inside);
+        }
+    }
+    at->buf = buf, at->cap = cap, at->count = count, at->below = below;
+    at->max = (uint32_t)_mm512_reduce_max_epu32(vmax);
+    at->min = want_min ? (uint32_t)_mm512_reduce_min_epu32(vmin) : 0xffffffffu;
+    at->raw = masked ? (uint32_t)_mm512_reduce_max_epu32(vraw) : at->max;
+    return i;
+}
+#endif
+
 /* The first pass over b[0..n), which writes nothing to the weights: |w| taken as multiplied by the
- * mask m where given (0 where it is false), its max and min, the count below the band and the
- * |w| bits inside it copied to buf (cap); and the max of the unmasked |w|, to find Inf and NaN
- * anywhere (a multiply by the mask would keep them: Inf * 0 is NaN). */
-static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band band, uint32_t *buf, lp_scan *out) {
+ * mask m where given (0 where it is false), its max (and its min, if want_min: only the exact
+ * rule keeping everything needs it), the count below the band and the |w| bits inside it copied
+ * to buf (cap); and the max of the unmasked |w|, to find Inf and NaN anywhere (a multiply by the
+ * mask would keep them: Inf * 0 is NaN). */
+static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band band, uint32_t *buf, int want_min,
+                       lp_scan *out) {
     uint32_t mx = 0u, mn = 0xffffffffu, raw = 0u;
     int64_t below = 0, count = 0, i = 0;
     int overflow = 0;
@@ -438,33 +489,11 @@ static void scan_block(const uint32_t *b, const uint8_t *m, int64_t n, lp_band b
 #if LP_AVX512
     uint32_t spill[LP_STORE_BLOCK + 16]; /* where the packed lanes go when there is no room (or no band) */
     if (!span || !buf) buf = spill, cap = LP_STORE_BLOCK + 16;
-    const __m512i abs_bits = _mm512_set1_epi32((int32_t)LP_ABS), lows = _mm512_set1_epi32(lo);
-    const __m512i spans = _mm512_set1_epi32((int32_t)span);
-    __m512i vmax = _mm512_setzero_si512(), vmin = _mm512_set1_epi32(-1), vraw = vmax;
-    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
-        if (count + LP_STORE_BLOCK + 16 > cap) { /* full (or no band): stop copying, count no more */
-            if (span && buf != spill) overflow = 1;
-            buf = spill;
-            cap = LP_STORE_BLOCK + 16;
-            count = 0;
-        }
-        if (!m) prefetch_block(b + i, 0); /* with a mask to read as well, the prefetch measured slower */
-        for (int g = 0; g < LP_STORE_BLOCK; g += 16) {
-            __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(b + i + g)), abs_bits);
-            vraw = _mm512_max_epu32(vraw, a);
-            if (m) a = _mm512_maskz_mov_epi32(_mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(m + i + g)), _mm_set1_epi8(-1)), a);
-            vmax = _mm512_max_epu32(vmax, a);
-            vmin = _mm512_min_epu32(vmin, a);
-            const __m512i d = _mm512_sub_epi32(a, lows); /* negative exactly below the band (a and lo < 2^31) */
-            const __mmask16 inside = _mm512_cmplt_epu32_mask(d, spans);
-            below += __builtin_popcount((unsigned)_mm512_movepi32_mask(d));
-            _mm512_storeu_si512((void *)(buf + count), _mm512_maskz_compress_epi32(inside, a)); /* packed to the front */
-            count += __builtin_popcount((unsigned)inside);
-        }
-    }
-    mx = (uint32_t)_mm512_reduce_max_epu32(vmax);
-    mn = (uint32_t)_mm512_reduce_min_epu32(vmin);
-    raw = (uint32_t)_mm512_reduce_max_epu32(vraw);
+    lp_lanes at = {buf, spill, cap, 0, 0, 0};
+    if (m) i = want_min ? scan_lanes(b, m, n, lo, span, &at, 1, 1) : scan_lanes(b, m, n, lo, span, &at, 1, 0);
+    else i = want_min ? scan_lanes(b, NULL, n, lo, span, &at, 0, 1) : scan_lanes(b, NULL, n, lo, span, &at, 0, 0);
+    buf = at.buf, cap = at.cap, count = at.count, below = at.below, overflow = at.overflow;
+    mx = at.max, mn = at.min, raw = at.raw;
 #elif defined(__AVX2__)
     uint32_t spill[LP_STORE_BLOCK + 8]; /* where the packed lanes go when there is no room (or no band) */
     if (!span || !buf) buf = spill, cap = LP_STORE_BLOCK + 8;
@@ -762,7 +791,9 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
             int64_t a = sizes[w] * t / team, z = sizes[w] * (t + 1) / team;
             const uint8_t *m = apply && apply[w] ? (const uint8_t *)(intptr_t)masks[w] + a : NULL;
             uint32_t *buf = band_buffer ? band_buffer + offsets[w] + (size_t)t * bands[w].cap : NULL;
-            scan_block((const uint32_t *)(intptr_t)ptrs[w] + a, m, z - a, bands[w], buf, &scans[(size_t)t * nweights + w]);
+            const int want_min = rule == LP_RULE_EXACT && targets[w] == sizes[w]; /* the min is the threshold */
+            scan_block((const uint32_t *)(intptr_t)ptrs[w] + a, m, z - a, bands[w], buf, want_min,
+                       &scans[(size_t)t * nweights + w]);
         }
 #pragma omp barrier
 #pragma omp single
