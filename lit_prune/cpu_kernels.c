@@ -96,7 +96,38 @@ static inline void prefetch_block(const uint32_t *at, int for_write) {
 static int64_t mask_block(uint32_t *b, uint8_t *m, const uint8_t *old, int64_t n, int32_t cut) {
     int64_t kept = 0;
     int64_t i = 0;
-#ifdef __AVX2__
+#if LP_AVX512
+    /* 16 lanes: the block's four vectors stay in registers with their keep masks, so the weights
+     * are stored back (where stale) without a second read from L1. */
+    const __m512i abs_bits = _mm512_set1_epi32((int32_t)LP_ABS), cuts = _mm512_set1_epi32(cut);
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int stream = !old && ((uintptr_t)m & 63u) == 0u; /* i is a multiple of 64: m + i stays aligned */
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        prefetch_block(b + i, 1);
+        __m512i x[LP_STORE_BLOCK / 16];
+        __mmask16 stays[LP_STORE_BLOCK / 16]; /* kept and live: the lanes whose weight is not zeroed */
+        __mmask64 line = 0;                   /* the block's mask bits, before anything is written (m may be old) */
+        unsigned stale = 0;                   /* lanes holding a non-zero weight to zero */
+        for (int g = 0; g < LP_STORE_BLOCK / 16; g++) {
+            x[g] = _mm512_loadu_si512((const void *)(b + i + 16 * g));
+            const __m512i a = _mm512_and_si512(x[g], abs_bits);
+            const __mmask16 live = old ? _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(old + i + 16 * g)), _mm_set1_epi8(-1))
+                                       : (__mmask16)0xffff;
+            const __mmask16 keep = _mm512_cmpgt_epi32_mask(_mm512_maskz_mov_epi32(live, a), cuts);
+            stays[g] = keep & live;
+            line |= (__mmask64)keep << (16 * g);
+            kept += __builtin_popcount((unsigned)keep);
+            stale |= (unsigned)(_mm512_test_epi32_mask(a, a) & (__mmask16)~stays[g]);
+        }
+        const __m512i bytes = _mm512_maskz_mov_epi8(line, ones);
+        if (stream) _mm512_stream_si512((void *)(m + i), bytes);
+        else _mm512_storeu_si512((void *)(m + i), bytes);
+        if (!stale) continue;
+        for (int g = 0; g < LP_STORE_BLOCK / 16; g++)
+            _mm512_storeu_si512((void *)(b + i + 16 * g), _mm512_maskz_mov_epi32(stays[g], x[g]));
+    }
+    if (stream) _mm_sfence(); /* the streamed lines are visible before the pass's barrier */
+#elif defined(__AVX2__)
     const __m256i abs_bits = _mm256_set1_epi32((int32_t)LP_ABS), cuts = _mm256_set1_epi32(cut);
     const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
     uint8_t before[LP_STORE_BLOCK];
@@ -961,7 +992,23 @@ int lp_magnitude_update(int64_t nweights, const int64_t *ptrs, const int64_t *si
  * applied again (or to weights no step has moved) cost one read. */
 static void apply_block(uint32_t *b, const uint8_t *m, int64_t n) {
     int64_t i = 0;
-#ifdef __AVX2__
+#if LP_AVX512
+    const __m512i abs_bits = _mm512_set1_epi32((int32_t)LP_ABS);
+    for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
+        prefetch_block(b + i, 1);
+        __m512i x[LP_STORE_BLOCK / 16];
+        __mmask16 keep[LP_STORE_BLOCK / 16];
+        unsigned stale = 0;
+        for (int g = 0; g < LP_STORE_BLOCK / 16; g++) {
+            x[g] = _mm512_loadu_si512((const void *)(b + i + 16 * g));
+            keep[g] = _mm_test_epi8_mask(_mm_loadu_si128((const __m128i *)(m + i + 16 * g)), _mm_set1_epi8(-1));
+            stale |= (unsigned)(_mm512_test_epi32_mask(x[g], abs_bits) & (__mmask16)~keep[g]);
+        }
+        if (!stale) continue;
+        for (int g = 0; g < LP_STORE_BLOCK / 16; g++)
+            _mm512_storeu_si512((void *)(b + i + 16 * g), _mm512_maskz_mov_epi32(keep[g], x[g]));
+    }
+#elif defined(__AVX2__)
     const __m256i zero = _mm256_setzero_si256(), abs_bits = _mm256_set1_epi32((int32_t)LP_ABS);
     for (; i + LP_STORE_BLOCK <= n; i += LP_STORE_BLOCK) {
         prefetch_block(b + i, 1);
