@@ -84,8 +84,10 @@ __attribute__((constructor)) static void init_byte_masks(void) {
 #define LP_STORE_BLOCK 64
 /* Software prefetch LP_PREFETCH elements (2 KiB) ahead of the passes over the weights: one thread
  * alone reads at about half this machine's bandwidth, and the hardware prefetcher keeps too few
- * lines in flight.  Measured, ResNet-18 and a 50 M Linear stack: the update 6-12 % faster at 1 KiB
- * or 2 KiB, slower at 512 bytes; prefetching the masks too gave nothing. */
+ * lines in flight.  Measured on an AVX2 machine, ResNet-18 and a 50 M Linear stack: the update
+ * 6-12 % faster at 1 KiB or 2 KiB, slower at 512 bytes; prefetching the masks too gave nothing.
+ * On an AVX-512 machine (a large shared L3) the first pass's prefetch of masked weights measured
+ * slower, and its AVX-512 loop does not prefetch at all (see scan_lanes); the mask pass keeps it. */
 #define LP_PREFETCH 512
 static inline void prefetch_block(const uint32_t *at, int for_write) {
     for (int k = 0; k < LP_STORE_BLOCK; k += 16) { /* a block is 4 cache lines */
@@ -464,7 +466,9 @@ typedef struct { /* the state of scan_lanes between its blocks, and what it foun
 } lp_lanes;
 
 /* scan_block's loop on 16 lanes (compress stores, mask registers), specialised on whether a mask
- * is read and whether the minimum is wanted; returns where it stopped (a multiple of a block). */
+ * is read and whether the minimum is wanted; returns where it stopped (a multiple of a block).
+ * No software prefetch here: on the AVX-512 machine measured it made the 50 M Linear stack's first
+ * update 30 % slower (20 -> 30 ms) and ResNet-18's no faster. */
 static inline __attribute__((always_inline)) int64_t scan_lanes(const uint32_t *b, const uint8_t *m, int64_t n, int32_t lo,
                                                               uint32_t span, lp_lanes *at, const int masked,
                                                               const int want_min) {
@@ -480,7 +484,6 @@ static inline __attribute__((always_inline)) int64_t scan_lanes(const uint32_t *
             cap = LP_STORE_BLOCK + 16;
             count = 0;
         }
-        if (!masked) prefetch_block(b + i, 0); /* with a mask to read as well, the prefetch measured slower */
         for (int g = 0; g < LP_STORE_BLOCK; g += 16) {
             __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(b + i + g)), abs_bits);
             if (masked) {
