@@ -10,7 +10,8 @@
  *
  * |w| is compared through its bits: for non-negative floats the int32 order of the bit patterns is
  * the float order, so every comparison is an exact integer compare (auto-vectorised, or AVX2
- * intrinsics).  Float arithmetic is IEEE float32 (built with -ffp-contract=off), as TF's float32
+ * intrinsics, and AVX-512 ones for the first pass, the mask pass and apply_mask where the compiler
+ * targets it).  Float arithmetic is IEEE float32 (built with -ffp-contract=off), as TF's float32
  * ops.
  */
 #include <math.h>
