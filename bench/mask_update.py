@@ -82,11 +82,21 @@ def without_kernels(fn: Callable[..., object], *args: object) -> object:
         cpu_kernels.available = available
 
 
-_EVICTION = torch.empty(1 << 24)  # 64 MiB, twice this machine's L3
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (sysfs), or 32 MiB where it reports none."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 << 20)
+
+
+_EVICTION = torch.empty(0)
 
 
 def evict_caches() -> None:
-    """Write 64 MiB so that the weights start cold, as a mask update inside training finds them."""
+    """Write twice the last-level cache so that the weights start cold, as inside training."""
     _EVICTION.fill_(1.0)
 
 
@@ -290,9 +300,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--evict-mib", type=int, default=0, help="MiB written before each timed call (default: twice the L3)"
+    )
     parser.add_argument("--out", default="bench/results/mask_update.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global _EVICTION
+    evict_bytes = (args.evict_mib << 20) if args.evict_mib else 2 * last_level_cache_bytes()
+    _EVICTION = torch.empty(evict_bytes // 4)
     repeats = args.repeats or (2 if args.quick else 7)
     if args.quick:
         models = {"ResNet-ish (small)": lambda: resnet18(10), "Linear stack 1 M": lambda: mlp_stack(256, 2)}
