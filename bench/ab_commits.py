@@ -6,11 +6,12 @@
 Each commit's ``lit_prune/`` is extracted with ``git archive`` into a temporary directory and
 imported from there (``PYTHONPATH``), so two versions of the package never share a process; the
 rounds alternate them because this machine's speed drifts.  Every timing is the minimum of
-``--repeats`` calls, each starting with cold caches (64 MiB written just before), on the
-conv/linear weights of ResNet-18 at sparsity 0.5: one read (the floor), a first update of dense
-weights (histogram rule), the exact rule, 4x4 AVG blocks, and a later update as the callback runs
-it (masks at 0.45, an optimizer step since, to 0.5: ``apply_mask`` then ``mask_update`` where the
-commit's update does not apply the current masks itself).  Prints a markdown table of each round.
+``--repeats`` calls, each starting with cold caches (twice the last-level cache written just
+before, as in ``bench/mask_update.py``), on the conv/linear weights of ResNet-18 at sparsity
+0.5: one read (the floor), a first update of dense weights (histogram rule), the exact rule, 4x4
+AVG blocks, and a later update as the callback runs it (masks at 0.45, an optimizer step since,
+to 0.5: ``apply_mask`` then ``mask_update`` where the commit's update does not apply the current
+masks itself).  Prints a markdown table of each round.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def child(repeats: int) -> dict[str, float]:
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
+    from mask_update import evict_caches
     from models import resnet18
 
     from lit_prune import Pruning, PruningHParams
@@ -45,7 +47,6 @@ def child(repeats: int) -> dict[str, float]:
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     backup = [w.detach().clone() for w in weights]
     noise = [torch.randn_like(w) * 1e-3 for w in weights]
-    eviction = torch.empty(1 << 24)
 
     def restore() -> None:
         with torch.no_grad():
@@ -56,7 +57,7 @@ def child(repeats: int) -> dict[str, float]:
         times = []
         for _ in range(repeats):
             setup()
-            eviction.fill_(1.0)
+            evict_caches()
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)

@@ -6,7 +6,8 @@
 Every timing is the minimum over ``--repeats`` runs, the candidates interleaved with the floor
 (one read of every pruned weight: a ``sum`` per weight) in the same process, because this
 machine's timings are noisy.  Each timed call, the floor's included, starts with cold caches
-(64 MiB written just before): inside training the forward and backward passes and the optimizer
+(twice the last-level cache that sysfs reports written just before; 64 MiB where it reports
+none; ``--evict-mib`` to choose): inside training the forward and backward passes and the optimizer
 step go through far more memory than the cache holds between two updates.  Weights are restored
 from a copy before each lit_prune run (not timed), so every run prunes the same dense weights at
 sparsity 0.5.  ``torch.nn.utils.prune`` is timed on its first call on a fresh copy of the model,
@@ -92,7 +93,13 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 << 20)
 
 
-_EVICTION = torch.empty(0)
+_EVICTION = torch.empty(2 * last_level_cache_bytes() // 4)  # pages are touched at the first eviction
+
+
+def set_eviction(mib: int) -> None:
+    """Write ``mib`` MiB before each timed call instead of twice the last-level cache."""
+    global _EVICTION
+    _EVICTION = torch.empty((mib << 20) // 4)
 
 
 def evict_caches() -> None:
@@ -306,9 +313,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/mask_update.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global _EVICTION
-    evict_bytes = (args.evict_mib << 20) if args.evict_mib else 2 * last_level_cache_bytes()
-    _EVICTION = torch.empty(evict_bytes // 4)
+    if args.evict_mib:
+        set_eviction(args.evict_mib)
     repeats = args.repeats or (2 if args.quick else 7)
     if args.quick:
         models = {"ResNet-ish (small)": lambda: resnet18(10), "Linear stack 1 M": lambda: mlp_stack(256, 2)}
