@@ -67,6 +67,13 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fopenmp"]
+# GCC vectorises for 256-bit registers on AVX-512 Intel CPUs unless told otherwise; 512-bit loops
+# made block pooling and expansion 11-13 % faster (ResNet-18, 4x4 AVG and MAX, side by side on a
+# 2-core AVX-512 machine) and left the element-wise update as it was.  x86 only: other compilers'
+# targets do not know the option.  A compiler that refuses it builds without it.
+_PREFER_512 = "-mprefer-vector-width=512"
+if platform.machine() in ("x86_64", "AMD64"):
+    _FLAGS.append(_PREFER_512)
 _I64P = ctypes.POINTER(ctypes.c_int64)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _F32P = ctypes.POINTER(ctypes.c_float)
@@ -169,8 +176,10 @@ def _library() -> ctypes.CDLL | None:
         _log.warning("lit_prune: no C compiler (or not Linux); CPU mask updates use the eager PyTorch path")
         return None
     errors = []
-    # With OpenMP (the runtime torch has loaded) first; a compiler without it builds a one-thread library.
-    for flags in (_FLAGS, [f for f in _FLAGS if f != "-fopenmp"]):
+    # All flags first; then without the 512-bit preference; then also without OpenMP (the runtime
+    # torch has loaded), which builds a one-thread library.
+    fallbacks = ([f for f in _FLAGS if f != _PREFER_512], [f for f in _FLAGS if f not in (_PREFER_512, "-fopenmp")])
+    for flags in (_FLAGS, *(f for f in fallbacks if f != _FLAGS)):
         try:
             lib = ctypes.CDLL(str(_build(compiler, flags)))
             break

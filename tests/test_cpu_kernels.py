@@ -322,13 +322,14 @@ def test_only_contiguous_float32_cpu_tensors_are_eligible():
     assert not cpu_kernels.eligible(torch.ones(4, 4, dtype=torch.float64))
 
 
-def test_a_compiler_without_openmp_still_builds_the_kernels(monkeypatch, tmp_path):
+@pytest.mark.parametrize("refused", ["-fopenmp", "-mprefer-vector-width=512"])
+def test_a_compiler_that_refuses_an_optional_flag_still_builds_the_kernels(monkeypatch, tmp_path, refused):
     if not cpu_kernels.available():
         pytest.skip("no C compiler")
     real = tmp_path / "real-cc"
-    wrapper = tmp_path / "cc-without-openmp"
+    wrapper = tmp_path / "cc-without-it"
     real.symlink_to(cpu_kernels.shutil.which("cc") or cpu_kernels.shutil.which("gcc"))
-    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = {refused} ] && exit 1; done\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path / "cache"))
