@@ -137,11 +137,26 @@ class _KernelPlan:
     sizes: dict[str, int]
     applied: list[str]  # the weights apply_mask takes to the kernel: float32 CPU ones, with their masks
     apply_batch: cpu_kernels.MaskBatch | None
+    blocks: _BlockPlan | None = None  # the block kernels' views, buffers and batches, made at their first use
 
     @property
     def names(self) -> frozenset[str]:
         """The weights some kernel takes."""
         return frozenset(w.name for w in self.fused + self.blocked + self.nm_fused)
+
+
+@dataclass
+class _BlockPlan:
+    """What the block kernels work on, for one kernel plan: 2-D views, block dims, buffers and their batches."""
+
+    views: list[Tensor]  # the weights' 2-D views
+    masks: list[Tensor]  # their masks, as 2-D views
+    dims: list[tuple[int, int]]  # resolved block dims
+    pooled: list[Tensor]  # pooled scores (scratch of the Pruning)
+    block_masks: list[Tensor]  # block masks (scratch of the Pruning)
+    thresholds: list[Tensor]
+    batch: cpu_kernels.BlockBatch  # pools into `pooled`, expands `block_masks`
+    scores: cpu_kernels.MagnitudeBatch | None  # thresholds and block masks from `pooled`; None: not float32 CPU
 
 
 def _abs_maxima(tensors: list[Tensor]) -> list[Tensor]:
@@ -422,20 +437,11 @@ class Pruning:
                 self._raise_nonfinite(bad, fused + blocked, step)
         kept_by_name: dict[str, int] = {}
         if blocked:
-            views = [live[w.name][0].detach().view(block_view_shape(live[w.name][0].shape)) for w in blocked]
-            masks_2d = [live[w.name][1].view(v.shape) for w, v in zip(blocked, views, strict=True)]
-            dims = [resolve_block_dims(w.block_dims, v.shape) for w, v in zip(blocked, views, strict=True)]
+            assert plan is not None  # the block kernels are in its plan
+            blocks = plan.blocks = plan.blocks or self._block_plan(blocked, live)
             applied = [not self._dense[w.name] for w in blocked]
-            pooled, block_masks = self._block_buffers(views, dims)
             try:
-                cpu_kernels.block_pool(
-                    views,
-                    dims,
-                    hp.block_pooling_function,
-                    masks=[m if a else None for m, a in zip(masks_2d, applied, strict=True)],
-                    out=pooled,
-                    check_finite=True,
-                )
+                blocks.batch.pool(hp.block_pooling_function, apply=applied)
             except cpu_kernels.NonFiniteWeights as error:
                 self._raise_nonfinite([blocked[i] for i in error.indices], fused, step)
         if fused:
@@ -455,19 +461,29 @@ class Pruning:
                 self._raise_nonfinite(bad, [], step)
             kept_by_name.update(zip([w.name for w in fused], kept_fused, strict=True))
         if blocked:
-            _, kept_blocked = block_update_(  # writes the thresholds in place
-                views,
-                pooled,
-                [live[w.name][2] for w in blocked],
-                [sparsities[w.name] for w in blocked],
-                masks_2d,
-                block_dims=dims,
-                apply_current=applied,
-                block_masks=block_masks,
-                method=hp.threshold_method,
-                nbins=hp.nbins,
-                threshold_decay=hp.threshold_decay,
-            )
+            targets = [sparsities[w.name] for w in blocked]
+            if blocks.scores is not None:  # block masks and thresholds (in place) from the pooled scores
+                blocks.scores.update(
+                    kernel_targets(blocks.scores.sizes, targets, hp.threshold_method),
+                    exact=hp.threshold_method == "exact",
+                    nbins=hp.nbins,
+                    decay=decay_pair(hp.threshold_decay),
+                )
+                kept_blocked = blocks.batch.expand(apply=applied)
+            else:
+                _, kept_blocked = block_update_(  # writes the thresholds in place
+                    blocks.views,
+                    blocks.pooled,
+                    blocks.thresholds,
+                    targets,
+                    blocks.masks,
+                    block_dims=blocks.dims,
+                    apply_current=applied,
+                    block_masks=blocks.block_masks,
+                    method=hp.threshold_method,
+                    nbins=hp.nbins,
+                    threshold_decay=hp.threshold_decay,
+                )
             kept_by_name.update(zip([w.name for w in blocked], kept_blocked, strict=True))
         if nm_fused:
             kept_nm = cpu_kernels.nm_update(
@@ -561,6 +577,25 @@ class Pruning:
             block_masks.append(flags[at : at + r * c].view(r, c))
             at += r * c
         return pooled, block_masks
+
+    def _block_plan(self, blocked: list[_Weight], live: dict[str, tuple[nn.Parameter, Tensor, Tensor]]) -> _BlockPlan:
+        """The block kernels' views, buffers and checked batches, for the kernel plan that takes ``blocked``."""
+        views = [live[w.name][0].detach().view(block_view_shape(live[w.name][0].shape)) for w in blocked]
+        masks = [live[w.name][1].view(v.shape) for w, v in zip(blocked, views, strict=True)]
+        dims = [resolve_block_dims(w.block_dims, v.shape) for w, v in zip(blocked, views, strict=True)]
+        thresholds = [live[w.name][2] for w in blocked]
+        pooled, block_masks = self._block_buffers(views, dims)
+        fits = all(cpu_kernels.threshold_fits(t) for t in thresholds)
+        return _BlockPlan(
+            views=views,
+            masks=masks,
+            dims=dims,
+            pooled=pooled,
+            block_masks=block_masks,
+            thresholds=thresholds,
+            batch=cpu_kernels.BlockBatch(views, dims, masks, pooled, block_masks),
+            scores=cpu_kernels.MagnitudeBatch(pooled, block_masks, thresholds) if fits else None,
+        )
 
     def _raise_nonfinite(self, bad: list[_Weight], unchecked: list[_Weight], step: int) -> None:
         """Raise the ``FloatingPointError`` naming every non-finite pruned weight (``unchecked`` are checked here)."""

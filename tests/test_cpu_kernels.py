@@ -243,7 +243,7 @@ def train_and_prune(use_kernels: bool, monkeypatch, method: str = "histogram", b
         block_pooling_function="MAX" if method == "exact" else "AVG",
     )
     if blocks:
-        return train_and_count(use_kernels, monkeypatch, spec, pruning_module, "block_update_")
+        return train_and_count(use_kernels, monkeypatch, spec, cpu_kernels.BlockBatch, "expand")
     return train_and_count(use_kernels, monkeypatch, spec, cpu_kernels.MagnitudeBatch, "update")
 
 
@@ -640,6 +640,56 @@ def test_the_kernel_plan_is_reused_until_a_tensor_is_replaced():
     assert copied._plan is None
     copied.mask_update(7)
     assert copied._plan is not None and copied._plan.pointers != pruning._plan.pointers
+
+
+@needs_kernels
+def test_the_block_kernels_keep_their_batches_and_fall_back_where_thresholds_are_not_float32(monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(37, 64), torch.nn.Conv2d(4, 8, 3))
+    spec = "block_height=4,block_width=2,threshold_decay=0.3"
+    kept = Pruning(net, spec, sparsity=lambda step: 0.1 * step)
+    fresh = Pruning(copy.deepcopy(net), spec, sparsity=lambda step: 0.1 * step)
+    kept.mask_update(1)
+    fresh.mask_update(1)
+    blocks = kept._plan.blocks
+    assert blocks is not None and len(blocks.batch) == 2 and blocks.scores is not None
+    for step in (2, 3):
+        kept.mask_update(step)
+        assert kept._plan.blocks is blocks  # same tensors: the checked batches are reused
+        fresh._plan = None  # this one checks and builds everything anew each time
+        fresh.mask_update(step)
+        assert_same_pruning(kept, fresh)
+    # A threshold the kernel cannot write in place (float64): the pooled scores take the general update.
+    calls = []
+    real = pruning_module.block_update_
+    monkeypatch.setattr(pruning_module, "block_update_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for p in (kept, fresh):
+        w = p._weights["0.weight"]
+        w.plain_threshold = w.plain_threshold.double()
+        p.mask_update(4)
+    assert kept._plan.blocks.scores is None and len(calls) == 2
+    assert_same_pruning(kept, fresh)
+    assert kept.get_thresholds()["0.weight"].dtype == torch.float64 and kept.get_thresholds()["0.weight"] > 0
+
+
+@needs_kernels
+def test_a_block_batch_checks_its_tensors_once():
+    w, mask = torch.randn(6, 8), torch.ones(6, 8, dtype=torch.bool)
+    pooled, blocks = torch.empty(3, 2), torch.empty(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"out 0 must be a contiguous float32 CPU tensor of shape \(3, 2\)"):
+        cpu_kernels.BlockBatch([w], [(2, 4)], [mask], [torch.empty(2, 3)], [blocks])
+    with pytest.raises(ValueError, match=r"block mask 0 must be a contiguous torch.bool tensor of shape \(3, 2\)"):
+        cpu_kernels.BlockBatch([w], [(2, 4)], [mask], [pooled], [torch.empty(3, 2)])
+    with pytest.raises(ValueError, match="mask 0 must be a contiguous CPU torch.bool tensor of 48 elements"):
+        cpu_kernels.BlockBatch([w], [(2, 4)], [mask.t()], [pooled], [blocks])
+    batch = cpu_kernels.BlockBatch([w], [(2, 4)], [mask], [pooled], [blocks])
+    with pytest.raises(ValueError, match="pooling must be 'AVG' or 'MAX', got 'MEAN'"):
+        batch.pool("MEAN")
+    batch.pool("MAX")
+    assert torch.equal(pooled, w.abs().view(3, 2, 2, 4).amax(dim=(1, 3)))
+    w[0, 0] = float("nan")
+    with pytest.raises(cpu_kernels.NonFiniteWeights, match=r"\[0\]"):
+        batch.pool("AVG")
 
 
 @needs_kernels
