@@ -547,8 +547,10 @@ def _check_block_buffers(
             raise ValueError(f"block mask {i} must be a contiguous torch.bool tensor of shape {grid}")
 
 
-def _pool(n: int, arrays: tuple[ctypes.Array, ...], pooling: str, outs: ctypes.Array, masks: ctypes.Array) -> bytes:
-    """Run the pooling kernel; returns one byte per weight, non-zero where its pooled scores hold Inf or NaN."""
+def _pool(
+    n: int, arrays: tuple[ctypes.Array, ...], pooling: str, outs: ctypes.Array, masks: ctypes.Array, check_finite: bool
+) -> None:
+    """Run the pooling kernel; with ``check_finite``, raise :class:`NonFiniteWeights` for pooled Inf or NaN."""
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"pooling must be 'AVG' or 'MAX', got {pooling!r}")
     nonfinite = ctypes.create_string_buffer(max(1, n))
@@ -557,7 +559,8 @@ def _pool(n: int, arrays: tuple[ctypes.Array, ...], pooling: str, outs: ctypes.A
     )  # fmt: skip
     if status < 0:
         raise MemoryError("lit_prune CPU kernels: out of memory")
-    return nonfinite.raw[:n]
+    if check_finite and any(nonfinite.raw[:n]):
+        raise NonFiniteWeights([i for i, bad in enumerate(nonfinite.raw[:n]) if bad])
 
 
 def _expand(
@@ -619,12 +622,10 @@ def block_pool(
             if m is not None:
                 _check_mask(i, m, w.numel())
                 pointers[i] = m.data_ptr()
-    nonfinite = _pool(
+    _pool(
         len(weights), arrays, pooling, _array(ctypes.c_int64, [o.data_ptr() for o in out]),
-        _array(ctypes.c_int64, pointers),
+        _array(ctypes.c_int64, pointers), check_finite,
     )  # fmt: skip
-    if check_finite and any(nonfinite):
-        raise NonFiniteWeights([i for i, bad in enumerate(nonfinite) if bad])
     return out
 
 
@@ -642,12 +643,10 @@ def expand_blocks_and_zero(
     tensors of each weight's size.  Where ``apply[i]`` is true, the weights that the current mask
     (``masks[i]`` before it is overwritten) prunes are zeroed too.  Returns the kept counts.
     """
-    _loaded()
-    arrays = _matrices(weights, block_dims)
     _check_lengths(len(weights), block_masks=block_masks, masks=masks)
+    _checked_library(weights, masks)
+    arrays = _matrices(weights, block_dims)
     _check_block_buffers(weights, block_dims, None, block_masks)
-    for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
-        _check_mask(i, m, w.numel())
     return _expand(
         len(weights), arrays, _array(ctypes.c_int64, [b.data_ptr() for b in block_masks]),
         _array(ctypes.c_int64, [m.data_ptr() for m in masks]), apply,
@@ -686,16 +685,13 @@ class BlockBatch:
         pooled: list[Tensor],
         block_masks: list[Tensor],
     ) -> None:
-        _loaded()
         self._n = len(weights)
-        self._arrays = _matrices(weights, block_dims)
         _check_lengths(self._n, masks=masks, pooled=pooled, block_masks=block_masks)
+        _checked_library(weights, masks)
+        self._arrays = _matrices(weights, block_dims)
         _check_block_buffers(weights, block_dims, pooled, block_masks)
-        for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
-            _check_mask(i, m, w.numel())
         self._held = [t.detach() for t in [*weights, *masks, *pooled, *block_masks]]  # kept alive with the batch
         self._masks = _array(ctypes.c_int64, [m.data_ptr() for m in masks])
-        self._no_masks = _array(ctypes.c_int64, [0] * self._n)
         self._pooled = _array(ctypes.c_int64, [p.data_ptr() for p in pooled])
         self._blocks = _array(ctypes.c_int64, [b.data_ptr() for b in block_masks])
 
@@ -703,7 +699,7 @@ class BlockBatch:
         return self._n
 
     def pool(self, pooling: str, apply: list[bool] | None = None) -> None:
-        """Pool ``|w|`` into the ``pooled`` buffers, as the current mask leaves it where ``apply[i]``.
+        """Pool ``|w|`` into the ``pooled`` buffers, as the current mask leaves it where ``apply[i]`` (``None``: all).
 
         Raises:
             NonFiniteWeights: a pooled score is Inf or NaN (the buffers hold the scores all the same).
@@ -712,9 +708,7 @@ class BlockBatch:
         if apply is not None:
             _check_lengths(self._n, apply=apply)
             masks = _array(ctypes.c_int64, [m if a else 0 for m, a in zip(self._masks, apply, strict=True)])
-        nonfinite = _pool(self._n, self._arrays, pooling, self._pooled, masks)
-        if any(nonfinite):
-            raise NonFiniteWeights([i for i, bad in enumerate(nonfinite) if bad])
+        _pool(self._n, self._arrays, pooling, self._pooled, masks, check_finite=True)
 
     def expand(self, apply: list[bool] | None = None) -> list[int]:
         """Write the masks from the ``block_masks`` buffers and zero the pruned weights; returns the kept counts.
