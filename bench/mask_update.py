@@ -310,18 +310,29 @@ def in_training_loop(steps: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of MiB, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--evict-mib", type=int, default=0, help="MiB written before each timed call (default: twice the L3)"
+        "--evict-mib", type=positive_int, help="MiB written before each timed call (default: twice the L3)"
     )
     parser.add_argument("--out", default="bench/results/mask_update.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.evict_mib:
+    if args.evict_mib is not None:
         set_eviction(args.evict_mib)
     repeats = args.repeats or (2 if args.quick else 9)
     if args.quick:
