@@ -37,8 +37,8 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lit_prune import Pruning, PruningCallback, PruningHParams
-from lit_prune.demos import DigitsDataModule, ImageClassifier
-from lit_prune.digits import digits_cnn, mlp
+from lit_prune.cli.demos import DigitsDataModule, ImageClassifier
+from lit_prune.cli.digits import digits_cnn, mlp
 
 MODELS = {"CNN": lambda: digits_cnn(masked=False), "MLP": lambda: mlp()}
 STEPS_PER_EPOCH = 20  # 1257 training digits, batch 64

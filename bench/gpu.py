@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lit_prune import Pruning, is_nm_sparse
-from lit_prune.nm import nm_mask
+from lit_prune.engine.nm import nm_mask
 
 
 def stack(d: int, blocks: int, device: str) -> nn.Sequential:

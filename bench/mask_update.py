@@ -46,7 +46,8 @@ from torch.nn.utils import prune
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import mlp_stack, resnet18  # noqa: E402
 
-from lit_prune import Pruning, PruningHParams, cpu_kernels  # noqa: E402
+from lit_prune import Pruning, PruningHParams  # noqa: E402
+from lit_prune.backends.cpu import kernels as cpu_kernels  # noqa: E402
 
 
 def pruned_layers(model: nn.Module) -> list[nn.Module]:

@@ -30,9 +30,9 @@ from lightning.pytorch import seed_everything
 from torch import nn
 
 from lit_prune import Pruning, PruningCallback, PruningHParams, is_nm_sparse
-from lit_prune.demos import ImageClassifier
-from lit_prune.digits import digits_cnn, mlp
-from lit_prune.nm import nm_group_view
+from lit_prune.cli.demos import ImageClassifier
+from lit_prune.cli.digits import digits_cnn, mlp
+from lit_prune.engine.nm import nm_group_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import digits_trainer, parse_bench_args  # noqa: E402

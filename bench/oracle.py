@@ -3,7 +3,7 @@
     python bench/oracle.py            # 3 seeds, all criteria (about 4 min on 2 CPU cores)
     python bench/oracle.py --quick    # 1 seed, short training
 
-For each seed: train the digits residual CNN (``lit_prune.digits.digits_resnet``, 75 k parameters)
+For each seed: train the digits residual CNN (``lit_prune.cli.digits.digits_resnet``, 75 k parameters)
 for 30 epochs; then for each criterion (HALCON 'oracle' mode with the Taylor score, the exact
 oracle, smallest L1 norm, random) score the kernels on the training set, remove 50 % of the
 prunable kernels, fine-tune 10 epochs, and measure test accuracy.  CPU latency at batch 64
@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from lit_prune.digits import digits_resnet, load_digits_split
+from lit_prune.cli.digits import digits_resnet, load_digits_split
 from lit_prune.oracle import OraclePruning
 
 CRITERIA = {

@@ -1,12 +1,12 @@
 """lit_prune: TF/lingvo magnitude-based gradual pruning for PyTorch (and Lightning).
 
-The engine (``hparams``, ``schedule``, ``masks``, ``saliency``, ``selection``, ``pruning``,
-``layers``, ``strip``) is plain torch and imports neither Lightning nor Hydra; ``callback`` is
-the Lightning glue on top.
+``config`` (the spec) and ``engine`` (the pruning) are plain torch and import neither Lightning
+nor Hydra; ``backends`` run the mask arithmetic (torch everywhere, native kernels on the CPU);
+``lightning`` holds the callbacks, ``cli`` the Hydra app, ``oracle`` structured pruning.
 """
 
-from lit_prune.hparams import HParamsError, PruningHParams, get_pruning_hparams
-from lit_prune.layers import (
+from lit_prune.config.hparams import HParamsError, PruningHParams, get_pruning_hparams
+from lit_prune.engine.layers import (
     MaskedConv1d,
     MaskedConv2d,
     MaskedConv3d,
@@ -15,17 +15,17 @@ from lit_prune.layers import (
     masked_conv2d,
     masked_fully_connected,
 )
-from lit_prune.nm import check_nm_sparse, is_nm_sparse
-from lit_prune.pruning import Pruning
-from lit_prune.schedule import gradual_sparsity
-from lit_prune.strip import strip_pruning_vars, to_semi_structured
+from lit_prune.engine.nm import check_nm_sparse, is_nm_sparse
+from lit_prune.engine.pruning import Pruning
+from lit_prune.engine.schedule import gradual_sparsity
+from lit_prune.engine.strip import strip_pruning_vars, to_semi_structured
 
 __version__ = "0.1.0"
 
 _LIGHTNING = {
-    "PruningCallback": "lit_prune.callback",
-    "strip_checkpoint": "lit_prune.callback",
-    "StructuredPruningCallback": "lit_prune.oracle.callback",
+    "PruningCallback": "lit_prune.lightning.pruning_callback",
+    "strip_checkpoint": "lit_prune.lightning.pruning_callback",
+    "StructuredPruningCallback": "lit_prune.lightning.structured_callback",
 }
 
 

@@ -1,6 +1,6 @@
 """``python -m lit_prune``: the same as the ``lit-prune`` command."""
 
-from lit_prune.cli import main
+from lit_prune.cli.app import main
 
 if __name__ == "__main__":
     main()

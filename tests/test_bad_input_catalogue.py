@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from torch import nn
 
-import lit_prune.cli  # noqa: F401 - registers the schema
+import lit_prune.cli.app  # noqa: F401 - registers the schema
 from lit_prune import HParamsError, Pruning, PruningHParams
-from lit_prune.cli import resolve_pruning
+from lit_prune.cli.app import resolve_pruning
 from lit_prune.oracle import StructuredPruningError, create_dl_pruning
 
 

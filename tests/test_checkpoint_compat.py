@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lit_prune import PruningCallback, strip_checkpoint
-from lit_prune.demos import ImageClassifier, SyntheticDataModule
+from lit_prune.cli.demos import ImageClassifier, SyntheticDataModule
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINT = FIXTURES / "checkpoint_v1.ckpt"

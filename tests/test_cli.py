@@ -15,9 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.utils import instantiate
 
-import lit_prune.cli  # noqa: F401 - registers the pruning schema
+import lit_prune.cli.app  # noqa: F401 - registers the pruning schema
 from lit_prune import HParamsError, PruningCallback, is_nm_sparse
-from lit_prune.cli import resolve_pruning
+from lit_prune.cli.app import resolve_pruning
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # A short schedule for the short test runs (20 steps per epoch on digits).

@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_prune import Pruning, PruningCallback, PruningHParams, cpu_kernels
-from lit_prune import pruning as pruning_module
-from lit_prune.masks import (
+from lit_prune import Pruning, PruningCallback, PruningHParams
+from lit_prune.backends.cpu import kernels as cpu_kernels
+from lit_prune.engine import pruning as pruning_module
+from lit_prune.engine.masks import (
     _bin_edge,
     block_pool,
     block_update_,
@@ -23,7 +24,7 @@ from lit_prune.masks import (
     resolve_block_dims,
     topk_count,
 )
-from lit_prune.nm import nm_mask
+from lit_prune.engine.nm import nm_mask
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
@@ -279,7 +280,7 @@ def test_without_a_compiler_the_eager_path_is_used(monkeypatch, tmp_path, caplog
     monkeypatch.setenv("LIT_PRUNE_CACHE", str(tmp_path / "cache"))
     cpu_kernels._library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="lit_prune.cpu_kernels"):
+        with caplog.at_level(logging.WARNING, logger="lit_prune.backends.cpu.kernels"):
             assert not cpu_kernels.available()
         assert "building the CPU kernels failed" in caplog.text
         net = model()

@@ -19,7 +19,7 @@ from lit_prune import (
     masked_fully_connected,
     strip_pruning_vars,
 )
-from lit_prune.layers import Pad2dSame
+from lit_prune.engine.layers import Pad2dSame
 
 LAYERS = [
     (lambda: MaskedLinear(6, 4), nn.Linear, (3, 6)),

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_prune.masks import (
+from lit_prune.engine.masks import (
     block_pool,
     compute_mask,
     exact_threshold,

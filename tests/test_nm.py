@@ -19,7 +19,7 @@ from lit_prune import (
     strip_pruning_vars,
     to_semi_structured,
 )
-from lit_prune.nm import nm_mask, nm_pruned_per_group
+from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 
 CUDA = torch.cuda.is_available()
 

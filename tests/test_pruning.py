@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lit_prune import HParamsError, MaskedLinear, Pruning, PruningHParams, cpu_kernels
+from lit_prune import HParamsError, MaskedLinear, Pruning, PruningHParams
+from lit_prune.backends.cpu import kernels as cpu_kernels
 
 
 class Vector(nn.Module):
@@ -345,7 +346,7 @@ def test_use_tpu_update_reads_nothing_back(method, block):
 
 @pytest.mark.parametrize("method", ["histogram", "exact"])
 def test_per_weight_update_compiles_fullgraph(method):
-    from lit_prune.masks import compute_mask
+    from lit_prune.engine.masks import compute_mask
 
     torch.manual_seed(0)
     w = torch.randn(300, 300).abs()  # above the CPU search threshold: compiled code must take the sync-free path

@@ -6,7 +6,7 @@ Run: pytest tests/test_schedule.py
 import pytest
 
 from lit_prune import PruningHParams, gradual_sparsity
-from lit_prune.schedule import should_update, weight_sparsity
+from lit_prune.engine.schedule import should_update, weight_sparsity
 
 
 @pytest.mark.parametrize(

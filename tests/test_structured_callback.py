@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_prune import StructuredPruningCallback
-from lit_prune.demos import DigitsDataModule, ImageClassifier
-from lit_prune.digits import digits_resnet
+from lit_prune.cli.demos import DigitsDataModule, ImageClassifier
+from lit_prune.cli.digits import digits_resnet
 from lit_prune.oracle import StructuredPruningError
 
 
@@ -83,8 +83,8 @@ DDP_SCRIPT = """
 import sys, torch
 from lightning.pytorch import Trainer, seed_everything
 from lit_prune import StructuredPruningCallback
-from lit_prune.demos import DigitsDataModule, ImageClassifier
-from lit_prune.digits import digits_resnet
+from lit_prune.cli.demos import DigitsDataModule, ImageClassifier
+from lit_prune.cli.digits import digits_resnet
 
 seed_everything(0)
 model = ImageClassifier(digits_resnet(width=16), lr=3e-3)

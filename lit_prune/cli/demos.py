@@ -4,7 +4,7 @@
   the package: no download), a fixed train/val/test split.
 * :class:`SyntheticDataModule` - random images and labels of any shape, for speed tests.
 * :class:`ImageClassifier` - a ``LightningModule`` around any ``nn.Module``, logging loss and
-  accuracy; :func:`~lit_prune.digits.digits_cnn` and :func:`~lit_prune.digits.mlp` (re-exported
+  accuracy; :func:`~lit_prune.cli.digits.digits_cnn` and :func:`~lit_prune.cli.digits.mlp` (re-exported
   here) build the networks the configs name.
 """
 
@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_prune.digits import digits_cnn, load_digits_split, mlp
+from lit_prune.cli.digits import digits_cnn, load_digits_split, mlp
 
 __all__ = ["DigitsDataModule", "ImageClassifier", "SyntheticDataModule", "digits_cnn", "load_digits_split", "mlp"]
 

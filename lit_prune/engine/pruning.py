@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_prune import cpu_kernels
-from lit_prune.hparams import (
+from lit_prune.backends.cpu import kernels as cpu_kernels
+from lit_prune.config.hparams import (
     HParamsError,
     PruningHParams,
     parse_block_dims_map,
@@ -32,8 +32,8 @@ from lit_prune.hparams import (
     parse_nm_sparsity_map,
     parse_weight_sparsity_map,
 )
-from lit_prune.layers import MaskedModule
-from lit_prune.masks import (
+from lit_prune.engine.layers import MaskedModule
+from lit_prune.engine.masks import (
     block_update_,
     block_view_shape,
     compute_mask,
@@ -43,10 +43,10 @@ from lit_prune.masks import (
     resolve_block_dims,
     smooth_threshold,
 )
-from lit_prune.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
-from lit_prune.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
-from lit_prune.schedule import gradual_sparsity, should_update, weight_sparsity
-from lit_prune.selection import match_map, select_weights
+from lit_prune.engine.nm import check_nm_sparse, nm_group_view, nm_mask, nm_pruned_per_group
+from lit_prune.engine.saliency import SALIENCY_STATE, init_saliency_state, update_saliency
+from lit_prune.engine.schedule import gradual_sparsity, should_update, weight_sparsity
+from lit_prune.engine.selection import match_map, select_weights
 
 __all__ = ["STATE_VERSION", "Pruning", "SparsityFn"]
 
@@ -658,7 +658,7 @@ class Pruning:
         """Which fused CPU kernels update ``w``: ``"elementwise"``, ``"block"``, ``"nm"`` or ``None`` (eager).
 
         Magnitude pruning (``prune_option="weight"``) of a contiguous float32 CPU weight, not
-        ranked jointly: N:M with M up to :data:`lit_prune.cpu_kernels.NM_MAX_M`, or the histogram
+        ranked jointly: N:M with M up to :data:`lit_prune.backends.cpu.kernels.NM_MAX_M`, or the histogram
         rule with ``nbins`` up to 65536 or the exact rule (element-wise: with a float32 CPU threshold,
         which the kernel reads and writes in place); ``None`` means the eager path.  The caller
         checks that the kernels can run at all.

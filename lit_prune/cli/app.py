@@ -25,8 +25,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lit_prune import cpu_kernels
-from lit_prune.hparams import _FIELD_KINDS, PruningHParams
+from lit_prune.backends.cpu import kernels as cpu_kernels
+from lit_prune.config.hparams import _FIELD_KINDS, PruningHParams
 
 __all__ = ["PruningSchema", "SparsitySweepPlot", "main", "train"]
 

@@ -1,11 +1,11 @@
 """The engine in a plain PyTorch loop (no Lightning, no Hydra): gradual pruning on scikit-learn's digits.
 
-``python -m lit_prune.demo`` trains the digits CNN with TF's gradual schedule to 90 % sparsity,
+``python -m lit_prune.cli.torch_loop`` trains the digits CNN with TF's gradual schedule to 90 % sparsity,
 after a dense baseline, writes TensorBoard summaries under ``runs/demo/``, saves the stripped
 model and prints dense-vs-pruned accuracy and per-layer sparsity (about 30 s on two CPU cores).
 Any hparam can be overridden with a TF-style string::
 
-    python -m lit_prune.demo --pruning_hparams "target_sparsity=0.95,threshold_method=exact"
+    python -m lit_prune.cli.torch_loop --pruning_hparams "target_sparsity=0.95,threshold_method=exact"
 
 The main job is ``lit-prune`` (the Hydra app around the Lightning callback); this script shows
 what the callback does, step by step, for users of other training loops.
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lit_prune import Pruning, PruningHParams, strip_pruning_vars
-from lit_prune.digits import digits_cnn, load_digits_split
+from lit_prune.cli.digits import digits_cnn, load_digits_split
 
 DEFAULT_HPARAMS = (
     "name=digits_pruning,begin_pruning_step=100,end_pruning_step=600,pruning_frequency=20,"

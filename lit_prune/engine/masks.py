@@ -28,8 +28,8 @@ import struct
 import torch
 from torch import Tensor
 
-from lit_prune import cpu_kernels
-from lit_prune.schedule import _f32  # float32 rounding of a host float, as TF's float32 ops round
+from lit_prune.backends.cpu import kernels as cpu_kernels
+from lit_prune.engine.schedule import _f32  # float32 rounding of a host float, as TF's float32 ops round
 
 __all__ = [
     "block_pool",
@@ -369,10 +369,10 @@ def magnitude_update_(
 
     The same thresholds and masks as :func:`compute_mask` on ``|w|`` (element-wise; ``method``
     ``"histogram"``, TF r1.11-r1.13, or ``"exact"``, TF r1.14+) followed by zeroing the pruned
-    weights, bit for bit, from :func:`lit_prune.cpu_kernels.magnitude_update`: one pass that
+    weights, bit for bit, from :func:`lit_prune.backends.cpu.kernels.magnitude_update`: one pass that
     reads every ``max |w|`` and copies the scores in a predicted band around each threshold,
     which decides it (a counting pass where the band missed), then the mask-and-zero pass.
-    Every weight must :func:`lit_prune.cpu_kernels.fits` and each mask be a contiguous
+    Every weight must :func:`lit_prune.backends.cpu.kernels.fits` and each mask be a contiguous
     ``torch.bool`` tensor of its shape.  Where ``apply_current[i]`` is true, weight ``i`` is
     taken as multiplied by its current mask first (as :meth:`lit_prune.Pruning.apply_mask`
     would); the mask pass zeroes what that mask prunes as well.  ``thresholds`` (0-d tensors)
@@ -381,7 +381,7 @@ def magnitude_update_(
     number of weights each mask keeps.
 
     Raises:
-        lit_prune.cpu_kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
+        lit_prune.backends.cpu.kernels.NonFiniteWeights: a weight holds Inf or NaN (its ``indices`` say
             which); no mask was changed (the current masks may have been applied).
 
     Example::
@@ -428,7 +428,7 @@ def block_update_(
 ) -> tuple[Tensor, list[int]]:
     """TF's block mask update of several 2-D weights on the fused CPU kernels, from their pooled scores.
 
-    ``pooled`` comes from :func:`lit_prune.cpu_kernels.block_pool` (or :func:`block_pool`) over
+    ``pooled`` comes from :func:`lit_prune.backends.cpu.kernels.block_pool` (or :func:`block_pool`) over
     ``block_dims`` (resolved: no -1) and is used as scratch.  The thresholds are those of
     :func:`compute_mask` with the same blocks (they live in pooled space, as in TF), found by
     :func:`magnitude_update_` on the pooled scores; each block mask is then expanded over its
@@ -532,7 +532,7 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     if pooling != "AVG":
         raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
     # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
-    # the summation order, so the fused CPU kernel (lit_prune.cpu_kernels.block_pool) gives the same.
+    # the summation order, so the fused CPU kernel (lit_prune.backends.cpu.kernels.block_pool) gives the same.
     wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
     sums = blocks.sum(dim=(1, 3), dtype=wide)
     if hb * bh == rows and wb * bw == cols:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lit_prune.layers import MaskedConv2d
+from lit_prune.engine.layers import MaskedConv2d
 
 __all__ = ["digits_cnn", "digits_resnet", "load_digits_split", "mlp"]
 

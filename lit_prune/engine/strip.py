@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.sparse import to_sparse_semi_structured
 
-from lit_prune.layers import MaskedModule
-from lit_prune.nm import is_nm_sparse
-from lit_prune.pruning import Pruning
+from lit_prune.engine.layers import MaskedModule
+from lit_prune.engine.nm import is_nm_sparse
+from lit_prune.engine.pruning import Pruning
 
 __all__ = ["semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from lit_prune.hparams import PruningHParams
+from lit_prune.config.hparams import PruningHParams
 
 __all__ = ["gradual_sparsity", "should_update", "weight_sparsity"]
 

@@ -28,10 +28,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_prune import cpu_kernels
-from lit_prune.hparams import HParamsError, PruningHParams
-from lit_prune.pruning import Pruning, SparsityFn
-from lit_prune.strip import strip_pruning_vars
+from lit_prune.backends.cpu import kernels as cpu_kernels
+from lit_prune.config.hparams import HParamsError, PruningHParams
+from lit_prune.engine.pruning import Pruning, SparsityFn
+from lit_prune.engine.strip import strip_pruning_vars
 
 __all__ = ["PruningCallback", "strip_checkpoint"]
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from torch import nn
 
-from lit_prune.hparams import HParamsError
+from lit_prune.config.hparams import HParamsError
 
 __all__ = ["DEFAULT_LAYER_TYPES", "candidate_weights", "match_map", "select_weights"]
 

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for TF's magnitude mask update, built from ``cpu_kernels.c`` at first use.
+"""Fused CPU kernels for TF's magnitude mask update, built from ``kernels.c`` at first use.
 
 A mask update in eager PyTorch chains a dozen passes over each weight (``abs``, compares into bool
 tensors, counts, the mask, the zeroing).  :func:`magnitude_update` does the same work for every
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fopenmp"]
 # GCC vectorises for 256-bit registers on AVX-512 Intel CPUs unless told otherwise; 512-bit loops
 # made block pooling and expansion 11-13 % faster (ResNet-18, 4x4 AVG and MAX, side by side on a
@@ -396,8 +396,8 @@ def magnitude_update(
     """The whole magnitude mask update of every weight, in one call: thresholds, masks, zeroing.
 
     ``weights`` must :func:`fits` and ``masks`` be contiguous ``torch.bool`` tensors of the
-    same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.masks.histogram_target_count`) for
-    the histogram rule, or the kept counts ``k`` (:func:`lit_prune.masks.topk_count`) when
+    same sizes.  ``targets`` are TF's ``K`` (:func:`lit_prune.engine.masks.histogram_target_count`) for
+    the histogram rule, or the kept counts ``k`` (:func:`lit_prune.engine.masks.topk_count`) when
     ``exact``.  ``thresholds`` hold the last update's thresholds, one float32 CPU element each
     (:func:`threshold_fits`); they are overwritten with the new ones (not on error), as the masks
     are.  ``decay`` is the float32 pair
@@ -431,7 +431,7 @@ def nm_update(
     apply: list[bool] | None = None,
     check: bool = True,
 ) -> list[int]:
-    """The N:M mask update of every weight, in one call, as :func:`lit_prune.nm.nm_mask` gives it.
+    """The N:M mask update of every weight, in one call, as :func:`lit_prune.engine.nm.nm_mask` gives it.
 
     Each group of ``M`` consecutive elements (``nm[i] = (N, M)``, ``M`` dividing the size, at most
     :data:`NM_MAX_M`) keeps its ``M - pruned[i]`` highest ``|w|`` (an equal score earlier in the
@@ -585,7 +585,7 @@ def block_pool(
     out: list[Tensor] | None = None,
     check_finite: bool = False,
 ) -> list[Tensor]:
-    """``AVG`` or ``MAX`` of ``|w|`` over the blocks of each 2-D weight, as :func:`lit_prune.masks.block_pool`.
+    """``AVG`` or ``MAX`` of ``|w|`` over the blocks of each 2-D weight, as :func:`lit_prune.engine.masks.block_pool`.
 
     Blocks start at row and column 0; an edge block the shape cuts short is pooled over its real
     elements.  ``AVG`` accumulates in float64 and rounds the mean to float32 once.  Inf and NaN

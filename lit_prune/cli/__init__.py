@@ -1,0 +1,4 @@
+"""The ``lit-prune`` Hydra app (``app``) and what it trains.
+
+``digits`` and ``demos`` hold the shipped data and networks; ``torch_loop`` is the engine in a plain torch loop.
+"""
