@@ -14,10 +14,12 @@ weights (those the current mask prunes too).  :func:`block_pool` and
 :func:`expand_blocks_and_zero` do the same for block pruning, :func:`nm_update` for N:M.
 
 The C source is compiled with the system's C compiler (``cc``, or ``$CC``) into a per-user cache
-(``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``) and loaded with
-:mod:`ctypes`; it needs no Python headers and builds in well under a second.  Without a compiler,
-or with ``LIT_PRUNE_NATIVE=0``, :func:`available` is ``False`` and the engine keeps its eager
-PyTorch path, which gives the same masks (tested bit for bit).
+(``$LIT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/lit_prune`` or ``~/.cache/lit_prune``; only a
+directory of the user's own is trusted) and loaded with :mod:`ctypes` when first asked for (by
+:func:`available` or a kernel), not at import: see :mod:`lit_prune.backends.cpu.build`.  It needs
+no Python headers; the first build takes about two seconds.  Without a compiler, or with
+``LIT_PRUNE_NATIVE=0``, :func:`available` is ``False`` and the engine keeps its eager PyTorch path,
+which gives the same masks (tested bit for bit).
 
 Example::
 
@@ -31,20 +33,15 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from lit_prune.backends.cpu import build
+from lit_prune.backends.cpu.build import native_enabled
 
 __all__ = [
     "BlockBatch",
@@ -65,16 +62,6 @@ __all__ = [
     "threshold_fits",
 ]
 
-_log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("kernels.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fopenmp"]
-# GCC vectorises for 256-bit registers on AVX-512 Intel CPUs unless told otherwise; 512-bit loops
-# made block pooling and expansion 11-13 % faster (ResNet-18, 4x4 AVG and MAX, side by side on a
-# 2-core AVX-512 machine) and left the element-wise update as it was.  x86 only: other compilers'
-# targets do not know the option.  A compiler that refuses it builds without it.
-_PREFER_512 = "-mprefer-vector-width=512"
-if platform.machine() in ("x86_64", "AMD64"):
-    _FLAGS.append(_PREFER_512)
 _I64P = ctypes.POINTER(ctypes.c_int64)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _F32P = ctypes.POINTER(ctypes.c_float)
@@ -94,51 +81,6 @@ class NonFiniteWeights(FloatingPointError):
     def __init__(self, indices: list[int]) -> None:
         super().__init__(f"NaN or Inf in weight(s) {indices}")
         self.indices = indices
-
-
-def _cache_dir() -> Path:
-    if "LIT_PRUNE_CACHE" in os.environ:
-        return Path(os.environ["LIT_PRUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit_prune"
-
-
-def _cpu_id() -> str:
-    # -march=native: a library built on one CPU may not run on another that shares the cache.
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return next(
-            (line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.processor()
-        )
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str, flags: list[str]) -> Path:
-    """Compile the kernels with ``flags`` into the cache (once per source, flags, compiler and CPU)."""
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_id().encode()]))
-    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent processes (DDP ranks) never load half a file.
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            subprocess.run(
-                [compiler, *flags, "-o", str(built), str(_SOURCE)], check=True, capture_output=True, timeout=120
-            )
-            os.replace(built, target)
-    return target
-
-
-def native_enabled() -> bool:
-    """The ``LIT_PRUNE_NATIVE`` switch: ``'1'`` (default) or ``'0'``; anything else is a ``ValueError``.
-
-    Checked when a :class:`~lit_prune.Pruning` is built, so a misspelt value fails before training.
-    """
-    switch = os.environ.get("LIT_PRUNE_NATIVE", "1")
-    if switch not in ("0", "1"):
-        raise ValueError(f"environment variable LIT_PRUNE_NATIVE must be '0' (off) or '1' (on), got {switch!r}")
-    return switch == "1"
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -170,27 +112,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if not native_enabled():
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None or platform.system() != "Linux":
-        _log.warning("lit_prune: no C compiler (or not Linux); CPU mask updates use the eager PyTorch path")
-        return None
-    errors = []
-    # All flags first; then without the 512-bit preference; then also without OpenMP (the runtime
-    # torch has loaded), which builds a one-thread library.
-    fallbacks = ([f for f in _FLAGS if f != _PREFER_512], [f for f in _FLAGS if f not in (_PREFER_512, "-fopenmp")])
-    for flags in (_FLAGS, *(f for f in fallbacks if f != _FLAGS)):
-        try:
-            lib = ctypes.CDLL(str(_build(compiler, flags)))
-            break
-        except (OSError, subprocess.SubprocessError) as error:
-            detail = (getattr(error, "stderr", b"") or b"")[-500:]
-            errors.append(f"{error} {detail.decode(errors='replace')}".strip())
-    else:
-        _log.warning("lit_prune: building the CPU kernels failed (%s); using the eager path", " | ".join(errors))
-        return None
-    return _declare(lib)
+    """The loaded library with its signatures declared (built at the first call); ``None`` where it cannot be."""
+    lib = build.load()
+    return None if lib is None else _declare(lib)
 
 
 def available() -> bool:
