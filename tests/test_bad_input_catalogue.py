@@ -117,6 +117,17 @@ CASES = [
         "weight_sparsity_map",
     ),
     ("parse('target_sparsity')", lambda: PruningHParams().parse("target_sparsity"), "name=value"),
+    (
+        "parse('prune_patterns=[conv[0-9]')",
+        lambda: PruningHParams().parse("prune_patterns=[conv[0-9]"),
+        "prune_patterns",
+    ),
+    (
+        "parse('exclude_patterns=[a(b]')",
+        lambda: PruningHParams().parse("exclude_patterns=[a(b]"),
+        "exclude_patterns",
+    ),
+    ("coerce(0.5)", lambda: PruningHParams.coerce(0.5), "hparams"),
     ("from_dict({'foo': 1})", lambda: PruningHParams.from_dict({"foo": 1}), "foo"),
     (
         "map regex 'conv9' matches nothing",
@@ -137,6 +148,11 @@ CASES = [
         "global_ranking",
     ),
     ("Pruning(sparsity=1.5)", lambda: Pruning(_model(), sparsity=1.5), "sparsity"),
+    (
+        "N:M, external sparsity, target_sparsity=0",
+        lambda: Pruning(nn.Linear(8, 8), "nm_sparsity=2:4,target_sparsity=0", sparsity=0.3).mask_update(1),
+        "target_sparsity",
+    ),
     ("hydra: pruning.target_sparsty=0.5", lambda: _hydra("pruning.target_sparsty=0.5"), "target_sparsty"),
     ("hydra: pruning.nbins=abc", lambda: _hydra("pruning.nbins=abc"), "nbins"),
     (

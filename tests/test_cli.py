@@ -68,6 +68,15 @@ def test_tf_string_and_list_form(tmp_path):
     assert resolve_pruning(cfg).weight_sparsity_map == [r"layer[0-9]+\.conv:0.8", "a{1,2} b:0.5"]
 
 
+def test_tf_string_keeps_regex_brackets_and_does_not_touch_the_composed_spec():
+    cfg = compose_main(['pruning_hparams="prune_patterns=[net.{0,2}[0-9].weight],weight_sparsity_map=[net.[0-9]:0.5]"'])
+    spec = resolve_pruning(cfg)
+    assert spec.prune_patterns == ["net.{0,2}[0-9].weight"] and spec.weight_sparsity_map == ["net.[0-9]:0.5"]
+    assert list(cfg.pruning.prune_patterns) == ["net.{0,2}[0-9].weight"]  # written back into the config
+    with pytest.raises(HParamsError, match=r"`prune_patterns`: unterminated '\['"):
+        resolve_pruning(compose_main(['pruning_hparams="prune_patterns=[net[0-9]"']))
+
+
 def test_nm_overrides_in_list_mapping_and_string_forms(tmp_path):
     for override in (
         "pruning.nm_sparsity_map=[net.*weight:2:4]",

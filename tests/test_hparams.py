@@ -29,9 +29,9 @@ def test_defaults_are_tf_r115():
 def test_parse_like_tf_hparams():
     hp = get_pruning_hparams()
     out = hp.parse("target_sparsity=0.9,weight_sparsity_map=[conv1:0.8,fc.*:0.95],name=cifar10_pruning")
-    assert out is hp
-    assert hp.target_sparsity == 0.9 and hp.name == "cifar10_pruning"
-    assert hp.weight_sparsity_map == ["conv1:0.8", "fc.*:0.95"]
+    assert out.target_sparsity == 0.9 and out.name == "cifar10_pruning"
+    assert out.weight_sparsity_map == ["conv1:0.8", "fc.*:0.95"]
+    assert out is not hp and hp == get_pruning_hparams()  # a new object: whoever holds `hp` never sees it change
 
 
 def test_parse_examples_cli_string():
@@ -166,3 +166,127 @@ def test_map_entries_never_crash_with_anything_but_hparams_error(entries):
         PruningHParams(weight_sparsity_map=entries)
     with contextlib.suppress(HParamsError):
         PruningHParams(block_dims_map=entries)
+
+
+def test_parse_keeps_commas_and_brackets_inside_list_entries():
+    hp = PruningHParams().parse("prune_patterns=[fc{1,2},conv[0-9]],weight_sparsity_map=[layer[0-9]:0.5,(a,b|c):0.7]")
+    assert hp.prune_patterns == ["fc{1,2}", "conv[0-9]"]
+    assert hp.weight_sparsity_map == ["layer[0-9]:0.5", "(a,b|c):0.7"]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "what"),
+    [
+        ("prune_patterns=[conv[0-9]", "prune_patterns", r"unterminated '\['"),
+        ("prune_patterns=[a(b]", "prune_patterns", r"'\]' closes '\('"),
+        ("exclude_patterns=[a{1,2]", "exclude_patterns", r"'\]' closes '\{'"),
+        ("weight_sparsity_map=[layer[0-9:0.5]", "weight_sparsity_map", r"unterminated '\['"),
+        ("name=a(b,target_sparsity=0.9", "name", r"unbalanced '\(' \(never closed\)"),
+        ("name=a)b", "name", r"unbalanced '\)'"),
+    ],
+)
+def test_unbalanced_brackets_name_the_field_and_how_to_write_the_entry(text, field, what):
+    with pytest.raises(HParamsError, match=rf"^`{field}`: {what}.*escape a literal one with a backslash"):
+        PruningHParams().parse(text)
+
+
+def test_escaped_brackets_and_commas_stay_in_the_entry_verbatim():
+    hp = PruningHParams().parse(r"prune_patterns=[conv\[,a\,b,(x\)y)],weight_sparsity_map=[fc\{:0.5]")
+    assert hp.prune_patterns == [r"conv\[", r"a\,b", r"(x\)y)"]
+    assert hp.weight_sparsity_map == [r"fc\{:0.5"]
+
+
+def test_list_fields_given_as_one_string_split_like_the_grammar():
+    assert PruningHParams(prune_patterns="fc{1,2},conv").prune_patterns == ["fc{1,2}", "conv"]
+    assert PruningHParams(prune_patterns="[fc{1,2}, conv]").prune_patterns == ["fc{1,2}", "conv"]
+    assert PruningHParams(exclude_patterns="[ab]c").exclude_patterns == ["[ab]c"]  # not an outer list
+    assert PruningHParams(weight_sparsity_map="layer[0-9]:0.5,fc:0.7").weight_sparsity_map == [
+        "layer[0-9]:0.5",
+        "fc:0.7",
+    ]
+    with pytest.raises(HParamsError, match=r"`prune_patterns`: .*backslash"):
+        PruningHParams(prune_patterns="fc{1,2")
+
+
+# Regexes with nested (), [] and {} holding commas, and escaped brackets: what TF's grammar split apart.
+_ATOM = st.sampled_from(["a", "b", "x", "0", "9", "_", "-", ".", ".*", r"\[", r"\]", r"\(", r"\)", r"\{", r"\}", r"\,"])
+_CLASS = st.text(alphabet="abz09,._", min_size=1, max_size=4).map(lambda s: f"[{s}]")
+
+
+def _nest(inner):
+    return st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda xs: "(" + ",".join(xs) + ")"),
+        st.lists(inner, min_size=1, max_size=3).map(lambda xs: "(?:" + "|".join(xs) + ")"),
+        st.tuples(inner, st.integers(0, 2), st.integers(2, 4)).map(lambda t: f"(?:{t[0]}){{{t[1]},{t[2]}}}"),
+        st.lists(inner, min_size=1, max_size=3).map("".join),
+    )
+
+
+REGEXES = st.recursive(st.one_of(_ATOM, _CLASS), _nest, max_leaves=8)
+
+
+@given(st.lists(REGEXES, max_size=4, unique=True))
+def test_regex_lists_with_nested_brackets_round_trip_through_parse(patterns):
+    text = "prune_patterns=[{}],weight_sparsity_map=[{}]".format(
+        ",".join(patterns), ",".join(f"{p}:0.5" for p in patterns)
+    )
+    hp = PruningHParams().parse(text)
+    assert hp.prune_patterns == patterns
+    assert hp.weight_sparsity_map == [f"{p}:0.5" for p in patterns]
+    assert PruningHParams().parse(hp.to_string()) == hp
+
+
+@given(REGEXES, st.sampled_from("([{"), st.integers(0, 40))
+def test_an_unclosed_bracket_anywhere_is_an_hparams_error_naming_the_field(pattern, bracket, at):
+    at = min(at, len(pattern))
+    broken = pattern[:at] + bracket + pattern[at:]
+    head = pattern[:at]
+    if (len(head) - len(head.rstrip("\\"))) % 2:  # inserted right after a backslash: escaped, so balanced
+        return
+    with pytest.raises(HParamsError, match=r"`exclude_patterns`: .*backslash"):
+        PruningHParams().parse(f"exclude_patterns=[{broken}]")
+
+
+def test_to_string_round_trips_every_field():
+    hp = PruningHParams(
+        name="run[1]",
+        target_sparsity=0.9,
+        weight_sparsity_map={"fc{1,2}": 0.5},
+        block_dims_map={"conv": [4, 4]},
+        nm_sparsity="2:4",
+        use_tpu=True,
+        threshold_method="exact",
+    )
+    assert PruningHParams().parse(hp.to_string()) == hp
+    with pytest.raises(HParamsError, match=r"`prune_patterns`: 'a,b' cannot be written"):
+        PruningHParams(prune_patterns=["a,b"]).to_string()
+
+
+def test_coerce_is_the_one_entry_point():
+    from omegaconf import OmegaConf
+
+    assert PruningHParams.coerce(None) == PruningHParams()
+    hp = PruningHParams(nbins=64)
+    assert PruningHParams.coerce(hp) is hp
+    assert PruningHParams.coerce(hp, nbins=32).nbins == 32 and hp.nbins == 64
+    assert PruningHParams.coerce({"target_sparsity": 0.9}).target_sparsity == 0.9
+    assert PruningHParams.coerce("target_sparsity=0.9,prune_patterns=[fc{1,2}]").prune_patterns == ["fc{1,2}"]
+    cfg = OmegaConf.create(
+        {
+            "target_sparsity": 0.8,
+            "weight_sparsity_map": {"fc": 0.5},
+            "block_dims_map": {"conv": [4, 4]},
+            "prune_patterns": ["fc", "conv"],
+        }
+    )
+    spec = PruningHParams.coerce(cfg, exclude_patterns=OmegaConf.create(["bias"]))
+    assert spec.weight_sparsity_map == ["fc:0.5"] and spec.block_dims_map == ["conv:4x4"]
+    assert type(spec.prune_patterns) is list and spec.prune_patterns == ["fc", "conv"]
+    assert type(spec.exclude_patterns) is list and spec.exclude_patterns == ["bias"]
+    assert PruningHParams(prune_patterns=OmegaConf.create(["fc"])).prune_patterns == ["fc"]
+    with pytest.raises(HParamsError, match=r"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' "):
+        PruningHParams.coerce(0.5)
+    with pytest.raises(HParamsError, match=r"unknown pruning hparam\(s\) \['foo'\]"):
+        PruningHParams.coerce({"foo": 1})
+    with pytest.raises(HParamsError, match=r"unknown pruning hparam 'foo'"):
+        PruningHParams.coerce("foo=1")

@@ -121,3 +121,30 @@ def test_per_weight_schedule_generalised_with_initial_sparsity():
 def test_per_weight_schedule_with_zero_global_target():
     hp = PruningHParams(target_sparsity=0.0)
     assert weight_sparsity(100, hp, 0.6) == pytest.approx(0.6)  # TF: division by zero
+
+
+def test_external_sparsity_with_zero_global_target_is_a_clear_error_not_a_zero_division():
+    # An N:M weight has its own target 1 - N/M; an external sparsity is scaled by own / target_sparsity.
+    import torch
+    from torch import nn
+
+    from lit_prune import HParamsError, Pruning
+
+    torch.manual_seed(0)
+    pruning = Pruning(nn.Linear(8, 8), "nm_sparsity=2:4,target_sparsity=0", sparsity=0.3)
+    with pytest.raises(HParamsError, match=r"`target_sparsity`.*`sparsity`|`sparsity`.*`target_sparsity`"):
+        pruning.mask_update(1)
+
+
+def test_external_sparsity_scaling_needs_a_global_target():
+    from lit_prune import HParamsError
+    from lit_prune.engine.schedule import external_scale
+
+    hp = PruningHParams(target_sparsity=0.5)
+    assert external_scale(hp, 0.75) == 1.5
+    assert weight_sparsity(3, hp, 0.75, base=0.2) == pytest.approx(0.3)
+    zero = PruningHParams(target_sparsity=0.0)
+    for call in (lambda: external_scale(zero, 0.5), lambda: weight_sparsity(3, zero, 0.5, base=0.2)):
+        with pytest.raises(HParamsError, match=r"`target_sparsity` is 0: set `target_sparsity` > 0"):
+            call()
+    assert weight_sparsity(100, zero, 0.5) == pytest.approx(0.5)  # without an external value: its own schedule

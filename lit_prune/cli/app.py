@@ -11,7 +11,6 @@ and ``--config-dir recipes --config-name NAME`` launches a recipe.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,29 +25,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_prune.backends.cpu import kernels as cpu_kernels
-from lit_prune.config.hparams import _FIELD_KINDS, PruningHParams
+from lit_prune.config.hparams import PruningHParams
+from lit_prune.config.schema import structured_schema
 
 __all__ = ["PruningSchema", "SparsitySweepPlot", "main", "train"]
 
 log = logging.getLogger("lit_prune")
 
-_SCHEMA_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "map": Any, "list": Any}
-
-
-def _schema_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
-    kind = _FIELD_KINDS[f.name]
-    if f.default_factory is not dataclasses.MISSING:  # the maps and pattern lists: empty = null
-        return f.name, _SCHEMA_TYPES[kind], dataclasses.field(default=None)
-    return f.name, _SCHEMA_TYPES[kind], dataclasses.field(default=f.default)
-
-
-#: The Hydra schema of a pruning spec: ``PruningHParams``'s fields, names, types and defaults.  The
-#: regex maps are typed ``Any`` with a ``null`` default, so that a command line may set them in
-#: TF's list form or as a ``{regex: value}`` mapping; ``PruningHParams`` validates their entries
-#: (and every range) when the run starts, before any training.
-PruningSchema = dataclasses.make_dataclass(
-    "PruningSchema", [_schema_field(f) for f in dataclasses.fields(PruningHParams)]
-)
+#: The Hydra schema of a pruning spec, derived from ``PruningHParams`` (names, types, defaults): see
+#: :func:`lit_prune.config.schema.structured_schema`.  The regex maps and pattern lists are typed
+#: ``Any`` with a ``null`` default, so that a command line may set them in TF's list form or as a
+#: ``{regex: value}`` mapping; ``PruningHParams`` validates their entries (and every range) when
+#: the run starts, before any training.
+PruningSchema = structured_schema()
 
 
 def register_configs() -> None:
@@ -58,9 +47,9 @@ def register_configs() -> None:
 
 def resolve_pruning(cfg: DictConfig) -> PruningHParams:
     """Validate ``cfg.pruning``, apply ``cfg.pruning_hparams`` (a TF-style string) and write the result back."""
-    spec = PruningHParams.from_dict(OmegaConf.to_container(cfg.pruning, resolve=True))  # type: ignore[arg-type]
+    spec = PruningHParams.coerce(OmegaConf.to_container(cfg.pruning, resolve=True))  # type: ignore[arg-type]
     if cfg.get("pruning_hparams"):
-        spec.parse(str(cfg.pruning_hparams))
+        spec = spec.parse(str(cfg.pruning_hparams))
     with open_dict(cfg):
         cfg.pruning = OmegaConf.merge(OmegaConf.structured(PruningSchema), spec.to_dict())
     return spec

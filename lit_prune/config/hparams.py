@@ -1,32 +1,47 @@
-"""Pruning hyperparameters: TF's ``get_pruning_hparams()`` as a dataclass.
+"""Pruning hyperparameters: TF's ``get_pruning_hparams()`` as a dataclass, the one schema.
 
 Every field of TensorFlow's ``tf.contrib.model_pruning`` (final version, r1.15, which the lingvo
 fork copied) keeps its name, default and meaning; lingvo/google-research additions that make sense
 in PyTorch are added after them, and lit_prune's own few fields come last.  The README's fidelity
 table lists each field as ported, different or declined.
 
+:class:`PruningHParams` is the single source of the fields' names, types, defaults and docs: its
+annotations give each field's kind (:func:`field_specs`), which drives the coercion here, the
+Hydra schema (:func:`lit_prune.config.schema.structured_schema`) and the README's hparams table
+(:func:`lit_prune.config.schema.markdown_table`); each field's doc is its ``metadata["doc"]``
+(Markdown), from which the class docstring's ``Args`` section is written at import.
+
 The regex maps are stored in TF's own list form (``["conv1:0.8", "fc.*:0.95"]``): that is what
 ``tf.HParams.parse`` accepted, what a Hydra command line can replace and clear, and what every
-other input form (a mapping, a comma string) is normalised to, here and nowhere else.
+other input form (a mapping, a comma string) is normalised to, here and nowhere else.  TF's
+``name=value,...`` string grammar lives in :mod:`lit_prune.config.grammar`.
 
-This module is plain Python: it imports neither torch, Lightning nor Hydra.
+This module is plain Python: it imports neither torch, Lightning, Hydra nor OmegaConf.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+from lit_prune.config.errors import HParamsError
+from lit_prune.config.grammar import format_hparams_string, parse_hparams_string, split_list
 
 __all__ = [
     "BLOCK_POOLING_FUNCTIONS",
     "HParamsError",
     "PRUNE_OPTIONS",
     "THRESHOLD_METHODS",
+    "FieldSpec",
     "PruningHParams",
+    "RegexMap",
+    "field_specs",
     "get_pruning_hparams",
     "parse_block_dims_map",
     "parse_nm",
@@ -34,16 +49,30 @@ __all__ = [
     "parse_weight_sparsity_map",
 ]
 
+
+@dataclass(frozen=True)
+class _Kind:
+    """An ``Annotated`` marker naming a field's kind where the plain type does not tell it."""
+
+    kind: str
+
+
+#: The type of a regex map: TF's list form ``["regex:value", ...]``, also accepted as ``{regex: value}``.
+RegexMap = Annotated[list[str], _Kind("map")]
+BlockPoolingFunction = Literal["AVG", "MAX"]
+ThresholdMethod = Literal["histogram", "exact"]
+PruneOption = Literal["weight", "first_order_gradient", "second_order_gradient"]
+
 #: Accepted ``block_pooling_function`` values (TF raises on anything else at graph build).
-BLOCK_POOLING_FUNCTIONS = ("AVG", "MAX")
+BLOCK_POOLING_FUNCTIONS: tuple[str, ...] = get_args(BlockPoolingFunction)
 #: Accepted ``threshold_method`` values: TF r1.11-r1.13's histogram/CDF rule, or r1.14+'s exact top-k.
-THRESHOLD_METHODS = ("histogram", "exact")
+THRESHOLD_METHODS: tuple[str, ...] = get_args(ThresholdMethod)
 #: Accepted ``prune_option`` values (google-research model_pruning; ``compression`` is out of scope).
-PRUNE_OPTIONS = ("weight", "first_order_gradient", "second_order_gradient")
+PRUNE_OPTIONS: tuple[str, ...] = get_args(PruneOption)
 
 
-class HParamsError(ValueError):
-    """A pruning hyperparameter is malformed; the message names the field and what is accepted."""
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
 
 
 def _fail(field_name: str, accepted: str, got: Any) -> HParamsError:
@@ -54,44 +83,9 @@ def _fail(field_name: str, accepted: str, got: Any) -> HParamsError:
 class PruningHParams:
     """The pruning specification (TF ``get_pruning_hparams()`` fields, names and r1.15 defaults).
 
-    Args:
-        name: Name of the specification; prefixes the summaries (``<name>_summaries/...``).
-        begin_pruning_step: First global step at which a mask update may run (inclusive, >= 0).
-        end_pruning_step: Last global step at which a mask update may run (inclusive); -1 = forever.
-        weight_sparsity_map: ``["regex:sparsity", ...]`` per-weight final sparsity (``re.search``
-            over ``model.named_parameters()`` names); also accepts a ``{regex: sparsity}`` mapping.
-        block_dims_map: ``["regex:HxW", ...]`` per-weight block shape; also ``{regex: "HxW"}``.
-        threshold_decay: EMA factor d: ``thr <- (1 - d) * thr_now + d * thr_prev``; in [0, 1).
-        pruning_frequency: Minimum number of steps between two mask updates (> 0).
-        nbins: Histogram bins of the CDF threshold (``threshold_method="histogram"``, > 0).
-        block_height: Rows of a pruning block; -1 = the whole dimension.
-        block_width: Columns of a pruning block; -1 = the whole dimension.
-        block_pooling_function: ``"AVG"`` or ``"MAX"`` pooling of ``|w|`` inside a block.
-        initial_sparsity: Sparsity at ``sparsity_function_begin_step``; in [0, 1).
-        target_sparsity: Sparsity at ``sparsity_function_end_step``; in [0, 1).
-        sparsity_function_begin_step: Step where the polynomial schedule starts (>= 0).
-        sparsity_function_end_step: Step where it reaches ``target_sparsity`` (> begin step).
-        sparsity_function_exponent: Exponent of the polynomial schedule (3 = Zhu & Gupta).
-        use_tpu: TF's switch to its TPU-friendly implementations: here the threshold comes from
-            one order statistic (static shapes, no scatter/atomics, no host reads), same masks.
-        prune_option: Saliency (google-research): ``weight`` (``|w|``), ``first_order_gradient``
-            or ``second_order_gradient``.
-        gradient_decay_rate: EMA decay of the gradient saliency (google-research); in [0, 1).
-        threshold_method: ``"histogram"`` (TF r1.11-r1.13, ``mask = |w| > thr``) or ``"exact"``
-            (TF r1.14+, keep the ``round(n * (1 - s))`` largest, ``mask = |w| >= thr``).
-        prune_patterns: Regexes selecting the weights to prune by parameter name; empty = the
-            weights of conv, linear, RNN and embedding layers (never biases or norms).
-        exclude_patterns: Regexes removing weights from that selection.
-        global_ranking: Rank the weights that have no ``weight_sparsity_map`` entry jointly, with
-            one threshold (google-research's group pruning with a single group; what
-            ``torch.nn.utils.prune.global_unstructured`` does): layers end at different sparsities
-            whose weighted mean follows the schedule.  Needs element-wise (1x1) blocks for them.
-        nm_sparsity: ``"N:M"`` (e.g. ``"2:4"``) makes every pruned weight N:M semi-structured:
-            at most N non-zeros in each group of M consecutive input elements; ``""`` = off.
-            Gradual: each weight's schedule runs to its own target ``1 - N/M`` and each group
-            prunes ``floor(M * s)`` elements (google-research's ``intra_block_sparsity``).
-        nm_sparsity_map: ``["regex:N:M", ...]`` N:M for the weights a regex matches (over
-            ``nm_sparsity``); also ``{regex: "N:M"}``.
+    Build it with :meth:`coerce` from whatever a caller holds (``None``, an instance, a mapping, a
+    ``"name=value,..."`` string), or directly; every value is coerced and validated on
+    construction.
 
     Example::
 
@@ -102,39 +96,164 @@ class PruningHParams:
         ['conv1:4x4']
     """
 
-    name: str = "model_pruning"
-    begin_pruning_step: int = 0
-    end_pruning_step: int = -1
-    weight_sparsity_map: list[str] = field(default_factory=list)
-    block_dims_map: list[str] = field(default_factory=list)
-    threshold_decay: float = 0.0
-    pruning_frequency: int = 10
-    nbins: int = 256
-    block_height: int = 1
-    block_width: int = 1
-    block_pooling_function: str = "AVG"
-    initial_sparsity: float = 0.0
-    target_sparsity: float = 0.5
-    sparsity_function_begin_step: int = 0
-    sparsity_function_end_step: int = 100
-    sparsity_function_exponent: float = 3.0
-    use_tpu: bool = False
+    name: str = field(
+        default="model_pruning",
+        metadata=_doc("Name of the specification; prefixes the summaries: `<name>_summaries/...`"),
+    )
+    begin_pruning_step: int = field(
+        default=0, metadata=_doc("First global step at which a mask update may run (inclusive, >= 0)")
+    )
+    end_pruning_step: int = field(
+        default=-1, metadata=_doc("Last global step at which a mask update may run (inclusive); -1 = never stop")
+    )
+    weight_sparsity_map: RegexMap = field(
+        default_factory=list,
+        metadata=_doc(
+            '`["regex:sparsity", ...]` (or `{regex: sparsity}`): per-weight final sparsity, the regex searched '
+            "(`re.search`) in the `model.named_parameters()` names"
+        ),
+    )
+    block_dims_map: RegexMap = field(
+        default_factory=list,
+        metadata=_doc('`["regex:HxW", ...]` (or `{regex: "HxW"}`): per-weight block shape'),
+    )
+    threshold_decay: float = field(
+        default=0.0,
+        metadata=_doc("EMA factor `d` of the threshold: `thr = (1 - d) * thr_now + d * thr_prev`; in [0, 1)"),
+    )
+    pruning_frequency: int = field(default=10, metadata=_doc("Minimum number of steps between two mask updates (> 0)"))
+    nbins: int = field(
+        default=256, metadata=_doc('Histogram bins of the CDF threshold (`threshold_method="histogram"`; > 0)')
+    )
+    block_height: int = field(default=1, metadata=_doc("Rows of a pruning block; -1 = the whole dimension"))
+    block_width: int = field(default=1, metadata=_doc("Columns of a pruning block; -1 = the whole dimension"))
+    block_pooling_function: BlockPoolingFunction = field(
+        default="AVG", metadata=_doc("`AVG` or `MAX` pooling of `|w|` inside a block")
+    )
+    initial_sparsity: float = field(
+        default=0.0, metadata=_doc("Sparsity at `sparsity_function_begin_step` (start of the schedule); in [0, 1)")
+    )
+    target_sparsity: float = field(
+        default=0.5,
+        metadata=_doc(
+            "Sparsity at `sparsity_function_end_step` (end of the schedule); in [0, 1). An external `sparsity` "
+            "(`Pruning(..., sparsity=...)`) is scaled for a weight with its own target (a `weight_sparsity_map` "
+            "entry, or N:M's `1 - N/M`) by own target / `target_sparsity`, as in TF, so it then needs "
+            "`target_sparsity` > 0"
+        ),
+    )
+    sparsity_function_begin_step: int = field(
+        default=0, metadata=_doc("Step where the polynomial schedule starts (>= 0)")
+    )
+    sparsity_function_end_step: int = field(
+        default=100,
+        metadata=_doc("Step where the schedule reaches `target_sparsity` (> `sparsity_function_begin_step`)"),
+    )
+    sparsity_function_exponent: float = field(
+        default=3.0, metadata=_doc("Exponent of the polynomial schedule (3 = Zhu & Gupta); finite, > 0")
+    )
+    use_tpu: bool = field(
+        default=False,
+        metadata=_doc(
+            "TF's switch to its TPU-friendly algorithms; here the threshold comes from one order statistic (a "
+            "sort on accelerators, `kthvalue` on the CPU: no scatter, static shapes, no host reads), same masks"
+        ),
+    )
     # google-research / lingvo additions
-    prune_option: str = "weight"
-    gradient_decay_rate: float = 0.99
+    prune_option: PruneOption = field(
+        default="weight",
+        metadata=_doc(
+            "Saliency (google-research): `weight` (`|w|`), `first_order_gradient` or `second_order_gradient`"
+        ),
+    )
+    gradient_decay_rate: float = field(
+        default=0.99, metadata=_doc("EMA decay of the gradient saliency (google-research); in [0, 1)")
+    )
     # lit_prune's own
-    threshold_method: str = "histogram"
-    prune_patterns: list[str] = field(default_factory=list)
-    exclude_patterns: list[str] = field(default_factory=list)
-    global_ranking: bool = False
-    nm_sparsity: str = ""
-    nm_sparsity_map: list[str] = field(default_factory=list)
+    threshold_method: ThresholdMethod = field(
+        default="histogram",
+        metadata=_doc(
+            "`histogram` (TF r1.11-r1.13, `mask = |w| > thr`) or `exact` (TF r1.14+: keep the "
+            "`round(n * (1 - s))` largest, `mask = |w| >= thr`)"
+        ),
+    )
+    prune_patterns: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "Regexes over parameter names choosing the weights to prune; empty = the weights of conv, linear, "
+            "RNN, attention and embedding layers (never biases or norms)"
+        ),
+    )
+    exclude_patterns: list[str] = field(
+        default_factory=list, metadata=_doc("Regexes removing weights from that choice")
+    )
+    global_ranking: bool = field(
+        default=False,
+        metadata=_doc(
+            "Rank the weights without a `weight_sparsity_map` entry jointly, with one threshold (google-research's "
+            "group pruning with a single group; what `global_unstructured` and Lightning's `ModelPruning` do by "
+            "default): layers end at different sparsities whose weighted mean follows the schedule. Needs "
+            "element-wise (1x1) blocks for them"
+        ),
+    )
+    nm_sparsity: str = field(
+        default="",
+        metadata=_doc(
+            '`"N:M"` (e.g. `"2:4"`) for every pruned weight: at most N non-zeros in each group of M consecutive '
+            'input elements; `""` = off. Gradual: each weight\'s schedule runs to its own target `1 - N/M` and '
+            "each group prunes `floor(M * s)` elements (google-research's `intra_block_sparsity`)"
+        ),
+    )
+    nm_sparsity_map: RegexMap = field(
+        default_factory=list,
+        metadata=_doc(
+            '`["regex:N:M", ...]` (or `{regex: "N:M"}`): N:M for the weights a regex matches (over `nm_sparsity`)'
+        ),
+    )
 
     def __post_init__(self) -> None:
         self._coerce_types()
         self._validate()
 
     # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def coerce(
+        cls, hparams: PruningHParams | Mapping[str, Any] | str | None = None, /, **overrides: Any
+    ) -> PruningHParams:
+        """The one way in: a spec from ``None`` (TF defaults), an instance, a mapping or a TF string.
+
+        A mapping may be an OmegaConf ``DictConfig`` (values ``ListConfig``/``DictConfig``): any
+        ``Mapping``/``Sequence`` is read as a plain ``dict``/``list``, without importing OmegaConf.
+        A string is TF's ``"name=value,..."`` (:meth:`parse`).  An instance is returned as it is
+        when there are no ``overrides``; ``overrides`` (field values, also OmegaConf's) make a
+        validated copy.
+
+        Raises:
+            HParamsError: any other type, an unknown field, a malformed value.
+
+        Example::
+
+            >>> PruningHParams.coerce(None) == PruningHParams()
+            True
+            >>> PruningHParams.coerce("target_sparsity=0.9").target_sparsity
+            0.9
+            >>> PruningHParams.coerce({"weight_sparsity_map": {"fc": 0.5}}, nbins=64).weight_sparsity_map
+            ['fc:0.5']
+        """
+        if hparams is None:
+            spec = cls()
+        elif isinstance(hparams, PruningHParams):
+            spec = hparams
+        elif isinstance(hparams, str):
+            spec = cls().parse(hparams)
+        elif isinstance(hparams, Mapping):
+            spec = cls.from_dict(_plain(hparams))
+        else:
+            raise HParamsError(
+                f"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' string, got {hparams!r}"
+            )
+        return spec.replace(**_plain(overrides)) if overrides else spec
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> PruningHParams:
         """Build from a plain mapping (what Hydra's ``instantiate`` hands over) plus overrides.
@@ -147,51 +266,82 @@ class PruningHParams:
             0.9
         """
         merged = {**dict(values or {}), **overrides}
-        unknown = sorted(set(merged) - set(cls.field_names()))
+        unknown = sorted(set(merged) - set(cls.field_names()), key=str)
         if unknown:
             raise HParamsError(f"unknown pruning hparam(s) {unknown}; accepted: {list(cls.field_names())}")
         return cls(**merged)
 
     @staticmethod
     def field_names() -> tuple[str, ...]:
-        """The names of all hyperparameters, in declaration order."""
-        return tuple(f.name for f in dataclasses.fields(PruningHParams))
+        """The names of all hyperparameters, in declaration order.
+
+        Example::
+
+            >>> PruningHParams.field_names()[:3]
+            ('name', 'begin_pruning_step', 'end_pruning_step')
+        """
+        return tuple(spec.name for spec in field_specs())
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain ``dict`` of every field (maps as TF-style lists): the inverse of :meth:`from_dict`."""
+        """Plain ``dict`` of every field (maps as TF-style lists): the inverse of :meth:`from_dict`.
+
+        Example::
+
+            >>> PruningHParams(weight_sparsity_map={"fc": 0.5}).to_dict()["weight_sparsity_map"]
+            ['fc:0.5']
+        """
         return {
             f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v for f in dataclasses.fields(self)
         }
 
-    def replace(self, **overrides: Any) -> PruningHParams:
-        """A validated copy with some fields replaced."""
-        return PruningHParams.from_dict(self.to_dict(), **overrides)
+    def to_string(self) -> str:
+        """Every field as a TF ``"name=value,..."`` string, which :meth:`parse` reads back.
 
-    def parse(self, values: str) -> PruningHParams:
-        """Override fields from a ``tf.HParams.parse`` string; updates ``self`` and returns it.
-
-        The grammar is TF's: ``name=value`` pairs separated by commas, lists in brackets
-        (``weight_sparsity_map=[conv1:0.8,fc.*:0.95]``).  Unknown names, a name given twice and
-        malformed values raise :class:`HParamsError`; on error ``self`` is left unchanged.
+        Raises:
+            HParamsError: a value the string grammar cannot carry (e.g. a regex with a comma outside
+                brackets); the mapping and list forms carry any value.
 
         Example::
 
-            >>> hp = get_pruning_hparams().parse("target_sparsity=0.9,weight_sparsity_map=[conv1:0.8,fc.*:0.95]")
-            >>> hp.target_sparsity, hp.weight_sparsity_map
-            (0.9, ['conv1:0.8', 'fc.*:0.95'])
+            >>> hp = PruningHParams(prune_patterns=["fc{1,2}"], nbins=64)
+            >>> PruningHParams().parse(hp.to_string()) == hp
+            True
         """
-        updates = _parse_hparams_string(values)
-        new = self.replace(**updates)
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(new, f.name))
-        return self
+        return format_hparams_string(self.to_dict())
+
+    def replace(self, **overrides: Any) -> PruningHParams:
+        """A validated copy with some fields replaced; ``self`` is unchanged.
+
+        Example::
+
+            >>> PruningHParams().replace(nbins=64).nbins
+            64
+        """
+        return PruningHParams.from_dict(self.to_dict(), **overrides)
+
+    def parse(self, values: str) -> PruningHParams:
+        """A copy with fields overridden from a ``tf.HParams.parse`` string; ``self`` is unchanged.
+
+        The grammar is TF's (:mod:`lit_prune.config.grammar`): ``name=value`` pairs separated by
+        commas, lists in brackets (``weight_sparsity_map=[conv1:0.8,fc.*:0.95]``); a comma inside
+        ``()``, ``[]`` or ``{}`` stays in its entry (``prune_patterns=[fc{1,2},layer[0-9]]``).
+        Unknown names, a name given twice, unbalanced brackets and malformed values raise
+        :class:`HParamsError`.  Unlike ``tf.HParams.parse``, it returns a new object: an engine
+        or callback already holding ``self`` never sees it change.
+
+        Example::
+
+            >>> hp = get_pruning_hparams()
+            >>> new = hp.parse("target_sparsity=0.9,weight_sparsity_map=[conv1:0.8,fc.*:0.95]")
+            >>> new.target_sparsity, new.weight_sparsity_map, hp.target_sparsity
+            (0.9, ['conv1:0.8', 'fc.*:0.95'], 0.5)
+        """
+        return self.replace(**parse_hparams_string(values, self.field_names()))
 
     # ------------------------------------------------------------------ validation
     def _coerce_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = _FIELD_KINDS[f.name]
-            setattr(self, f.name, _coerce(f.name, kind, value))
+        for spec in field_specs():
+            setattr(self, spec.name, _coerce(spec, getattr(self, spec.name)))
 
     def _validate(self) -> None:
         if self.begin_pruning_step < 0:
@@ -223,9 +373,9 @@ class PruningHParams:
             value = getattr(self, name)
             if value == 0 or value < -1:
                 raise _fail(name, "an int >= 1, or -1 for the whole dimension", value)
-        _check_choice("block_pooling_function", self.block_pooling_function, BLOCK_POOLING_FUNCTIONS)
-        _check_choice("threshold_method", self.threshold_method, THRESHOLD_METHODS)
-        _check_choice("prune_option", self.prune_option, PRUNE_OPTIONS)
+        for spec in field_specs():
+            if spec.choices and getattr(self, spec.name) not in spec.choices:
+                raise _fail(spec.name, f"one of {list(spec.choices)}", getattr(self, spec.name))
         if not self.name or not isinstance(self.name, str):
             raise _fail("name", "a non-empty string", self.name)
         # The maps and patterns are parsed here so that malformed entries fail before training.
@@ -367,6 +517,109 @@ def _compile(field_name: str, pattern: str) -> re.Pattern[str]:
         raise HParamsError(f"`{field_name}`: {pattern!r} is not a valid regular expression ({err})") from None
 
 
+# ---------------------------------------------------------------------- the schema, from the dataclass
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of :class:`PruningHParams`, as its annotation, default and metadata give it.
+
+    Attributes:
+        name: The field name.
+        kind: ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"list"`` (a list of regexes) or
+            ``"map"`` (a regex map: ``["regex:value", ...]``, also ``{regex: value}``).
+        annotation: The resolved annotation (``int``, ``Literal["AVG", "MAX"]``, ``RegexMap``, ...).
+        default: The default value (a fresh one for the lists).
+        doc: The field's documentation (Markdown), its ``metadata["doc"]``.
+        choices: The accepted values of a ``Literal`` field, else ``()``.
+
+    Example::
+
+        >>> spec = field_specs()[10]
+        >>> spec.name, spec.kind, spec.default, spec.choices
+        ('block_pooling_function', 'str', 'AVG', ('AVG', 'MAX'))
+    """
+
+    name: str
+    kind: str
+    annotation: Any
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+
+
+_PLAIN_KINDS: dict[Any, str] = {int: "int", float: "float", bool: "bool", str: "str"}
+
+
+def _kind_of(name: str, annotation: Any) -> tuple[str, tuple[str, ...]]:
+    if get_origin(annotation) is Annotated:
+        base, *extras = get_args(annotation)
+        marks = [m.kind for m in extras if isinstance(m, _Kind)]
+        if marks:
+            return marks[0], ()
+        annotation = base
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        if all(isinstance(c, str) for c in choices):
+            return "str", choices
+    if annotation in _PLAIN_KINDS:
+        return _PLAIN_KINDS[annotation], ()
+    if get_origin(annotation) is list and get_args(annotation) == (str,):
+        return "list", ()
+    raise TypeError(f"PruningHParams.{name}: no coercion for the annotation {annotation!r}")
+
+
+@functools.cache
+def field_specs() -> tuple[FieldSpec, ...]:
+    """Every field of :class:`PruningHParams`, in declaration order, from its annotation and metadata.
+
+    Raises:
+        TypeError: a field whose annotation has no coercion, or which has no ``metadata["doc"]``
+            (a mistake in this module, caught at import).
+
+    Example::
+
+        >>> [(s.name, s.kind) for s in field_specs() if s.name.endswith("_map")]
+        [('weight_sparsity_map', 'map'), ('block_dims_map', 'map'), ('nm_sparsity_map', 'map')]
+    """
+    hints = get_type_hints(PruningHParams, include_extras=True)
+    out = []
+    for f in dataclasses.fields(PruningHParams):
+        kind, choices = _kind_of(f.name, hints[f.name])
+        doc = f.metadata.get("doc")
+        if not doc:
+            raise TypeError(f"PruningHParams.{f.name} has no metadata['doc']")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append(FieldSpec(f.name, kind, hints[f.name], default, doc, choices))
+    return tuple(out)
+
+
+def _args_section() -> str:
+    """The ``Args`` section of :class:`PruningHParams`'s docstring, from the fields' docs."""
+    lines = ["    Args:"]
+    for spec in field_specs():
+        text = re.sub(r"`([^`]+)`", r"``\1``", spec.doc)  # Markdown code to reST literals
+        lines += textwrap.wrap(
+            f"{spec.name}: {text}.",
+            width=100,
+            initial_indent=" " * 8,
+            subsequent_indent=" " * 12,
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines) + "\n\n"
+
+
+PruningHParams.__doc__ = (PruningHParams.__doc__ or "").replace("    Example::", _args_section() + "    Example::", 1)
+
+
+# ---------------------------------------------------------------------- coercion
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (OmegaConf's ``DictConfig``/``ListConfig`` too) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain(val) for key, val in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _map_to_list(field_name: str, value: Any) -> list[str]:
     if value is None:  # a cleared map (Hydra's `null`)
         return []
@@ -380,10 +633,7 @@ def _map_to_list(field_name: str, value: Any) -> list[str]:
             out.append(f"{key}:{val}")
         return out
     if isinstance(value, str):  # "a:0.1,b:0.2" or "[a:0.1,b:0.2]"
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        return [item.strip() for item in text.split(",") if item.strip()]
+        return split_list(field_name, value)
     if isinstance(value, list | tuple):
         if not all(isinstance(v, str) for v in value):
             raise _fail(field_name, "a list of 'regex:value' strings", value)
@@ -391,45 +641,18 @@ def _map_to_list(field_name: str, value: Any) -> list[str]:
     raise _fail(field_name, "a list of 'regex:value' strings or a {regex: value} mapping", value)
 
 
-# ---------------------------------------------------------------------- types
-_FIELD_KINDS: dict[str, str] = {
-    "name": "str",
-    "begin_pruning_step": "int",
-    "end_pruning_step": "int",
-    "weight_sparsity_map": "map",
-    "block_dims_map": "map",
-    "threshold_decay": "float",
-    "pruning_frequency": "int",
-    "nbins": "int",
-    "block_height": "int",
-    "block_width": "int",
-    "block_pooling_function": "str",
-    "initial_sparsity": "float",
-    "target_sparsity": "float",
-    "sparsity_function_begin_step": "int",
-    "sparsity_function_end_step": "int",
-    "sparsity_function_exponent": "float",
-    "use_tpu": "bool",
-    "prune_option": "str",
-    "gradient_decay_rate": "float",
-    "threshold_method": "str",
-    "prune_patterns": "list",
-    "exclude_patterns": "list",
-    "global_ranking": "bool",
-    "nm_sparsity": "str",
-    "nm_sparsity_map": "map",
-}
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
+def _coerce(spec: FieldSpec, value: Any) -> Any:
+    name, kind = spec.name, spec.kind
+    if kind in ("map", "list"):
+        value = _plain(value)
     if kind == "map":
         return _map_to_list(name, value)
     if kind == "list":
         if value is None:
             return []
         if isinstance(value, str):
-            return _map_to_list(name, value)
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            return split_list(name, value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(name, "a list of regex strings", value)
         return list(value)
     if kind == "bool":
@@ -471,46 +694,4 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     return value
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise _fail(name, f"one of {list(choices)}", value)
-
-
-# ---------------------------------------------------------------------- tf.HParams.parse
-_PAIR = re.compile(r"\s*(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
-
-
-def _parse_hparams_string(values: str) -> dict[str, Any]:
-    """Split ``"a=1,b=[x:1,y:2],c=s"`` into ``{name: raw string or list of strings}``."""
-    if not isinstance(values, str):
-        raise HParamsError(f"parse() takes a string like 'target_sparsity=0.9,...', got {values!r}")
-    out: dict[str, Any] = {}
-    pos, text = 0, values.strip()
-    while pos < len(text):
-        match = _PAIR.match(text, pos)
-        if not match:
-            raise HParamsError(f"malformed hparams string at {text[pos:]!r}; expected 'name=value,...'")
-        name, pos = match.group("name"), match.end()
-        if name not in _FIELD_KINDS:
-            raise HParamsError(f"unknown pruning hparam {name!r}; accepted: {list(_FIELD_KINDS)}")
-        if name in out:
-            raise HParamsError(f"pruning hparam {name!r} is given twice in {values!r}")
-        if text.startswith("[", pos):
-            end = text.find("]", pos)
-            if end < 0:
-                raise HParamsError(f"`{name}`: unterminated '[' in {values!r}")
-            raw: Any = [item.strip() for item in text[pos + 1 : end].split(",") if item.strip()]
-            pos = end + 1
-        else:
-            end = text.find(",", pos)
-            end = len(text) if end < 0 else end
-            raw = text[pos:end].strip()
-            pos = end
-        if _FIELD_KINDS[name] in ("map", "list") and isinstance(raw, str):
-            raw = _map_to_list(name, raw)
-        out[name] = raw
-        if pos < len(text):
-            if text[pos] != ",":
-                raise HParamsError(f"malformed hparams string at {text[pos:]!r}; expected ',' between pairs")
-            pos += 1
-    return out
+field_specs()  # a field without a coercion or a doc fails at import, not at first use

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import struct
 
-from lit_prune.config.hparams import PruningHParams
+from lit_prune.config.hparams import HParamsError, PruningHParams
 
-__all__ = ["gradual_sparsity", "should_update", "weight_sparsity"]
+__all__ = ["external_scale", "gradual_sparsity", "should_update", "weight_sparsity"]
 
 
 def _f32(x: float) -> float:
@@ -54,8 +54,36 @@ def gradual_sparsity(step: int, hparams: PruningHParams) -> float:
     return _polynomial(hparams.initial_sparsity, hparams.target_sparsity, _decay(step, hparams))
 
 
+def external_scale(hparams: PruningHParams, own_target: float) -> float:
+    """The factor an external sparsity is scaled by for a weight with its own target: ``own / target_sparsity``.
+
+    TF's rule (``Pruning(spec, sparsity=...)`` with ``weight_sparsity_map``), which N:M weights
+    (own target ``1 - N/M``) follow too.  It has no value when ``target_sparsity`` is 0: there is
+    no global target for the external value to be relative to, and guessing one (the external
+    value itself, or the weight's own target) would prune the weight on a schedule nobody asked
+    for.  So that case is an :class:`HParamsError` naming both settings, and how to fix it.
+
+    Raises:
+        HParamsError: ``target_sparsity`` is 0.
+
+    Example::
+
+        >>> from lit_prune import PruningHParams
+        >>> external_scale(PruningHParams(target_sparsity=0.5), own_target=0.75)
+        1.5
+    """
+    if hparams.target_sparsity == 0.0:
+        raise HParamsError(
+            f"an external `sparsity` is scaled per weight by its own target / `target_sparsity` (as in TF), and a "
+            f"weight has its own target {own_target:g} (a `weight_sparsity_map` entry or N:M's 1 - N/M) while "
+            "`target_sparsity` is 0: set `target_sparsity` > 0 (the value the external `sparsity` ends at, so that "
+            "the weight ends at its own target), or drop the external `sparsity` to follow the schedule"
+        )
+    return _f32(own_target / hparams.target_sparsity)
+
+
 def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base: float | None = None) -> float:
-    """The sparsity of a weight whose ``weight_sparsity_map`` target is ``own_target``.
+    """The sparsity of a weight whose own target (``weight_sparsity_map``, or N:M's ``1 - N/M``) is ``own_target``.
 
     TF scales the global value: ``s(t) * own_target / target_sparsity``.  That equals
     ``own_target`` at the end of the schedule but starts at ``initial_sparsity * own_target /
@@ -63,7 +91,11 @@ def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base:
     ``target_sparsity`` is 0.  lit_prune keeps TF's product where it is exact (``initial_sparsity
     == 0``, ``target_sparsity > 0``) and otherwise runs the same polynomial from
     ``initial_sparsity`` to ``own_target``.  An externally supplied sparsity ``base`` is scaled as
-    TF scales it (``base * own_target / target_sparsity``).
+    TF scales it, by :func:`external_scale` (``base * own_target / target_sparsity``), which
+    raises :class:`HParamsError` when ``target_sparsity`` is 0.
+
+    Raises:
+        HParamsError: an external ``base`` with ``target_sparsity`` 0.
 
     Example::
 
@@ -71,9 +103,11 @@ def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base:
         >>> hp = PruningHParams(target_sparsity=0.5)
         >>> weight_sparsity(100, hp, own_target=0.75), weight_sparsity(50, hp, own_target=0.75)
         (0.75, 0.65625)
+        >>> weight_sparsity(7, hp, own_target=0.75, base=0.25)
+        0.375
     """
     if base is not None:
-        return _f32(base * _f32(own_target / hparams.target_sparsity))
+        return _f32(base * external_scale(hparams, own_target))
     if hparams.initial_sparsity == 0.0 and hparams.target_sparsity > 0.0:
         return _f32(gradual_sparsity(step, hparams) * _f32(own_target / hparams.target_sparsity))
     return _polynomial(hparams.initial_sparsity, own_target, _decay(step, hparams))
