@@ -14,19 +14,12 @@ from hypothesis import strategies as st
 from lit_prune import Pruning, PruningHParams
 from lit_prune.backends.cpu import build
 from lit_prune.backends.cpu import kernels as cpu_kernels
-from lit_prune.engine import pruning as pruning_module
-from lit_prune.engine.masks import (
-    _bin_edge,
-    block_pool,
-    block_update_,
-    block_view_shape,
-    compute_mask,
-    histogram_target_count,
-    magnitude_update_,
-    resolve_block_dims,
-    topk_count,
-)
+from lit_prune.backends.cpu import updates as updates_module
+from lit_prune.backends.cpu.updates import block_update_, magnitude_update_
+from lit_prune.engine.blocks import block_pool, block_view_shape, resolve_block_dims
+from lit_prune.engine.masks import compute_mask
 from lit_prune.engine.nm import nm_mask
+from lit_prune.engine.thresholds import bin_edge, histogram_target_count, topk_count
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the kernels are not built")
 
@@ -85,9 +78,9 @@ def test_fused_update_equals_eager(n, kind, sparsity, nbins, decay, method, seed
 
 @needs_kernels
 @pytest.mark.parametrize("nbins", [256, 255, 3])
-def test_scores_on_and_beside_every_bin_edge(nbins):
+def test_scores_on_and_beside_everybin_edge(nbins):
     m = 1.7
-    edges = torch.tensor([_bin_edge(m, i, nbins) for i in range(1, nbins)], dtype=torch.float32)
+    edges = torch.tensor([bin_edge(m, i, nbins) for i in range(1, nbins)], dtype=torch.float32)
     below = torch.nextafter(edges, torch.zeros_like(edges))
     w = torch.cat([edges, below, -edges, torch.tensor([m])]).repeat(40)  # large enough to be sampled
     for s in [0.1, 0.33, 0.5, 0.77, 0.95]:
@@ -549,6 +542,12 @@ def test_nm_pruning_with_and_without_kernels_ends_the_same(monkeypatch):
     assert fast.nm_weights() == {"2.weight": (2, 4), "3.weight": (2, 4)}
 
 
+def native_group(pruning: Pruning, granularity: str = "elementwise"):
+    """The plan's native CPU group of ``granularity`` (``None`` if the kernels take no such weight)."""
+    groups = [g for g in pruning._plan.groups if g.backend.name == "cpu" and g.granularity == granularity]
+    return groups[0] if groups else None
+
+
 @needs_kernels
 def test_the_kernel_plan_is_reused_until_a_tensor_is_replaced():
     torch.manual_seed(0)
@@ -556,7 +555,7 @@ def test_the_kernel_plan_is_reused_until_a_tensor_is_replaced():
     pruning = Pruning(net, sparsity=lambda step: 0.1 * step)
     pruning.mask_update(1)
     plan = pruning._plan
-    assert plan is not None and plan.batch is not None and len(plan.batch) == 2
+    assert plan is not None and native_group(pruning).names == ["0.weight", "1.weight"]
     pruning.mask_update(2)
     assert pruning._plan is plan  # same tensors: the checked pointers are reused
     fresh = torch.randn(64, 64)
@@ -571,16 +570,17 @@ def test_the_kernel_plan_is_reused_until_a_tensor_is_replaced():
     plan = pruning._plan
     pruning.mask_update(4)
     assert pruning._plan is plan
-    net.double()  # float64 weights: the eager path, then back to float32 and the kernels
+    net.double()  # float64 weights: the torch backend, then back to float32 and the kernels
     pruning.mask_update(5)
-    assert pruning._plan.batch is None and pruning.get_weight_sparsity()["0.weight"] == pytest.approx(0.5, abs=2e-2)
+    assert native_group(pruning) is None and pruning.get_weight_sparsity()["0.weight"] == pytest.approx(0.5, abs=2e-2)
     net.float()
     pruning.mask_update(6)
-    assert pruning._plan.batch is not None and pruning.get_weight_sparsity()["1.weight"] == pytest.approx(0.6, abs=2e-2)
+    assert native_group(pruning) is not None
+    assert pruning.get_weight_sparsity()["1.weight"] == pytest.approx(0.6, abs=2e-2)
     copied = copy.deepcopy(pruning)  # the plan holds raw pointers: it is not copied (nor pickled)
     assert copied._plan is None
     copied.mask_update(7)
-    assert copied._plan is not None and copied._plan.pointers != pruning._plan.pointers
+    assert copied._plan is not None and copied._plan.key != pruning._plan.key
 
 
 @needs_kernels
@@ -592,23 +592,25 @@ def test_the_block_kernels_keep_their_batches_and_fall_back_where_thresholds_are
     fresh = Pruning(copy.deepcopy(net), spec, sparsity=lambda step: 0.1 * step)
     kept.mask_update(1)
     fresh.mask_update(1)
-    blocks = kept._plan.blocks
+    blocks = native_group(kept, "block").work
     assert blocks is not None and len(blocks.batch) == 2 and blocks.scores is not None
     for step in (2, 3):
         kept.mask_update(step)
-        assert kept._plan.blocks is blocks  # same tensors: the checked batches are reused
+        assert native_group(kept, "block").work is blocks  # same tensors: the checked batches are reused
         fresh._plan = None  # this one checks and builds everything anew each time
         fresh.mask_update(step)
         assert_same_pruning(kept, fresh)
     # A threshold the kernel cannot write in place (float64): the pooled scores take the general update.
     calls = []
-    real = pruning_module.block_update_
-    monkeypatch.setattr(pruning_module, "block_update_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = updates_module.magnitude_update_
+    monkeypatch.setattr(
+        "lit_prune.backends.cpu.backend.magnitude_update_", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     for p in (kept, fresh):
-        w = p._weights["0.weight"]
-        w.plain_threshold = w.plain_threshold.double()
+        w = p._states["0.weight"]
+        w.threshold = w.threshold.double()
         p.mask_update(4)
-    assert kept._plan.blocks.scores is None and len(calls) == 2
+    assert native_group(kept, "block").work.scores is None and len(calls) == 2
     assert_same_pruning(kept, fresh)
     assert kept.get_thresholds()["0.weight"].dtype == torch.float64 and kept.get_thresholds()["0.weight"] > 0
 
@@ -674,7 +676,8 @@ def test_apply_mask_takes_the_kernel_for_float32_cpu_weights_and_the_multiply_fo
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8).double())
     pruning = Pruning(net, sparsity=0.5)
     pruning.mask_update(0)
-    assert pruning._plan.applied == ["0.weight"]  # float64 is not the kernel's
+    appliers = {g.backend.name: g.names for g in pruning._plan.apply_groups}
+    assert appliers == {"cpu": ["0.weight"], "torch": ["1.weight"]}  # float64 is not the kernel's
     calls = []
     real = cpu_kernels.MaskBatch.apply
     monkeypatch.setattr(
@@ -727,10 +730,10 @@ def test_the_kernel_plan_is_dropped_when_the_model_leaves_the_cpu(monkeypatch):
     net = torch.nn.Sequential(torch.nn.Linear(64, 64))
     pruning = Pruning(net, sparsity=0.5)
     pruning.mask_update(0)
-    assert pruning._plan is not None
+    assert native_group(pruning) is not None
     monkeypatch.setattr(Pruning, "_defer_checks", staticmethod(lambda param: True))  # as on a GPU
     pruning.apply_mask()
-    assert pruning._plan is None
+    assert all(g.backend.name == "torch" for g in pruning._plan.groups)
     pruning.mask_update(1)
     pruning.apply_mask()
-    assert pruning._plan is None
+    assert all(g.backend.name == "torch" for g in pruning._plan.groups)

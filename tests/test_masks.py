@@ -10,13 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_prune.engine.masks import (
-    block_pool,
-    compute_mask,
-    exact_threshold,
-    histogram_target_count,
-    histogram_threshold,
-)
+from lit_prune.engine.blocks import block_pool
+from lit_prune.engine.masks import compute_mask
+from lit_prune.engine.thresholds import exact_threshold, histogram_target_count, histogram_threshold
 
 ZERO = torch.tensor(0.0)
 

@@ -131,9 +131,8 @@ def test_external_sparsity_with_zero_global_target_is_a_clear_error_not_a_zero_d
     from lit_prune import HParamsError, Pruning
 
     torch.manual_seed(0)
-    pruning = Pruning(nn.Linear(8, 8), "nm_sparsity=2:4,target_sparsity=0", sparsity=0.3)
     with pytest.raises(HParamsError, match=r"`target_sparsity`.*`sparsity`|`sparsity`.*`target_sparsity`"):
-        pruning.mask_update(1)
+        Pruning(nn.Linear(8, 8), "nm_sparsity=2:4,target_sparsity=0", sparsity=0.3)  # before any training
 
 
 def test_external_sparsity_scaling_needs_a_global_target():

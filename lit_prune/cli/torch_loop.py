@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hparams = PruningHParams().parse(DEFAULT_HPARAMS)
     if args.pruning_hparams:
-        hparams.parse(args.pruning_hparams)
+        hparams = hparams.parse(args.pruning_hparams)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     logdir = Path(args.logdir)
     start = time.perf_counter()

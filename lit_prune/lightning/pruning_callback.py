@@ -29,22 +29,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_prune.backends.cpu import kernels as cpu_kernels
-from lit_prune.config.hparams import HParamsError, PruningHParams
+from lit_prune.config.hparams import PruningHParams
 from lit_prune.engine.pruning import Pruning, SparsityFn
 from lit_prune.engine.strip import strip_pruning_vars
 
 __all__ = ["PruningCallback", "strip_checkpoint"]
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def _plain(value: Any) -> Any:
-    """``DictConfig``/``ListConfig`` (what Hydra hands over) to plain dicts and lists, without importing OmegaConf."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
 
 
 class PruningCallback(Callback):
@@ -87,19 +78,7 @@ class PruningCallback(Callback):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        if hparams is None:
-            spec = PruningHParams()
-        elif isinstance(hparams, PruningHParams):
-            spec = hparams
-        elif isinstance(hparams, str):
-            spec = PruningHParams().parse(hparams)
-        elif isinstance(hparams, Mapping):
-            spec = PruningHParams.from_dict(_plain(hparams))
-        else:
-            raise HParamsError(
-                f"`hparams` must be a PruningHParams, a mapping or a 'name=value,...' string, got {hparams!r}"
-            )
-        self.hparams = spec.replace(**_plain(overrides)) if overrides else spec
+        self.hparams = PruningHParams.coerce(hparams, **overrides)
         cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails at construction
         self.sparsity = sparsity
         self.export_path = Path(export_path) if export_path is not None else None
@@ -139,6 +118,27 @@ class PruningCallback(Callback):
             self.pruning = Pruning(pl_module, self.hparams, sparsity=self.sparsity)
             rank_zero_info(f"PruningCallback `{self.hparams.name}`: pruning {len(self.pruning.weight_names)} weights")
         self._restore_pending()
+
+    # --- rebinding after structured pruning (lit_prune.StructuredPruningCallback calls this) ---
+    def rebind(self, pl_module: nn.Module, *, discard_masks: bool = False) -> None:
+        """Bind a new engine to ``pl_module`` after structured pruning replaced or reshaped its weights.
+
+        Safe while every mask still keeps all weights (the schedule has not pruned yet): nothing is
+        lost.  ``discard_masks=True`` rebinds regardless (a checkpoint's masks are loaded next).
+
+        Raises:
+            ValueError: a mask already prunes and ``discard_masks`` is off: the schedules overlap.
+        """
+        if self.pruning is not None and not discard_masks:
+            pruned = [name for name, mask in self.pruning.get_masks().items() if not bool(mask.all())]
+            if pruned:
+                raise ValueError(
+                    f"PruningCallback `{self.hparams.name}`: the model's structure changed while masks of {pruned} "
+                    "already prune; order the schedules: structured pruning first, magnitude pruning after it"
+                )
+        self.pruning = Pruning(pl_module, self.hparams, sparsity=self.sparsity)
+
+    # --- end of rebinding ---
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

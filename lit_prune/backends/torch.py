@@ -1,0 +1,187 @@
+"""The torch reference backend: every device, every option; the backend all others are tested against.
+
+A group's update is the pipeline step by step: the current masks applied and the saliency state
+advanced (:mod:`~lit_prune.engine.scores`); the local statistics (maxima, finiteness,
+:mod:`~lit_prune.engine.statistics`); the reduce step (:mod:`~lit_prune.engine.reduce`); the
+thresholds, from per-bin counts for the histogram rule (reduced too) or the ``k``-th score for
+the exact rule (:mod:`~lit_prune.engine.thresholds`); then masks and zeros
+(:mod:`~lit_prune.engine.masks`).  Scores are recomputed where needed into one scratch buffer
+the size of the largest weight, rather than kept: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit_prune.backends.base import Backend, Begun
+from lit_prune.engine.masks import smoothed_threshold_and_cut, write_mask, zero_pruned
+from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
+from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
+from lit_prune.engine.saliency import advance_saliency
+from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, scores_of
+from lit_prune.engine.state import WeightState
+from lit_prune.engine.statistics import abs_maxima
+from lit_prune.engine.thresholds import (
+    bin_counts,
+    exact_threshold,
+    histogram_target_count,
+    histogram_threshold,
+    threshold_bin,
+)
+
+__all__ = ["TorchBackend"]
+
+
+@dataclass
+class _Statistics:
+    """A group's local statistics: per weight finiteness, per unit maximum, pooled block scores."""
+
+    units: list[list[WeightState]]
+    maxima: Tensor  # one per unit
+    pooled: dict[str, Tensor]  # block-pruned weights' pooled scores (small: one per block)
+
+
+class TorchBackend(Backend):
+    """Eager torch ops on any device; no host read unless the device is the CPU (where reads are free)."""
+
+    name = "torch"
+
+    def begin(self, group: Group, request: UpdateRequest) -> Begun:  # noqa: D102
+        hp = request.hparams
+        apply_current_masks(group.weights)
+        for w in group.weights:
+            advance_saliency(w.param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
+        weight_maxima = abs_maxima([w.param for w in group.weights])
+        finite = torch.isfinite(torch.stack(weight_maxima))
+        units = [group.weights] if group.granularity == "global" else [[w] for w in group.weights]
+        pooled: dict[str, Tensor] = {}
+        maxima = []
+        for unit in units:
+            maxima.append(
+                torch.stack(
+                    [self._max_score(w, m, pooled, request) for w, m in self._with(unit, group, weight_maxima)]
+                ).amax()
+            )
+        return Begun(finite, _Statistics(units, torch.stack(maxima).to(torch.float32), pooled))
+
+    @staticmethod
+    def _with(unit: list[WeightState], group: Group, maxima: list[Tensor]) -> list[tuple[WeightState, Tensor]]:
+        index = {w.name: i for i, w in enumerate(group.weights)}
+        return [(w, maxima[index[w.name]]) for w in unit]
+
+    @staticmethod
+    def _max_score(w: WeightState, weight_max: Tensor, pooled: dict[str, Tensor], request: UpdateRequest) -> Tensor:
+        """The largest score ``w`` is ranked by: ``max |w|``, its largest saliency or pooled block score."""
+        hp = request.hparams
+        dims = block_dims_of(w) if w.spec.nm is None else None
+        if dims is None and hp.prune_option == "weight":
+            return weight_max.to(torch.float32)
+        scores = scores_of(w, hp.prune_option, request.scores)
+        if dims is None:
+            return scores.max()
+        pooled[w.name] = pooled_scores(scores, dims, hp.block_pooling_function)
+        return pooled[w.name].max()
+
+    def finish(self, group: Group, begun: Begun, request: UpdateRequest) -> GroupResult:  # noqa: D102
+        stats: _Statistics = begun.data
+        maxima = request.reducer.max_(stats.maxima)
+        if group.rule == "nm":
+            current = None
+        elif group.rule == "histogram" and not request.hparams.use_tpu:
+            current = self._histogram_thresholds(stats, maxima, request)
+        else:
+            current = self._sorted_thresholds(group.rule, stats, maxima, request)
+        kept = []
+        for u, unit in enumerate(stats.units):
+            ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
+            kept += self._write_unit(
+                group.rule, unit, stats, maxima[u], None if current is None else current[u], bool_all(ok), request
+            )
+        return GroupResult(None if request.deferred else torch.stack(kept))
+
+    def _ranked(self, w: WeightState, stats: _Statistics, request: UpdateRequest) -> Tensor:
+        """The scores ``w`` is ranked by: its pooled block scores, or its scores in the scratch buffer."""
+        return (
+            stats.pooled[w.name]
+            if w.name in stats.pooled
+            else scores_of(w, request.hparams.prune_option, request.scores)
+        )
+
+    def _histogram_thresholds(self, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
+        """TF's histogram thresholds of every unit, from per-bin counts combined by the reduce step."""
+        nbins = request.hparams.nbins
+        counts, targets = [], []
+        for u, unit in enumerate(stats.units):
+            counts.append(sum(bin_counts(self._ranked(w, stats, request), maxima[u], nbins) for w in unit))
+            numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
+            targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
+        totals = request.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
+        bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
+        thresholds = torch.div(bins, float(nbins)).mul_(maxima)
+        none = torch.tensor([k == 0 for k in targets], device=maxima.device)
+        return torch.where((maxima > 0) & ~none, thresholds, torch.zeros_like(thresholds))
+
+    def _sorted_thresholds(self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
+        """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
+        hp, out = request.hparams, []
+        for u, unit in enumerate(stats.units):
+            ranked = [
+                self._ranked(w, stats, request).clone() if len(unit) > 1 else self._ranked(w, stats, request)
+                for w in unit
+            ]
+            sparsity = request.sparsities[unit[0].name]
+            if rule == "exact":
+                out.append(exact_threshold(ranked, sparsity, static=hp.use_tpu))
+            else:
+                out.append(histogram_threshold(ranked, sparsity, hp.nbins, max_value=maxima[u], sort_count=True))
+        return torch.stack(out).to(torch.float32)
+
+    def _write_unit(
+        self,
+        rule: str,
+        unit: list[WeightState],
+        stats: _Statistics,
+        max_score: Tensor,
+        current: Tensor | None,
+        ok: Tensor,
+        request: UpdateRequest,
+    ) -> list[Tensor]:
+        """Masks, thresholds and zeros of one unit; where not ``ok`` (non-finite) the old ones stay."""
+        hp = request.hparams
+        if current is not None:
+            threshold, cut = smoothed_threshold_and_cut(current, max_score, unit[0].threshold, hp.threshold_decay)
+        kept = []
+        for w in unit:
+            target = request.staging.take(w.mask.shape, w.mask.device) if request.deferred else w.mask
+            if current is None:
+                scores = scores_of(w, hp.prune_option, request.scores)
+                n, m = w.spec.nm  # type: ignore[misc]
+                nm_mask(scores, m, nm_pruned_per_group(m, request.sparsities[w.name], n), out=target)
+                threshold = torch.where(target, 0.0, scores).amax()
+            else:
+                dims = block_dims_of(w) if w.name in stats.pooled else None
+                write_mask(self._ranked(w, stats, request), cut, rule, w.mask.shape, dims, target)
+            _commit(w, target, threshold, ok, request.deferred)
+            zero_pruned(w.param.detach(), w.mask)
+            if not request.deferred:
+                kept.append(torch.count_nonzero(w.mask))
+        return kept
+
+    def apply(self, group: Group) -> None:  # noqa: D102
+        apply_current_masks(group.weights)
+
+
+def bool_all(flags: Tensor) -> Tensor:
+    """Whether every flag holds (a 0-d bool tensor; no host read)."""
+    return flags.all()
+
+
+def _commit(w: WeightState, new_mask: Tensor, threshold: Tensor, ok: Tensor, deferred: bool) -> None:
+    """Store the new mask and threshold; deferred (accelerators): only where the weights were finite."""
+    if deferred:
+        torch.where(ok, new_mask, w.mask, out=w.mask)
+        threshold = torch.where(ok, threshold, w.threshold.to(threshold.dtype))
+    w.threshold.copy_(threshold)

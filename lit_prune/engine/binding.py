@@ -1,0 +1,144 @@
+"""Binding a spec to a model: which weights are pruned, with which settings, and whether the model changed since.
+
+Weights are chosen by parameter name (:mod:`lit_prune.engine.selection`); each gets a
+:class:`~lit_prune.engine.state.WeightSpec` (its map target, block dims, N:M) and a
+:class:`~lit_prune.engine.state.WeightState`.  Every conflict is an error here, before training.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from torch import nn
+
+from lit_prune.config.hparams import (
+    HParamsError,
+    PruningHParams,
+    parse_block_dims_map,
+    parse_nm,
+    parse_nm_sparsity_map,
+    parse_weight_sparsity_map,
+)
+from lit_prune.engine.nm import nm_group_view
+from lit_prune.engine.selection import match_map, select_weights
+from lit_prune.engine.state import WeightSpec, WeightState
+
+__all__ = ["ModelWatch", "bind_weights", "joint_names"]
+
+
+def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]:
+    """``{name: state}`` of every weight ``hp`` prunes in ``model``, in model order.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> list(bind_weights(model, PruningHParams(weight_sparsity_map=["^2:0.5"])))
+        ['0.weight', '2.weight']
+    """
+    names = select_weights(model, hp.prune_patterns, hp.exclude_patterns)
+    targets = match_map("weight_sparsity_map", parse_weight_sparsity_map(hp.weight_sparsity_map), names)
+    blocks = match_map("block_dims_map", parse_block_dims_map(hp.block_dims_map), names)
+    nm_map = match_map("nm_sparsity_map", parse_nm_sparsity_map(hp.nm_sparsity_map), names)
+    nm_default = parse_nm("nm_sparsity", hp.nm_sparsity) if hp.nm_sparsity else None
+    states = {}
+    for name in names:
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        spec = WeightSpec(name, targets.get(name), blocks.get(name, (hp.block_height, hp.block_width)))
+        nm = nm_map.get(name, nm_default)
+        if nm is not None:
+            spec = WeightSpec(name, _nm_target(spec, nm, tuple(getattr(module, param_name).shape)), spec.block_dims, nm)
+        states[name] = WeightState.bind(spec, module, param_name, hp.prune_option)
+    blocked = [n for n in joint_names(states, hp) if states[n].spec.block_dims != (1, 1)]
+    if blocked:
+        raise HParamsError(
+            f"`global_ranking` ranks weights element-wise, but {blocked} have block dims: give them a "
+            "`weight_sparsity_map` entry (their own threshold) or 1x1 blocks"
+        )
+    return states
+
+
+def joint_names(states: dict[str, WeightState], hp: PruningHParams) -> set[str]:
+    """The weights ranked together under ``global_ranking``: those without a map target."""
+    return {n for n, s in states.items() if s.spec.target is None} if hp.global_ranking else set()
+
+
+def _nm_target(spec: WeightSpec, nm: tuple[int, int], shape: tuple[int, ...]) -> float:
+    """Validate an N:M weight at binding; return its own target ``1 - N/M``."""
+    n, m = nm
+    if nm_group_view(shape, m) is None:
+        inner = math.prod(shape[1:]) if len(shape) > 1 else None
+        raise HParamsError(
+            f"weight {spec.name!r} of shape {shape} cannot be {n}:{m}: N:M needs 2+ dims and an input size "
+            f"(in*kh*kw = {inner}) divisible by {m}; give N:M only to the weights that fit, with `nm_sparsity_map`"
+        )
+    if spec.target is not None:
+        raise HParamsError(
+            f"weight {spec.name!r} has both a `weight_sparsity_map` target ({spec.target}) and N:M {n}:{m}, whose "
+            f"target is 1 - N/M = {1 - n / m}: give it one of the two"
+        )
+    if spec.block_dims != (1, 1):
+        raise HParamsError(
+            f"weight {spec.name!r} has block dims {spec.block_dims[0]}x{spec.block_dims[1]} and N:M {n}:{m}; both "
+            "cannot hold (N:M keeps N of every M elements, blocks prune whole blocks): give it one of the two"
+        )
+    return 1.0 - n / m
+
+
+def _structure(model: nn.Module) -> tuple:
+    """The module tree and its parameters (module and parameter ids, shapes, trainability), cheaply."""
+    out: list = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        out.append(id(module))
+        for name, p in module._parameters.items():
+            if p is not None:
+                out.append((name, id(p), p.requires_grad, p.shape))
+        for name, child in module._modules.items():
+            if child is not None:
+                out.append(name)
+                stack.append(child)
+    return tuple(out)
+
+
+class ModelWatch:
+    """Notices a model that changed after binding: a pruned weight replaced is an error, one added a warning."""
+
+    def __init__(self, model: nn.Module, hp: PruningHParams) -> None:
+        self.model, self.hp = model, hp
+        self._signature: tuple | None = None
+        self._warned: set[str] = set()
+
+    def check(self, states: dict[str, WeightState]) -> None:
+        """Raise ``ValueError`` if a pruned weight was replaced or changed shape; warn once about new ones."""
+        signature = _structure(self.model)
+        if signature == self._signature:
+            return  # same modules, parameter objects, shapes and trainability as at the last check
+        params = dict(self.model.named_parameters())
+        for s in states.values():
+            if params.get(s.name) is not s.param:
+                raise ValueError(
+                    f"pruned weight {s.name!r} was removed or replaced in the model after pruning was set up; "
+                    "build a new Pruning/PruningCallback for the new model"
+                )
+            if s.param.shape != s.mask.shape:
+                raise ValueError(
+                    f"pruned weight {s.name!r} has shape {tuple(s.param.shape)} but its mask {tuple(s.mask.shape)}: "
+                    "the model changed after pruning was set up (structured pruning, a replaced layer); build a new "
+                    "Pruning/PruningCallback for the new model"
+                )
+        try:
+            now = select_weights(self.model, self.hp.prune_patterns, self.hp.exclude_patterns)
+        except HParamsError:  # a pattern that matched at binding no longer does: nothing new to report
+            return
+        self._signature = signature
+        new = [n for n in now if n not in states and n not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(
+                f"weights {new} became candidates for pruning after it was set up (added to the model, or "
+                "unfrozen) and are not pruned; build a new Pruning/PruningCallback to prune them",
+                stacklevel=4,
+            )

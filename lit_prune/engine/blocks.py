@@ -1,0 +1,111 @@
+"""Block pruning's geometry: the 2-D view a weight is pruned over, pooling its scores, expanding a block mask.
+
+TF's ``_maybe_update_block_mask``: blocks of ``block_height x block_width`` start at row and
+column 0; an edge block that the shape cuts short is pooled over its real elements only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["block_grid", "block_pool", "block_view_shape", "expand_blocks", "resolve_block_dims"]
+
+
+def block_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
+    """The 2-D matrix a weight of ``shape`` is block-pruned over, or ``None`` for element-wise.
+
+    TF squeezes size-1 dimensions and block-prunes only what is then 2-D.  lit_prune does the
+    same, and prunes a tensor with more than two non-unit dimensions (a conv kernel
+    ``[out, in, kh, kw]``) over its ``[out, in * kh * kw]`` view; TF always fell back to
+    element-wise for those.
+
+    Example::
+
+        >>> block_view_shape((8, 3, 3, 3)), block_view_shape((8, 4, 1, 1)), block_view_shape((8, 1))
+        ((8, 27), (8, 4), None)
+    """
+    dims = [d for d in shape if d != 1]
+    if len(dims) < 2:
+        return None
+    return dims[0], math.prod(dims[1:])
+
+
+def resolve_block_dims(block_dims: tuple[int, int], matrix_shape: tuple[int, int]) -> tuple[int, int]:
+    """Replace -1 by the matrix's own dimension (per weight: TF resolved it once, for all weights).
+
+    Example::
+
+        >>> resolve_block_dims((-1, 2), (6, 4))
+        (6, 2)
+    """
+    return tuple(m if b == -1 else b for b, m in zip(block_dims, matrix_shape, strict=True))  # type: ignore[return-value]
+
+
+def block_grid(shape: tuple[int, ...] | torch.Size, dims: tuple[int, int]) -> tuple[int, int]:
+    """The block grid of a 2-D ``shape`` in ``dims`` blocks from row and column 0 (edge blocks cut short).
+
+    Example::
+
+        >>> block_grid((10, 6), (4, 3))
+        (3, 2)
+    """
+    return -(-shape[0] // dims[0]), -(-shape[1] // dims[1])
+
+
+@torch.no_grad()
+def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG") -> Tensor:
+    """Pool a 2-D score matrix over ``block_dims`` blocks that start at row and column 0.
+
+    ``AVG`` divides each block's sum by the number of real elements it holds, so an edge block
+    that the shape cuts short is the average of what is there (summed in float64 on CPU and CUDA,
+    rounded to float32 once); ``MAX`` takes the largest score.
+    The output has ``ceil(H / bh) x ceil(W / bw)`` entries.
+
+    Example::
+
+        >>> block_pool(torch.tensor([[2.0, 2.0], [2.0, 2.0], [3.0, 3.0]]), (2, 2))
+        tensor([[2.],
+                [3.]])
+    """
+    rows, cols = scores.shape
+    bh, bw = block_dims
+    hb, wb = block_grid(scores.shape, block_dims)
+    padded = scores
+    if hb * bh != rows or wb * bw != cols:
+        padded = torch.nn.functional.pad(scores, (0, wb * bw - cols, 0, hb * bh - rows))
+    blocks = padded.reshape(hb, bh, wb, bw)
+    if pooling == "MAX":
+        return blocks.amax(dim=(1, 3))
+    if pooling != "AVG":
+        raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
+    # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
+    # the summation order, so the fused CPU kernel (lit_prune.backends.cpu.kernels.block_pool) gives the same.
+    wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
+    sums = blocks.sum(dim=(1, 3), dtype=wide)
+    if hb * bh == rows and wb * bw == cols:
+        return (sums / float(bh * bw)).to(torch.float32)
+    row_n = torch.full((hb,), float(bh), dtype=wide, device=scores.device)
+    col_n = torch.full((wb,), float(bw), dtype=wide, device=scores.device)
+    row_n[-1] = rows - (hb - 1) * bh
+    col_n[-1] = cols - (wb - 1) * bw
+    return (sums / torch.outer(row_n, col_n)).to(torch.float32)
+
+
+def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
+    """Map a block mask back to the weight: each block's value on its ``bh x bw`` cells, cropped.
+
+    Example::
+
+        >>> expand_blocks(torch.tensor([[True], [False]]), (2, 2), (3, 2)).int()
+        tensor([[1, 1],
+                [1, 1],
+                [0, 0]], dtype=torch.int32)
+    """
+    hb, wb = block_mask.shape
+    bh, bw = block_dims
+    rows, cols = block_view_shape(shape) or (math.prod(shape), 1)
+    full = block_mask[:, None, :, None].expand(hb, bh, wb, bw).reshape(hb * bh, wb * bw)
+    return full[:rows, :cols].reshape(shape)

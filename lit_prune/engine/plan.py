@@ -1,0 +1,132 @@
+"""The plan of a binding: the pruned weights grouped by (granularity, rule, backend), built once.
+
+A mask update loops over the plan's groups; no ``if`` ladder runs per weight.  The plan is kept
+while the tensors it was made for stay (same storage, device, dtype and shape of every weight,
+mask and threshold) and rebuilt when one changes (``model.to()``, ``param.data = ...``, a loaded
+mask).  Each group's backend keeps what it prepared for the group (pointer arrays, buffers) in
+``Group.work``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from lit_prune.engine.blocks import block_view_shape
+
+if TYPE_CHECKING:
+    from lit_prune.backends.base import Backend
+    from lit_prune.config.hparams import PruningHParams
+    from lit_prune.engine.reduce import Reducer
+    from lit_prune.engine.scores import Scratch
+    from lit_prune.engine.state import WeightState
+
+__all__ = [
+    "GRANULARITIES",
+    "Group",
+    "GroupResult",
+    "Plan",
+    "UpdateRequest",
+    "build_plan",
+    "granularity",
+    "tensors_key",
+]
+
+#: How a group's weights are ranked: each element, pooled blocks, N of every M, or all together.
+GRANULARITIES = ("elementwise", "block", "nm", "global")
+
+
+@dataclass
+class Group:
+    """Weights updated together: one granularity, one rule, one backend."""
+
+    granularity: str
+    rule: str  # "histogram", "exact" or "nm"
+    backend: Backend
+    weights: list[WeightState]
+    work: Any = None  # what the backend prepared for these tensors (made at first use)
+
+    @property
+    def names(self) -> list[str]:
+        """The group's weight names, in model order."""
+        return [w.name for w in self.weights]
+
+
+@dataclass
+class Plan:
+    """The groups of one binding, for the tensors described by ``key``."""
+
+    key: tuple
+    groups: list[Group]
+    apply_groups: list[Group] = field(default_factory=list)  # who applies which masks in apply_mask
+
+
+@dataclass
+class UpdateRequest:
+    """What one mask update asks of the backends."""
+
+    step: int
+    sparsities: dict[str, float]  # each weight's scheduled sparsity
+    hparams: PruningHParams
+    reducer: Reducer
+    deferred: bool  # NaN/Inf read back later (accelerators): new masks are committed only where finite
+    scores: Scratch  # float32 scores of one weight at a time
+    staging: Scratch  # deferred: new masks land here before the commit
+
+
+@dataclass
+class GroupResult:
+    """What a group's update left: each weight's kept count (``None``: not read back)."""
+
+    kept: Tensor | list[int] | None
+
+
+def granularity(state: WeightState, joint: bool) -> str:
+    """How ``state`` is ranked: ``"global"`` (with others), ``"nm"``, ``"block"`` or ``"elementwise"``."""
+    if joint:
+        return "global"
+    if state.spec.nm is not None:
+        return "nm"
+    blocked = state.spec.block_dims != (1, 1) and block_view_shape(state.param.shape) is not None
+    return "block" if blocked else "elementwise"
+
+
+def tensors_key(states: list[WeightState]) -> tuple:
+    """What the plan depends on in the tensors: storage, device, dtype, shape and layout of each."""
+    out = []
+    for s in states:
+        for t in (s.param, s.mask, s.threshold):
+            out.append((t.data_ptr() if not t.is_meta else 0, t.device, t.dtype, t.shape, t.is_contiguous()))
+    return tuple(out)
+
+
+def build_plan(
+    states: list[WeightState],
+    hparams: PruningHParams,
+    reducer: Reducer,
+    joint: set[str],
+    choose: Callable[[WeightState, str, PruningHParams, Reducer, bool], Backend],
+    choose_apply: Callable[[WeightState], Backend],
+    deferred: bool,
+) -> Plan:
+    """Group ``states`` by (granularity, rule, backend); fused backends' groups first.
+
+    Fused groups run first in ``finish``: they check their weights before writing anything, so
+    a non-finite weight they find leaves every mask unchanged.
+    """
+    groups: dict[tuple[str, str, str], Group] = {}
+    for state in states:
+        kind = granularity(state, state.name in joint)
+        rule = "nm" if kind == "nm" else hparams.threshold_method
+        backend = choose(state, kind, hparams, reducer, deferred)
+        group = groups.setdefault((kind, rule, backend.name), Group(kind, rule, backend, []))
+        group.weights.append(state)
+    appliers: dict[str, Group] = {}
+    for state in states:
+        backend = choose_apply(state)
+        appliers.setdefault(backend.name, Group("apply", "apply", backend, [])).weights.append(state)
+    ordered = sorted(groups.values(), key=lambda g: not g.backend.fused)
+    return Plan((deferred, tensors_key(states)), ordered, list(appliers.values()))

@@ -1,0 +1,72 @@
+"""The first steps of a mask update: the current masks applied, then the scores each weight is ranked by.
+
+The update ranks the weights the model uses: a weight pruned before is zeroed first, so it ranks
+last even if an optimizer step moved it since.  Scores are ``|w|`` (``prune_option="weight"``)
+or a gradient saliency (:mod:`lit_prune.engine.saliency`), in float32; block pruning ranks the
+scores pooled over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lit_prune.engine.blocks import block_pool, block_view_shape, resolve_block_dims
+from lit_prune.engine.masks import zero_pruned
+from lit_prune.engine.saliency import saliency_scores
+from lit_prune.engine.state import WeightState
+
+__all__ = ["Scratch", "apply_current_masks", "block_dims_of", "pooled_scores", "scores_of"]
+
+
+def apply_current_masks(states: list[WeightState]) -> None:
+    """Zero what each current mask prunes (weights whose mask keeps everything are skipped)."""
+    for state in states:
+        if not state.dense:
+            zero_pruned(state.param.detach(), state.mask)
+
+
+class Scratch:
+    """One reusable buffer of a dtype, grown to the largest request and kept on its device.
+
+    Example::
+
+        >>> scratch = Scratch(torch.float32)
+        >>> scratch.take(torch.Size([2, 3]), torch.device("cpu")).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._buffer: Tensor | None = None
+
+    def take(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """A view of ``shape`` into the buffer (its old contents, to be overwritten)."""
+        numel = shape.numel()
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < numel or buffer.device != device:
+            buffer = self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    def release(self) -> None:
+        """Let the buffer go."""
+        self._buffer = None
+
+
+def scores_of(state: WeightState, prune_option: str, scratch: Scratch) -> Tensor:
+    """``state``'s float32 scores in ``scratch``: ``|w|`` or its saliency (the saliency state is not advanced)."""
+    param = state.param.detach()
+    return saliency_scores(param, state.saliency, prune_option, out=scratch.take(param.shape, param.device))
+
+
+def block_dims_of(state: WeightState) -> tuple[int, int] | None:
+    """The resolved block dims of a block-pruned weight's 2-D view (``None``: element-wise)."""
+    view = block_view_shape(state.param.shape) if state.spec.block_dims != (1, 1) else None
+    return None if view is None else resolve_block_dims(state.spec.block_dims, view)
+
+
+def pooled_scores(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:
+    """``scores`` pooled over blocks of its 2-D view (a new, small tensor)."""
+    view = block_view_shape(scores.shape)
+    assert view is not None
+    return block_pool(scores.reshape(view), block_dims, pooling)

@@ -1,0 +1,336 @@
+"""Thresholds from scores: TF's two rules, computed from statistics that add up across tensors.
+
+* Histogram (TF r1.11-r1.13): ``nbins`` equal-width bins over ``[0, max]``, a score's bin
+  ``min(floor(float32(nbins) * float32(a / max)), nbins - 1)``; with ``C_i`` the scores in bins
+  ``0..i`` and ``K`` = :func:`histogram_target_count`, the bin is ``j = #{i : C_i < K}`` and the
+  threshold ``float32(j / nbins) * max``; the mask keeps ``a > threshold``.
+* Exact (TF r1.14+): the ``k``-th largest score, ``k`` = :func:`topk_count`; the mask keeps
+  ``a >= threshold``.
+
+Both hang on two statistics that add up over tensors (and, later, over processes): the maximum,
+and the counts per histogram bin.  So several weights ranked together (``global_ranking``) need
+no concatenation: their counts are summed.  The exact rule takes the ``k``-th score from the bin
+those counts point to (a narrow band of the scores; on accelerators, with no host read, from a
+sort).  ``use_tpu`` keeps to static shapes and sorts, as TF's TPU path did.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "bin_counts",
+    "decay_pair",
+    "exact_threshold",
+    "f32",
+    "histogram_target_count",
+    "histogram_threshold",
+    "joint_threshold",
+    "kernel_targets",
+    "kth_smallest",
+    "smooth_threshold",
+    "threshold_bin",
+    "topk_count",
+]
+
+#: Elements binned at a time: bounds the temporaries of :func:`bin_counts` (8 bytes per element).
+_CHUNK = 1 << 20
+
+
+def f32(x: float) -> float:
+    """Round a host float to float32, as TF's float32 ops round.
+
+    Example::
+
+        >>> f32(0.1)
+        0.10000000149011612
+    """
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# ---------------------------------------------------------------------- counts from size and sparsity
+@functools.lru_cache(maxsize=4096)  # a pure function of two numbers, asked for every weight at every update
+def histogram_target_count(numel: int, sparsity: float) -> int:
+    """``K = min{c : float32(c) / float32(n) >= float32(s)}``: the cumulative count at which TF's CDF reaches s.
+
+    TF's threshold bin is ``j = #{i : cdf_i < s}`` with ``cdf_i = C_i / n`` in float32 and ``C_i``
+    the number of scores in bins ``0..i``; as ``C_i`` grows with ``i``, ``j = #{i : C_i < K}``.
+
+    Example::
+
+        >>> histogram_target_count(100, 0.5), histogram_target_count(10, 0.0)
+        (50, 0)
+    """
+    s, n = f32(sparsity), f32(float(numel))
+
+    def reaches(c: int) -> bool:  # monotone in c, true at c = n (cdf = 1 > s)
+        return f32(f32(float(c)) / n) >= s
+
+    count = min(numel, max(0, math.ceil(s * numel)))  # within a few counts of the answer
+    while count > 0 and reaches(count - 1):
+        count -= 1
+    while not reaches(count):
+        count += 1
+    return count
+
+
+@functools.lru_cache(maxsize=4096)
+def topk_count(numel: int, sparsity: float) -> int:
+    """TF r1.14+'s ``k = int32(round(float32(n) * (1 - s)))`` (float32 ops, round half to even).
+
+    Example::
+
+        >>> topk_count(4, 0.375), topk_count(4, 0.625), topk_count(10, 0.96)
+        (2, 2, 0)
+    """
+    return round(f32(f32(float(numel)) * f32(1.0 - f32(sparsity))))
+
+
+def kernel_targets(sizes: list[int], sparsities: list[float], method: str) -> list[int]:
+    """What a rule ranks for: TF's ``K`` per weight (``"histogram"``), or the kept count ``k`` (``"exact"``).
+
+    Example::
+
+        >>> kernel_targets([10, 10], [0.5, 0.25], "histogram"), kernel_targets([10], [0.25], "exact")
+        ([5, 3], [8])
+    """
+    if method not in ("histogram", "exact"):
+        raise ValueError(f"method must be 'histogram' or 'exact', got {method!r}")
+    count = histogram_target_count if method == "histogram" else topk_count
+    return [count(n, float(s)) for n, s in zip(sizes, sparsities, strict=True)]
+
+
+# ---------------------------------------------------------------------- the statistics
+def histogram_bins(scores: Tensor, max_value: Tensor, nbins: int, out: Tensor | None = None) -> Tensor:
+    """TF's bin of each score, as float32: ``min(floor(float32(nbins) * float32(a / max)), nbins - 1)``.
+
+    Scores are ``>= 0``; ``fmin`` also maps NaN (a weight the caller reports) to a valid bin.
+
+    Example::
+
+        >>> histogram_bins(torch.tensor([0.0, 0.5, 1.0]), torch.tensor(1.0), 4)
+        tensor([0., 2., 3.])
+    """
+    bins = torch.div(scores, max_value, out=out).mul_(float(nbins)).floor_()
+    return torch.fmin(bins, torch.tensor(float(nbins - 1), device=bins.device), out=bins)
+
+
+def bin_counts(scores: Tensor, max_value: Tensor, nbins: int) -> Tensor:
+    """How many scores fall in each of TF's ``nbins`` bins over ``[0, max_value]`` (int64, summable).
+
+    An all-zero ``scores`` (``max_value`` 0) puts every score in bin 0.  Works in chunks, so
+    the temporaries stay small; no host read.
+
+    Example::
+
+        >>> bin_counts(torch.tensor([0.0, 0.1, 0.6, 1.0]), torch.tensor(1.0), 2).tolist()
+        [2, 2]
+    """
+    flat = scores.reshape(-1)
+    safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value)).to(torch.float32)
+    counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
+    scratch = torch.empty(min(flat.numel(), _CHUNK), dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start : start + _CHUNK]
+        bins = histogram_bins(part, safe, nbins, out=scratch[: part.numel()])
+        counts += torch.bincount(bins.to(torch.int32), minlength=nbins)
+    return counts
+
+
+def threshold_bin(counts: Tensor, target: int) -> Tensor:
+    """TF's threshold bin ``j = #{i : C_i < K}`` from per-bin counts (a float32 0-d tensor; no host read).
+
+    Example::
+
+        >>> threshold_bin(torch.tensor([2, 2, 0, 1]), 3).item()
+        1.0
+    """
+    return (counts.cumsum(0) < target).sum().to(torch.float32)
+
+
+# ---------------------------------------------------------------------- the rules
+@torch.no_grad()
+def histogram_threshold(
+    scores: Tensor | list[Tensor],
+    sparsity: float,
+    nbins: int = 256,
+    *,
+    max_value: Tensor | None = None,
+    sort_count: bool = False,
+) -> Tensor:
+    """TF r1.11-r1.13's histogram/CDF threshold of non-negative scores (a float32 0-d tensor).
+
+    ``scores`` is one tensor, or several ranked together (their counts are summed).  The counts
+    come from one binning pass (no sort, no host read); ``sort_count`` (TF's ``use_tpu``) takes
+    TF's bin from the ``K``-th smallest score instead, with static shapes.  An all-zero
+    ``scores`` gives threshold 0 (TF produced NaN there).
+
+    Example::
+
+        >>> w = torch.linspace(1, 100, 100)
+        >>> histogram_threshold(w, 0.5, nbins=256).item(), histogram_threshold(w, 0.5, nbins=255).item()
+        (50.0, 49.80392074584961)
+    """
+    parts = [s.reshape(-1).to(torch.float32) for s in (scores if isinstance(scores, list) else [scores])]
+    numel = sum(p.numel() for p in parts)
+    if max_value is None:
+        max_value = torch.stack([p.max() for p in parts]).max()
+    max_value = max_value.to(torch.float32)
+    k = histogram_target_count(numel, sparsity)
+    if k == 0:
+        return torch.zeros((), dtype=torch.float32, device=max_value.device)
+    if sort_count:
+        safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
+        j = histogram_bins(kth_smallest(torch.cat(parts), k, static=True), safe, nbins)
+    else:
+        j = threshold_bin(sum(bin_counts(p, max_value, nbins) for p in parts), k)  # type: ignore[arg-type]
+    threshold = torch.div(j, float(nbins)).mul_(max_value)
+    return torch.where(max_value > 0, threshold, torch.zeros_like(threshold))
+
+
+@torch.no_grad()
+def exact_threshold(scores: Tensor | list[Tensor], sparsity: float, *, static: bool = False) -> Tensor:
+    """TF r1.14+'s threshold: the ``k``-th largest score, ``k = round(n * (1 - s))`` (a 0-d tensor).
+
+    ``scores`` is one tensor, or several ranked together.  TF crashed for ``k = 0``
+    (``gather(-1)``); here ``k = 0`` gives the float just above the largest score, so every
+    element is pruned, as the requested sparsity rounds.  ``static=True`` keeps to static shapes.
+
+    Example::
+
+        >>> exact_threshold(torch.linspace(1, 100, 100), 0.5).item()
+        51.0
+    """
+    parts = [s.reshape(-1).to(torch.float32) for s in (scores if isinstance(scores, list) else [scores])]
+    numel = sum(p.numel() for p in parts)
+    k = topk_count(numel, sparsity)
+    max_value = torch.stack([p.max() for p in parts]).max()
+    if k == 0:
+        return torch.nextafter(max_value, torch.tensor(math.inf, device=max_value.device))
+    rank = numel - k + 1  # the threshold is the rank-th smallest score
+    if static or not _host_values_are_free(max_value):
+        return kth_smallest(parts[0] if len(parts) == 1 else torch.cat(parts), rank, static=static)
+    return _kth_smallest_in_band(parts, rank, max_value)
+
+
+def kth_smallest(flat: Tensor, rank: int, *, static: bool = False) -> Tensor:
+    """The ``rank``-th smallest (1-based) of ``flat`` as a 0-d tensor: static shapes, no host read.
+
+    ``kthvalue`` on the CPU; a sort elsewhere (CUDA's radix sort is fast and deterministic where
+    its ``kthvalue`` is slow, and a sort is what XLA compiles best).
+
+    Example::
+
+        >>> kth_smallest(torch.tensor([3.0, 1.0, 2.0]), 2).item()
+        2.0
+    """
+    if flat.device.type == "cpu" and not static:
+        return torch.kthvalue(flat, rank).values
+    return torch.sort(flat).values[rank - 1]
+
+
+def _host_values_are_free(t: Tensor) -> bool:
+    # Reading a CPU tensor's value costs no device synchronisation; under torch.compile it would
+    # break the graph, so the compiled (and every non-CPU) path keeps to static shapes.
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _kth_smallest_in_band(parts: list[Tensor], rank: int, max_value: Tensor) -> Tensor:
+    """The ``rank``-th smallest of all ``parts`` from the bin its counts point to (CPU).
+
+    256 bins over ``[0, max]`` locate the score; only the scores of that bin are copied and
+    ranked.  Zeros (the pruned weights, often most of the bin of 0) are counted, not copied.
+    """
+    m = float(max_value)
+    if not m > 0:
+        return torch.zeros((), dtype=torch.float32)
+    nbins = 256
+    cumulative = sum(bin_counts(p, max_value, nbins) for p in parts).cumsum(0)  # type: ignore[union-attr]
+    b = int((cumulative < rank).sum())
+    below = int(cumulative[b - 1]) if b else 0
+    low = bin_edge(m, b, nbins) if b else 0.0
+    high = bin_edge(m, b + 1, nbins) if b + 1 < nbins else math.inf
+    if b == 0:  # exact zeros first: they are the pruned weights
+        zeros = sum(int(torch.count_nonzero(p == 0)) for p in parts)
+        if rank <= zeros:
+            return torch.zeros((), dtype=torch.float32)
+        below, low = zeros, _f32_from_bits(1)  # the smallest positive float32
+    band = torch.cat([p[(p >= low) & (p < high)] for p in parts])
+    return torch.kthvalue(band, rank - below).values
+
+
+@torch.no_grad()
+def joint_threshold(scores: list[Tensor], sparsity: float, method: str = "histogram", nbins: int = 256) -> Tensor:
+    """One threshold for several weights ranked together, by the same rule as one weight's (no concatenation).
+
+    Example::
+
+        >>> joint_threshold([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])], 0.5, "exact").item()
+        4.0
+    """
+    if method == "exact":
+        return exact_threshold(scores, sparsity)
+    return histogram_threshold(scores, sparsity, nbins)
+
+
+# ---------------------------------------------------------------------- smoothing
+def smooth_threshold(current: Tensor, previous: Tensor, decay: float) -> Tensor:
+    """TF's threshold EMA ``(1 - d) * current + d * previous`` in float32 (``d = 0`` returns ``current``).
+
+    Example::
+
+        >>> smooth_threshold(torch.tensor(51.0), torch.tensor(0.0), 0.9).item()
+        5.099999904632568
+    """
+    if decay == 0.0:
+        return current
+    return current * f32(1.0 - decay) + previous * f32(decay)
+
+
+def decay_pair(threshold_decay: float) -> tuple[float, float] | None:
+    """The float32 weights ``(1 - d, d)`` of TF's threshold moving average, ``None`` for ``d = 0`` (none).
+
+    Example::
+
+        >>> decay_pair(0.0), decay_pair(0.5)
+        (None, (0.5, 0.5))
+    """
+    return None if threshold_decay == 0.0 else (f32(1.0 - threshold_decay), f32(threshold_decay))
+
+
+# ---------------------------------------------------------------------- float32 on the host
+# Exact: a float32 division or product computed in float64 and rounded to float32 equals the
+# float32 operation (float64 has more than 2 * 24 + 2 bits).
+def f32_bits(x: float) -> int:
+    """The bits of float32 ``x`` as a signed int32."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _f32_from_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _tf_bin(x: float, max_value: float, nbins: int) -> int:
+    """TF's bin of one float32 score: ``min(floor(float32(nbins) * float32(x / max)), nbins - 1)``."""
+    return min(math.floor(f32(float(nbins) * f32(x / max_value))), nbins - 1)
+
+
+def bin_edge(max_value: float, i: int, nbins: int) -> float:
+    """The smallest float32 ``x >= 0`` whose TF bin is ``>= i`` (``0 < i < nbins``).
+
+    Example::
+
+        >>> bin_edge(1.0, 2, 4)
+        0.5
+    """
+    edge = f32(f32(i / nbins) * max_value)  # within a few ulps of the edge; walk to it
+    while edge > 0 and _tf_bin(edge, max_value, nbins) >= i:
+        edge = _f32_from_bits(f32_bits(edge) - 1)
+    while _tf_bin(edge, max_value, nbins) < i:
+        edge = _f32_from_bits(f32_bits(edge) + 1)
+    return edge
