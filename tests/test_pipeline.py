@@ -219,3 +219,32 @@ def test_events_exist_for_cuda_and_the_generic_event_api():
     assert checks._event_for(torch.device("cpu")) is None
     if torch.cuda.is_available():
         assert checks._event_for(torch.device("cuda")) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 2000), min_size=1, max_size=3),
+    seed=st.integers(0, 1000),
+    zeros=st.floats(0.0, 0.9),
+    where=st.floats(0.0, 1.0),
+)
+def test_the_kth_score_by_counts_equals_kthvalue(sizes, seed, zeros, where):
+    from lit_prune.engine.thresholds import kth_smallest_by_counts
+
+    g = torch.Generator().manual_seed(seed)
+    parts = [(torch.randn(n, generator=g) * 100).abs() * (torch.rand(n, generator=g) >= zeros) for n in sizes]
+    whole = torch.cat(parts)
+    rank = max(1, round(where * whole.numel()))
+    assert torch.equal(kth_smallest_by_counts(parts, rank), torch.kthvalue(whole, rank).values)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.97])
+def test_the_accelerator_exact_rule_equals_the_cpu_one(monkeypatch, sparsity):
+    from lit_prune.engine import thresholds
+
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(n, generator=g).abs() for n in (70_000, 3, 500)]
+    on_cpu = thresholds.exact_threshold(parts, sparsity)
+    monkeypatch.setattr(thresholds, "_host_values_are_free", lambda t: False)  # as on an accelerator
+    assert torch.equal(thresholds.exact_threshold(parts, sparsity), on_cpu)
+    assert torch.equal(thresholds.exact_threshold(torch.cat(parts), sparsity, static=True), on_cpu)

@@ -26,7 +26,7 @@ from lit_prune.engine.state import WeightState
 from lit_prune.engine.statistics import abs_maxima
 from lit_prune.engine.thresholds import (
     bin_counts,
-    exact_threshold,
+    exact_threshold_of,
     histogram_target_count,
     histogram_threshold,
     threshold_bin,
@@ -128,15 +128,17 @@ class TorchBackend(Backend):
         """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
         hp, out = request.hparams, []
         for u, unit in enumerate(stats.units):
-            ranked = [
-                self._ranked(w, stats, request).clone() if len(unit) > 1 else self._ranked(w, stats, request)
-                for w in unit
-            ]
             sparsity = request.sparsities[unit[0].name]
-            if rule == "exact":
-                out.append(exact_threshold(ranked, sparsity, static=hp.use_tpu))
-            else:
+            if rule == "histogram":  # use_tpu: one weight per unit, static shapes
+                ranked = self._ranked(unit[0], stats, request)
                 out.append(histogram_threshold(ranked, sparsity, hp.nbins, max_value=maxima[u], sort_count=True))
+                continue
+            numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
+
+            def parts(unit=unit):
+                return (self._ranked(w, stats, request).reshape(-1) for w in unit)  # one at a time
+
+            out.append(exact_threshold_of(parts, numel, maxima[u], sparsity, static=hp.use_tpu))
         return torch.stack(out).to(torch.float32)
 
     def _write_unit(

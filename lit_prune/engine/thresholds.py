@@ -7,11 +7,12 @@
 * Exact (TF r1.14+): the ``k``-th largest score, ``k`` = :func:`topk_count`; the mask keeps
   ``a >= threshold``.
 
-Both hang on two statistics that add up over tensors (and, later, over processes): the maximum,
-and the counts per histogram bin.  So several weights ranked together (``global_ranking``) need
-no concatenation: their counts are summed.  The exact rule takes the ``k``-th score from the bin
-those counts point to (a narrow band of the scores; on accelerators, with no host read, from a
-sort).  ``use_tpu`` keeps to static shapes and sorts, as TF's TPU path did.
+Both hang on statistics that add up over tensors (and, later, over processes): the maximum, and
+counts.  So several weights ranked together (``global_ranking``) need no concatenation: their
+counts are summed.  The histogram rule counts scores per bin.  The exact rule takes the ``k``-th
+score: on the CPU from the few scores of the bin those counts point to, on accelerators from
+counts per byte of the float32 pattern (no sort, no host read).  ``use_tpu`` keeps to static
+shapes and sorts, as TF's TPU path did.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -27,12 +29,14 @@ __all__ = [
     "bin_counts",
     "decay_pair",
     "exact_threshold",
+    "exact_threshold_of",
     "f32",
     "histogram_target_count",
     "histogram_threshold",
     "joint_threshold",
     "kernel_targets",
     "kth_smallest",
+    "kth_smallest_by_counts",
     "smooth_threshold",
     "threshold_bin",
     "topk_count",
@@ -207,14 +211,26 @@ def exact_threshold(scores: Tensor | list[Tensor], sparsity: float, *, static: b
         51.0
     """
     parts = [s.reshape(-1).to(torch.float32) for s in (scores if isinstance(scores, list) else [scores])]
-    numel = sum(p.numel() for p in parts)
-    k = topk_count(numel, sparsity)
     max_value = torch.stack([p.max() for p in parts]).max()
+    return exact_threshold_of(lambda: iter(parts), sum(p.numel() for p in parts), max_value, sparsity, static=static)
+
+
+def exact_threshold_of(
+    parts: Callable[[], Iterator[Tensor]], numel: int, max_value: Tensor, sparsity: float, *, static: bool = False
+) -> Tensor:
+    """:func:`exact_threshold` of scores given as a stream: ``parts()`` yields them anew each time it is called.
+
+    Each yielded tensor (flat, float32, ``>= 0``) need only live until the next is asked for, so
+    the scores of several weights can be made one at a time in one scratch buffer.
+    """
+    k = topk_count(numel, sparsity)
     if k == 0:
         return torch.nextafter(max_value, torch.tensor(math.inf, device=max_value.device))
     rank = numel - k + 1  # the threshold is the rank-th smallest score
-    if static or not _host_values_are_free(max_value):
-        return kth_smallest(parts[0] if len(parts) == 1 else torch.cat(parts), rank, static=static)
+    if static or torch.compiler.is_compiling():  # a sort is what compilers handle best
+        return kth_smallest(torch.cat([p.clone() for p in parts()]), rank, static=True)
+    if not _host_values_are_free(max_value):
+        return kth_smallest_by_counts(parts, rank)
     return _kth_smallest_in_band(parts, rank, max_value)
 
 
@@ -234,14 +250,52 @@ def kth_smallest(flat: Tensor, rank: int, *, static: bool = False) -> Tensor:
     return torch.sort(flat).values[rank - 1]
 
 
+#: Bits of the float32 pattern selected per round of :func:`kth_smallest_by_counts`.
+_RADIX_BITS = 8
+
+
+def kth_smallest_by_counts(parts: Callable[[], Iterator[Tensor]] | list[Tensor], rank: int) -> Tensor:
+    """The ``rank``-th smallest of all non-negative float32 ``parts``: counts only, no sort, no host read.
+
+    Non-negative float32 values order as their bit patterns do, so the value is found a byte of
+    its pattern at a time, highest first: each round counts, per byte value, the scores that
+    share the bytes found so far (``bincount``: summable over tensors and processes) and picks
+    the byte at which the cumulative count reaches the rank.  Four rounds, static shapes.
+
+    Example::
+
+        >>> kth_smallest_by_counts([torch.tensor([5.0, 1.0]), torch.tensor([3.0, 0.0])], 3).item()
+        3.0
+    """
+    if isinstance(parts, list):
+        parts = (lambda listed: lambda: iter(listed))(parts)
+    device = next(parts()).device
+    found = torch.zeros((), dtype=torch.int32, device=device)  # the pattern's bytes so far
+    remaining = torch.tensor(rank, dtype=torch.int64, device=device)
+    size = 1 << _RADIX_BITS
+    for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
+        counts = torch.zeros(size + 1, dtype=torch.int64, device=device)
+        for part in parts():
+            bits = part.reshape(-1).view(torch.int32)
+            digit = torch.bitwise_right_shift(bits, shift)
+            outside = torch.bitwise_right_shift(digit, _RADIX_BITS) != found  # another prefix: not counted
+            digit = digit.bitwise_and_(size - 1).masked_fill_(outside, size)
+            counts += torch.bincount(digit, minlength=size + 1)
+        cumulative = counts[:size].cumsum(0)
+        byte = (cumulative < remaining).sum()
+        remaining = remaining - torch.where(byte > 0, cumulative[(byte - 1).clamp_min(0)], 0)
+        found = torch.bitwise_left_shift(found, _RADIX_BITS).bitwise_or_(byte.to(torch.int32))
+    return found.view(torch.float32)
+
+
 def _host_values_are_free(t: Tensor) -> bool:
     # Reading a CPU tensor's value costs no device synchronisation; under torch.compile it would
     # break the graph, so the compiled (and every non-CPU) path keeps to static shapes.
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _kth_smallest_in_band(parts: list[Tensor], rank: int, max_value: Tensor) -> Tensor:
-    """The ``rank``-th smallest of all ``parts`` from the bin its counts point to (CPU).
+def _kth_smallest_in_band(parts: Callable[[], Iterator[Tensor]], rank: int, max_value: Tensor) -> Tensor:
+    """The ``rank``-th smallest of all ``parts()`` from the bin its counts point to (CPU).
 
     256 bins over ``[0, max]`` locate the score; only the scores of that bin are copied and
     ranked.  Zeros (the pruned weights, often most of the bin of 0) are counted, not copied.
@@ -250,17 +304,17 @@ def _kth_smallest_in_band(parts: list[Tensor], rank: int, max_value: Tensor) -> 
     if not m > 0:
         return torch.zeros((), dtype=torch.float32)
     nbins = 256
-    cumulative = sum(bin_counts(p, max_value, nbins) for p in parts).cumsum(0)  # type: ignore[union-attr]
+    cumulative = sum(bin_counts(p, max_value, nbins) for p in parts()).cumsum(0)  # type: ignore[union-attr]
     b = int((cumulative < rank).sum())
     below = int(cumulative[b - 1]) if b else 0
     low = bin_edge(m, b, nbins) if b else 0.0
     high = bin_edge(m, b + 1, nbins) if b + 1 < nbins else math.inf
     if b == 0:  # exact zeros first: they are the pruned weights
-        zeros = sum(int(torch.count_nonzero(p == 0)) for p in parts)
+        zeros = sum(int(torch.count_nonzero(p == 0)) for p in parts())
         if rank <= zeros:
             return torch.zeros((), dtype=torch.float32)
         below, low = zeros, _f32_from_bits(1)  # the smallest positive float32
-    band = torch.cat([p[(p >= low) & (p < high)] for p in parts])
+    band = torch.cat([p[(p >= low) & (p < high)] for p in parts()])
     return torch.kthvalue(band, rank - below).values
 
 
