@@ -1,4 +1,4 @@
-"""The check step of a mask update: a weight holding NaN or Inf keeps its mask, and the user is told.
+"""The check and commit steps of a mask update: a weight holding NaN or Inf keeps its mask, and the user is told.
 
 On the CPU the finiteness flags of the whole model are read back once, before any mask changes,
 and the error names every bad weight.  On an accelerator reading them back would stall the
@@ -12,17 +12,58 @@ the host never reads a buffer the device is still writing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeferredCheck", "raise_nonfinite"]
+from lit_prune.engine.statistics import abs_maxima
+
+if TYPE_CHECKING:
+    from lit_prune.backends.base import Begun
+    from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
+    from lit_prune.engine.state import WeightState
+
+__all__ = ["DeferredCheck", "check_finite", "nonfinite_error", "record_kept"]
 
 
-def raise_nonfinite(names: list[str], step: int) -> None:
-    """Raise the ``FloatingPointError`` naming the non-finite pruned weights (masks left unchanged)."""
-    raise FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
+def check_finite(groups: list[Group], begun: list[Begun], request: UpdateRequest, deferred: DeferredCheck) -> None:
+    """The check step: every weight finite before any mask changes (on accelerators: read back later).
+
+    Raises:
+        FloatingPointError: on the CPU, a weight holds NaN or Inf.
+    """
+    flagged = [(g, b.finite) for g, b in zip(groups, begun, strict=True) if b.finite is not None]
+    if not flagged or request.hparams.use_tpu:  # use_tpu: no data-dependent host reads (TF's TPU path had none)
+        return
+    finite = torch.cat([flags for _, flags in flagged])
+    if request.deferred:
+        deferred.queue(finite, request.step, [n for g, _ in flagged for n in g.names])
+    elif not bool(finite.all()):
+        raise FloatingPointError("non-finite weights")
+
+
+def nonfinite_error(states: list[WeightState], step: int) -> FloatingPointError:
+    """The ``FloatingPointError`` naming every non-finite pruned weight (masks left unchanged)."""
+    flags = torch.stack([torch.isfinite(m) for m in abs_maxima([s.param for s in states])]).tolist()
+    names = [s.name for s, ok in zip(states, flags, strict=True) if not ok]
+    return FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
+
+
+def record_kept(groups: list[Group], results: list[GroupResult], known: bool) -> None:
+    """The commit step: which masks keep everything, from the kept counts (one host read for the whole model).
+
+    ``known=False`` (accelerators, ``use_tpu``: nothing is read back): every mask is taken to prune something.
+    """
+    counted = [r.kept for r in results if isinstance(r.kept, Tensor)] if known else []
+    read = iter(torch.cat(counted).tolist()) if counted else iter(())
+    for group, result in zip(groups, results, strict=True):
+        if not known:
+            kept = [-1] * len(group.weights)
+        else:
+            kept = result.kept if isinstance(result.kept, list) else [next(read) for _ in group.weights]
+        for s, k in zip(group.weights, kept, strict=True):
+            s.dense = k == s.mask.numel()
 
 
 def _event_for(device: torch.device) -> Any | None:

@@ -29,7 +29,7 @@ from lit_prune.backends.choose import choose_apply_backend, choose_backend
 from lit_prune.backends.cpu import kernels
 from lit_prune.config.hparams import HParamsError, PruningHParams
 from lit_prune.engine.binding import ModelWatch, bind_weights, joint_names
-from lit_prune.engine.checks import DeferredCheck, raise_nonfinite
+from lit_prune.engine.checks import DeferredCheck, check_finite, nonfinite_error, record_kept
 from lit_prune.engine.nm import check_nm_sparse
 from lit_prune.engine.plan import Plan, UpdateRequest, build_plan, tensors_key
 from lit_prune.engine.reduce import LocalReducer, Reducer
@@ -37,7 +37,6 @@ from lit_prune.engine.saliency import SALIENCY_STATE
 from lit_prune.engine.schedule import external_scale, gradual_sparsity, should_update, weight_sparsity
 from lit_prune.engine.scores import Scratch
 from lit_prune.engine.state import check_saved_state, load_states, save_states
-from lit_prune.engine.statistics import abs_maxima
 
 __all__ = ["STATE_VERSION", "Pruning", "SparsityFn"]
 
@@ -199,41 +198,12 @@ class Pruning:
         )
         try:
             begun = [group.backend.begin(group, request) for group in plan.groups]  # masks, scores, statistics
-            self._check(plan, begun, request)  # NaN/Inf: raised now, or read back later on accelerators
+            check_finite(plan.groups, begun, request, self._deferred)  # NaN/Inf: now, or read back later
             results = [g.backend.finish(g, b, request) for g, b in zip(plan.groups, begun, strict=True)]
-        except kernels.NonFiniteWeights:  # a kernel found one before it wrote anything
-            self._raise_nonfinite(step)
-        if request.deferred or self.hparams.use_tpu:  # no host read: masks are taken to prune something
-            for s in self._states.values():
-                s.dense = False
-        else:
-            self._commit_kept(plan, results)
+        except FloatingPointError:  # found before any mask changed: name every non-finite weight
+            raise nonfinite_error(list(self._states.values()), step) from None
+        record_kept(plan.groups, results, known=not (request.deferred or self.hparams.use_tpu))
         self.last_update_step = step
-
-    def _check(self, plan: Plan, begun: list, request: UpdateRequest) -> None:
-        """The check step: every weight finite before any mask changes (on accelerators: read back later)."""
-        flagged = [(g, b.finite) for g, b in zip(plan.groups, begun, strict=True) if b.finite is not None]
-        if not flagged or self.hparams.use_tpu:  # use_tpu: no data-dependent host reads (TF's TPU path had none)
-            return
-        finite = torch.cat([flags for _, flags in flagged])
-        if request.deferred:
-            self._deferred.queue(finite, request.step, [n for g, _ in flagged for n in g.names])
-        elif not bool(finite.all()):
-            self._raise_nonfinite(request.step)
-
-    def _raise_nonfinite(self, step: int) -> None:
-        states = list(self._states.values())
-        flags = torch.stack([torch.isfinite(m) for m in abs_maxima([s.param for s in states])]).tolist()
-        raise_nonfinite([s.name for s, ok in zip(states, flags, strict=True) if not ok], step)
-
-    def _commit_kept(self, plan: Plan, results: list) -> None:
-        """Record which masks keep everything, from the kept counts (one host read for the whole model)."""
-        counted = [r.kept for r in results if isinstance(r.kept, Tensor)]
-        read = iter(torch.cat(counted).tolist()) if counted else iter(())
-        for group, result in zip(plan.groups, results, strict=True):
-            kept = result.kept if isinstance(result.kept, list) else [next(read) for _ in group.weights]
-            for s, k in zip(group.weights, kept, strict=True):
-                s.dense = k == s.mask.numel()
 
     @torch.no_grad()
     def apply_mask(self) -> None:
