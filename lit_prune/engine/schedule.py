@@ -10,31 +10,25 @@ least ``pruning_frequency`` steps after the last update (*not* ``step % frequenc
 
 from __future__ import annotations
 
-import struct
-
 from lit_prune.config.hparams import HParamsError, PruningHParams
+from lit_prune.engine.float32 import f32
 
 __all__ = ["external_scale", "gradual_sparsity", "should_update", "weight_sparsity"]
 
 
-def _f32(x: float) -> float:
-    """Round a Python float to the nearest float32 (IEEE), as a TF float32 op result would be."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 def _progress(step: int, begin: int, end: int) -> float:
     # p = min(1, max(0, float32(t - b) / (E - b)))   -- float32 division, as in TF
-    return min(1.0, max(0.0, _f32(_f32(float(step - begin)) / _f32(float(end - begin)))))
+    return min(1.0, max(0.0, f32(f32(float(step - begin)) / f32(float(end - begin)))))
 
 
 def _polynomial(initial: float, final: float, one_minus_p_pow: float) -> float:
     # s = (s_i - s_f) * (1 - p)^e + s_f, each op rounded to float32
-    return _f32(_f32(_f32(initial - final) * one_minus_p_pow) + _f32(final))
+    return f32(f32(f32(initial - final) * one_minus_p_pow) + f32(final))
 
 
 def _decay(step: int, hp: PruningHParams) -> float:
     p = _progress(step, hp.sparsity_function_begin_step, hp.sparsity_function_end_step)
-    return _f32(_f32(1.0 - p) ** _f32(hp.sparsity_function_exponent))
+    return f32(f32(1.0 - p) ** f32(hp.sparsity_function_exponent))
 
 
 def gradual_sparsity(step: int, hparams: PruningHParams) -> float:
@@ -79,7 +73,7 @@ def external_scale(hparams: PruningHParams, own_target: float) -> float:
             "`target_sparsity` is 0: set `target_sparsity` > 0 (the value the external `sparsity` ends at, so that "
             "the weight ends at its own target), or drop the external `sparsity` to follow the schedule"
         )
-    return _f32(own_target / hparams.target_sparsity)
+    return f32(own_target / hparams.target_sparsity)
 
 
 def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base: float | None = None) -> float:
@@ -107,9 +101,9 @@ def weight_sparsity(step: int, hparams: PruningHParams, own_target: float, base:
         0.375
     """
     if base is not None:
-        return _f32(base * external_scale(hparams, own_target))
+        return f32(base * external_scale(hparams, own_target))
     if hparams.initial_sparsity == 0.0 and hparams.target_sparsity > 0.0:
-        return _f32(gradual_sparsity(step, hparams) * _f32(own_target / hparams.target_sparsity))
+        return f32(gradual_sparsity(step, hparams) * f32(own_target / hparams.target_sparsity))
     return _polynomial(hparams.initial_sparsity, own_target, _decay(step, hparams))
 
 

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+from lit_prune.engine.float32 import f32, f32_bits, f32_from_bits
 
 __all__ = [
     "bin_counts",
     "decay_pair",
     "exact_threshold",
     "exact_threshold_of",
-    "f32",
     "histogram_target_count",
     "histogram_threshold",
     "joint_threshold",
@@ -44,17 +44,6 @@ __all__ = [
 
 #: Elements binned at a time: bounds the temporaries of :func:`bin_counts` (8 bytes per element).
 _CHUNK = 1 << 20
-
-
-def f32(x: float) -> float:
-    """Round a host float to float32, as TF's float32 ops round.
-
-    Example::
-
-        >>> f32(0.1)
-        0.10000000149011612
-    """
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 # ---------------------------------------------------------------------- counts from size and sparsity
@@ -313,7 +302,7 @@ def _kth_smallest_in_band(parts: Callable[[], Iterator[Tensor]], rank: int, max_
         zeros = sum(int(torch.count_nonzero(p == 0)) for p in parts())
         if rank <= zeros:
             return torch.zeros((), dtype=torch.float32)
-        below, low = zeros, _f32_from_bits(1)  # the smallest positive float32
+        below, low = zeros, f32_from_bits(1)  # the smallest positive float32
     band = torch.cat([p[(p >= low) & (p < high)] for p in parts()])
     return torch.kthvalue(band, rank - below).values
 
@@ -357,18 +346,7 @@ def decay_pair(threshold_decay: float) -> tuple[float, float] | None:
     return None if threshold_decay == 0.0 else (f32(1.0 - threshold_decay), f32(threshold_decay))
 
 
-# ---------------------------------------------------------------------- float32 on the host
-# Exact: a float32 division or product computed in float64 and rounded to float32 equals the
-# float32 operation (float64 has more than 2 * 24 + 2 bits).
-def f32_bits(x: float) -> int:
-    """The bits of float32 ``x`` as a signed int32."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-def _f32_from_bits(bits: int) -> float:
-    return struct.unpack("<f", struct.pack("<i", bits))[0]
-
-
+# ---------------------------------------------------------------------- TF's bin edges on the host
 def _tf_bin(x: float, max_value: float, nbins: int) -> int:
     """TF's bin of one float32 score: ``min(floor(float32(nbins) * float32(x / max)), nbins - 1)``."""
     return min(math.floor(f32(float(nbins) * f32(x / max_value))), nbins - 1)
@@ -384,7 +362,7 @@ def bin_edge(max_value: float, i: int, nbins: int) -> float:
     """
     edge = f32(f32(i / nbins) * max_value)  # within a few ulps of the edge; walk to it
     while edge > 0 and _tf_bin(edge, max_value, nbins) >= i:
-        edge = _f32_from_bits(f32_bits(edge) - 1)
+        edge = f32_from_bits(f32_bits(edge) - 1)
     while _tf_bin(edge, max_value, nbins) < i:
-        edge = _f32_from_bits(f32_bits(edge) + 1)
+        edge = f32_from_bits(f32_bits(edge) + 1)
     return edge

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from lit_prune.backends.cpu import build
 from lit_prune.backends.cpu.build import native_enabled
+from lit_prune.engine.blocks import block_grid
 
 __all__ = [
     "BlockBatch",
@@ -438,17 +439,6 @@ def _matrices(weights: list[Tensor], block_dims: list[tuple[int, int]]) -> tuple
         _array(ctypes.c_int64, [d[0] for d in block_dims]),
         _array(ctypes.c_int64, [d[1] for d in block_dims]),
     )
-
-
-def block_grid(shape: tuple[int, ...] | torch.Size, dims: tuple[int, int]) -> tuple[int, int]:
-    """The block grid of a 2-D ``shape`` in ``dims`` blocks from row and column 0 (edge blocks cut short).
-
-    Example::
-
-        >>> block_grid((10, 6), (4, 3))
-        (3, 2)
-    """
-    return -(-shape[0] // dims[0]), -(-shape[1] // dims[1])
 
 
 def _flags(values: list[bool] | None, n: int, field: str) -> bytes | None:
