@@ -3,6 +3,11 @@
     python bench/ab_commits.py ac64533 HEAD            # 3 rounds, ResNet-18, cold caches
     python bench/ab_commits.py ac64533 HEAD --rounds 5
 
+Besides the native kernels' figures, each commit is measured with ``LIT_PRUNE_NATIVE=0`` (the
+torch reference path every accelerator and every machine without a compiler runs), and the peak
+resident memory one ``global_ranking`` update adds is read in a fresh process per rule.  The
+ratios divide by the one read of the same process.
+
 Each commit's ``lit_prune/`` is extracted with ``git archive`` into a temporary directory and
 imported from there (``PYTHONPATH``), so two versions of the package never share a process; the
 rounds alternate them because this machine's speed drifts.  Every timing is the minimum of
@@ -100,7 +105,37 @@ def child(repeats: int) -> dict[str, float]:
         later.mask_update(1)
 
     out["later update (+ apply)"] = best(update_step, after_a_step)
+
+    def moved() -> None:  # an optimizer step moved every weight, pruned ones too
+        later.load_state_dict(state)
+        later.mask_update(1)
+        with torch.no_grad():
+            for w, n in zip(weights, noise, strict=True):
+                w.add_(n)
+
+    out["apply_mask"] = best(later.apply_mask, moved)
     return out
+
+
+def memory_child(method: str) -> dict[str, float]:
+    """Peak resident memory added by one ``global_ranking`` update of ResNet-18 (MiB), in a fresh process."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from models import resnet18
+
+    from lit_prune import Pruning, PruningHParams
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = resnet18()
+    pruning = Pruning(model, PruningHParams(global_ranking=True, threshold_method=method), sparsity=0.5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pruning.mask_update(0)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {f"global_ranking {method}: peak memory added (MiB)": (after - before) / 1024}
 
 
 def main() -> None:
@@ -110,9 +145,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.repeats)))
+        return
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
@@ -125,19 +164,41 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {rev: [] for rev in trees}
         for _ in range(args.rounds):
             for rev, tree in trees.items():
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                run = subprocess.run(
-                    [sys.executable, __file__, args.old, args.new, "--child", "--repeats", str(args.repeats)],
-                    env=env, check=True, capture_output=True, text=True,
-                )  # fmt: skip
-                results[rev].append(json.loads(run.stdout.strip().splitlines()[-1]))
+                round_: dict[str, float] = {}
+                for native, suffix in (("1", ""), ("0", ", torch reference")):
+                    env = {**os.environ, "PYTHONPATH": str(tree), "LIT_PRUNE_NATIVE": native}
+                    found = run_child(env, ["--child", "--repeats", str(args.repeats)], args)
+                    round_.update({k + suffix: v for k, v in found.items() if not (suffix and k == "apply_mask")})
+                for method in ("histogram", "exact"):
+                    env = {**os.environ, "PYTHONPATH": str(tree)}
+                    round_.update(run_child(env, ["--memory-child", method], args))
+                results[rev].append(round_)
     metrics = list(results[args.old][0])
     print(f"\nResNet-18 conv/linear weights, sparsity 0.5, cold caches, ms (min of {args.repeats}), per round\n")
-    print("| metric | " + " | ".join(f"{rev}" for rev in trees) + " |")
-    print("| --- | " + " | ".join("---:" for _ in trees) + " |")
+    print(
+        "| metric | "
+        + " | ".join(f"{rev}" for rev in trees)
+        + " | "
+        + " | ".join(f"{rev}, x one read" for rev in trees)
+        + " |"
+    )
+    print("| --- | " + " | ".join(["---:"] * (2 * len(trees))) + " |")
     for metric in metrics:
         cells = [", ".join(f"{r[metric]:.1f}" for r in results[rev]) for rev in trees]
-        print(f"| {metric} | " + " | ".join(cells) + " |")
+        floor = "one read, torch reference" if metric.endswith("torch reference") else "one read"
+        ratios = [
+            ", ".join(f"{r[metric] / r[floor]:.2f}" for r in results[rev]) if "memory" not in metric else ""
+            for rev in trees
+        ]
+        print(f"| {metric} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+
+def run_child(env: dict[str, str], extra: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """One measuring process, with the commit's ``lit_prune`` on its path."""
+    run = subprocess.run(
+        [sys.executable, __file__, args.old, args.new, *extra], env=env, check=True, capture_output=True, text=True
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -155,8 +155,8 @@ class PruningHParams:
     use_tpu: bool = field(
         default=False,
         metadata=_doc(
-            "TF's switch to its TPU-friendly algorithms; here the threshold comes from one order statistic (a "
-            "sort on accelerators, `kthvalue` on the CPU: no scatter, static shapes, no host reads), same masks"
+            "TF's switch to its TPU-friendly algorithms; here thresholds from a sort of the scores (static shapes, "
+            "no scatter, no host reads, so no NaN check), same masks"
         ),
     )
     # google-research / lingvo additions
