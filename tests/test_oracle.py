@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lit_prune.engine.layers import MaskedConv2d, MaskedLinear
 from lit_prune.oracle import (
     OraclePruning,
     StructuredPruningError,
@@ -21,7 +22,13 @@ from lit_prune.oracle import (
     set_dl_pruning_param,
 )
 from lit_prune.oracle.scores import _gate_hooks, exact_oracle, spearman
-from lit_prune.oracle.surgery import build_groups, prune_groups
+from lit_prune.oracle.surgery import (
+    ModelInputs,
+    build_groups,
+    count_macs_and_params,
+    prune_groups,
+    resize_to_state_dict,
+)
 
 
 class ResNetLike(nn.Module):
@@ -250,3 +257,75 @@ def test_concatenation_prunes_consistently():
     assert pruned.mix.in_channels == pruned.a.out_channels + pruned.b.out_channels
     with torch.no_grad():
         assert torch.allclose(pruned(x), masked_output(model, handle, x), atol=1e-5)
+
+
+def test_resize_to_state_dict_rebuilds_a_pruned_structure_from_its_shapes():
+    model = trained(steps=5)
+    handle = OraclePruning(model, "oracle", {"percentage": 50, "score": "l1"})
+    handle.add_batch(data(16))
+    pruned = handle.gen_pruned_model()
+    fresh = ResNetLike()
+    resized = resize_to_state_dict(fresh, pruned.state_dict())
+    assert set(resized) == {"stem", "bn", "c1", "b1", "c2", "b2", "dw", "bdw", "c3", "b3", "fc"}
+    fresh.load_state_dict(pruned.state_dict())  # strict: every shape matches now
+    for name, module in pruned.named_modules():
+        other = fresh.get_submodule(name)
+        for attr in ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features"):
+            assert getattr(other, attr, None) == getattr(module, attr, None), (name, attr)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned.eval()(x))
+    assert resize_to_state_dict(fresh, pruned.state_dict()) == []  # already that shape: nothing to do
+
+
+def test_resize_to_state_dict_refuses_layers_it_cannot_resize():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(8))
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), Scale())
+    with pytest.raises(StructuredPruningError, match=r"`1` \(Scale\) cannot be resized: gain \(8,\) -> \(6,\)"):
+        state = {"0.weight": torch.zeros(6, 1, 3, 3), "0.bias": torch.zeros(6), "1.gain": torch.zeros(6)}
+        resize_to_state_dict(model, state)
+
+
+def test_surgery_resizes_the_masks_of_masked_layers():
+    model = nn.Sequential(
+        MaskedConv2d(1, 8, 3, padding=1), nn.ReLU(), MaskedConv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), MaskedLinear(8 * 64, 3),
+    )  # fmt: skip
+    x = torch.randn(2, 1, 8, 8)
+    prune_groups(model, x[:1], {"0": [1, 2], "2": [0]})
+    assert model[0].mask.shape == model[0].weight.shape == (6, 1, 3, 3)
+    assert model[2].mask.shape == model[2].weight.shape == (7, 6, 3, 3)
+    assert model[5].mask.shape == model[5].weight.shape == (3, 7 * 64)
+    assert all(bool(m.mask.all()) for m in (model[0], model[2], model[5]))
+    assert model(x).shape == (2, 3)
+    model[5].mask[0, 0] = False  # a magnitude mask that already prunes: its layer cannot lose inputs
+    with pytest.raises(StructuredPruningError, match=r"`5` holds a mask `mask` that already prunes 1 weight"):
+        prune_groups(model, x[:1], {"2": [0]})
+    assert model[2].out_channels == 7  # refused before any change
+
+
+class KeywordNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, pixels, *, scale=1.0, labels=None):
+        logits = self.fc(torch.relu(self.conv(pixels * scale)).mean((2, 3)))
+        return {"logits": logits, "loss": None if labels is None else nn.functional.cross_entropy(logits, labels)}
+
+
+def test_tracing_takes_positional_and_keyword_inputs():
+    model = KeywordNet()
+    inputs = ModelInputs((torch.randn(1, 1, 8, 8),), {"scale": 2.0, "labels": torch.tensor([1])})
+    _, groups = build_groups(model, inputs)
+    assert [g.name for g in groups] == ["conv"]
+    macs, params = count_macs_and_params(model, inputs)
+    prune_groups(model, inputs, {"conv": [0, 5]})
+    assert model.conv.out_channels == 4 and model.fc.in_features == 4
+    assert count_macs_and_params(model, inputs)[1] < params
+    assert ModelInputs.of({"pixels": torch.zeros(1, 1, 8, 8)}).kwargs.keys() == {"pixels"}
+    assert len(ModelInputs.of((torch.zeros(1), torch.zeros(1))).args) == 2
