@@ -79,11 +79,12 @@ def _fit_and_test(cfg: DictConfig, with_pruning: bool, version: str) -> tuple[An
     callbacks = _callbacks(cfg, with_pruning)
     extra = {} if with_pruning else {"enable_checkpointing": False}  # the dense baseline keeps no checkpoint
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all", **extra)
+    for callback in callbacks:  # under ddp_spawn the main process takes the smaller structure this way
+        getattr(callback, "attach", lambda module: module)(model)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if with_pruning else None)
     results = trainer.test(model, datamodule=datamodule, verbose=False)
     accuracy = float(results[0].get("test_acc", float("nan"))) if results else float("nan")
-    pruning = next((c for c in callbacks if type(c).__name__ in ("PruningCallback", "StructuredPruningCallback")), None)
-    return trainer, pruning, accuracy
+    return trainer, callbacks, accuracy
 
 
 def train(cfg: DictConfig) -> float:
@@ -96,7 +97,7 @@ def train(cfg: DictConfig) -> float:
     dense_acc = None
     if cfg.get("dense_baseline"):
         _, _, dense_acc = _fit_and_test(cfg, with_pruning=False, version="dense")
-    trainer, pruning, pruned_acc = _fit_and_test(cfg, with_pruning=True, version="pruned")
+    trainer, callbacks, pruned_acc = _fit_and_test(cfg, with_pruning=True, version="pruned")
     summary: dict[str, Any] = {
         "dense_test_acc": dense_acc,
         "pruned_test_acc": pruned_acc,
@@ -106,16 +107,17 @@ def train(cfg: DictConfig) -> float:
     }
     model = trainer.lightning_module
     summary["num_params"] = sum(p.numel() for p in model.parameters())
-    if type(pruning).__name__ == "StructuredPruningCallback":
-        summary["kernels_removed"] = [sum(len(v) for v in step.values()) for step in pruning.history]
-        summary["conv_kernels"] = {
-            name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
-        }
-    elif pruning is not None:
-        summary["model_sparsity"] = float(pruning.pruning.model_sparsity())
-        summary["last_mask_update_step"] = pruning.pruning.last_update_step
-        summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in pruning.get_weight_sparsity().items()}
-        summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in pruning.pruning.nm_weights().items()}
+    for callback in callbacks:  # each pruning callback's part of the summary (both, in a combined recipe)
+        if type(callback).__name__ == "StructuredPruningCallback":
+            summary["kernels_removed"] = [sum(len(v) for v in step.values()) for step in callback.history]
+            summary["conv_kernels"] = {
+                name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+            }
+        elif type(callback).__name__ == "PruningCallback" and callback.pruning is not None:
+            summary["model_sparsity"] = float(callback.pruning.model_sparsity())
+            summary["last_mask_update_step"] = callback.pruning.last_update_step
+            summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in callback.get_weight_sparsity().items()}
+            summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in callback.pruning.nm_weights().items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(summary))
     log.info("\n%s", _summary_markdown(summary))
@@ -145,7 +147,9 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
             "| --- | ---: |",
         ]
         lines += [f"| `{name}` | {n} |" for name, n in summary["conv_kernels"].items()]
-        return "\n".join(lines) + "\n"
+        if "weight_sparsity" not in summary:  # structured pruning alone
+            return "\n".join(lines) + "\n"
+        lines.append("")
     lines += [
         f"Model sparsity {pct(summary.get('model_sparsity'))} (target {pct(summary['target_sparsity'])}), "
         f"last mask update at step {summary.get('last_mask_update_step')} of {summary['global_step']}.",
