@@ -248,3 +248,22 @@ def test_the_accelerator_exact_rule_equals_the_cpu_one(monkeypatch, sparsity):
     monkeypatch.setattr(thresholds, "_host_values_are_free", lambda t: False)  # as on an accelerator
     assert torch.equal(thresholds.exact_threshold(parts, sparsity), on_cpu)
     assert torch.equal(thresholds.exact_threshold(torch.cat(parts), sparsity, static=True), on_cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "spec",
+    ["threshold_method=histogram", "threshold_method=exact", "nm_sparsity=2:4", "global_ranking=true"],
+)
+def test_a_cuda_update_makes_no_host_synchronisation(spec):
+    model = nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 256)).cuda()
+    pruning = Pruning(model, spec, sparsity=0.5)
+    pruning.mask_update(1)  # the first builds the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pruning.mask_update(2)
+        pruning.apply_mask()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -120,9 +120,8 @@ class TorchBackend(Backend):
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
         totals = request.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
         bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
-        thresholds = torch.div(bins, float(nbins)).mul_(maxima)
-        none = torch.tensor([k == 0 for k in targets], device=maxima.device)
-        return torch.where((maxima > 0) & ~none, thresholds, torch.zeros_like(thresholds))
+        thresholds = torch.div(bins, float(nbins)).mul_(maxima)  # K = 0 gives bin 0: threshold 0
+        return torch.where(maxima > 0, thresholds, torch.zeros_like(thresholds))
 
     def _sorted_thresholds(self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
         """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
@@ -138,7 +137,8 @@ class TorchBackend(Backend):
             def parts(unit=unit):
                 return (self._ranked(w, stats, request).reshape(-1) for w in unit)  # one at a time
 
-            out.append(exact_threshold_of(parts, numel, maxima[u], sparsity, static=hp.use_tpu))
+            whole = len(unit) == 1 and request.reducer.local
+            out.append(exact_threshold_of(parts, numel, maxima[u], sparsity, static=hp.use_tpu, whole=whole))
         return torch.stack(out).to(torch.float32)
 
     def _write_unit(
