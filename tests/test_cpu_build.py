@@ -156,6 +156,9 @@ def test_a_cache_under_a_directory_others_can_write_is_refused(fresh, monkeypatc
 @pytest.mark.parametrize("mode", [0o775, 0o757], ids=["group-writable", "world-writable"])
 def test_a_cached_library_others_can_write_is_refused(fresh, tmp_path, mode):
     library = build_cache(fresh)
+    # A new file in its place: writing into the loaded one would truncate pages this process has
+    # mapped (a SIGBUS later, at the latest when the interpreter exits).
+    library.unlink()
     library.write_bytes(b"not a library: loading it would fail")
     library.chmod(mode)
     with refused(library, "group or others can write to it"):
