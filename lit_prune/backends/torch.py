@@ -17,11 +17,12 @@ import torch
 from torch import Tensor
 
 from lit_prune.backends.base import Backend, Begun
-from lit_prune.engine.masks import smoothed_threshold_and_cut, write_mask, zero_pruned
+from lit_prune.engine.masks import compare_for, smoothed_threshold_and_cut, write_mask, zero_pruned
 from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
 from lit_prune.engine.saliency import advance_saliency
 from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, scores_of
+from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import WeightState
 from lit_prune.engine.statistics import abs_maxima
 from lit_prune.engine.thresholds import (
@@ -115,13 +116,20 @@ class TorchBackend(Backend):
         nbins = request.hparams.nbins
         counts, targets = [], []
         for u, unit in enumerate(stats.units):
-            counts.append(sum(bin_counts(self._ranked(w, stats, request), maxima[u], nbins) for w in unit))
+            counts.append(sum(self._bin_counts(w, stats, maxima[u], request) for w in unit))
             numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
         totals = request.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
         bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
         thresholds = torch.div(bins, float(nbins)).mul_(maxima)  # K = 0 gives bin 0: threshold 0
         return torch.where(maxima > 0, thresholds, torch.zeros_like(thresholds))
+
+    def _bin_counts(self, w: WeightState, stats: _Statistics, max_score: Tensor, request: UpdateRequest) -> Tensor:
+        """``w``'s scores counted per TF bin; ``|w|`` of a float32 weight straight from the weight (no copy)."""
+        nbins = request.hparams.nbins
+        if _ranks_its_own_magnitude(w, stats, request):
+            return bin_counts(w.param.detach(), max_score, nbins, absolute=True, scratch=request.counting)
+        return bin_counts(self._ranked(w, stats, request), max_score, nbins, scratch=request.counting)
 
     def _sorted_thresholds(self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
         """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
@@ -138,7 +146,11 @@ class TorchBackend(Backend):
                 return (self._ranked(w, stats, request).reshape(-1) for w in unit)  # one at a time
 
             whole = len(unit) == 1 and request.reducer.local
-            out.append(exact_threshold_of(parts, numel, maxima[u], sparsity, static=hp.use_tpu, whole=whole))
+            out.append(
+                exact_threshold_of(
+                    parts, numel, maxima[u], sparsity, static=hp.use_tpu, whole=whole, scratch=request.counting
+                )
+            )
         return torch.stack(out).to(torch.float32)
 
     def _write_unit(
@@ -163,17 +175,50 @@ class TorchBackend(Backend):
                 n, m = w.spec.nm  # type: ignore[misc]
                 nm_mask(scores, m, nm_pruned_per_group(m, request.sparsities[w.name], n), out=target)
                 threshold = torch.where(target, 0.0, scores).amax()
+            elif _in_chunks(w, stats, request):
+                _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
             else:
                 dims = block_dims_of(w) if w.name in stats.pooled else None
                 write_mask(self._ranked(w, stats, request), cut, rule, w.mask.shape, dims, target)
             _commit(w, target, threshold, ok, request.deferred)
-            zero_pruned(w.param.detach(), w.mask)
+            if current is None or not _in_chunks(w, stats, request):
+                zero_pruned(w.param.detach(), w.mask)
             if not request.deferred:
                 kept.append(torch.count_nonzero(w.mask))
         return kept
 
     def apply(self, group: Group) -> None:  # noqa: D102
         apply_current_masks(group.weights)
+
+
+#: Elements masked and zeroed at a time by :func:`_mask_and_zero_in_chunks` (a MiB of scores: in cache).
+_CHUNK = 1 << 18
+
+
+def _ranks_its_own_magnitude(w: WeightState, stats: _Statistics, request: UpdateRequest) -> bool:
+    """Whether ``w`` is ranked element-wise by ``|w|`` of a float32 weight (the scores need no buffer)."""
+    return request.hparams.prune_option == "weight" and w.name not in stats.pooled and w.param.dtype == torch.float32
+
+
+def _in_chunks(w: WeightState, stats: _Statistics, request: UpdateRequest) -> bool:
+    """Whether ``w``'s mask is written and its weight zeroed chunk by chunk (in place: contiguous, not deferred)."""
+    contiguous = w.param.is_contiguous() and w.mask.is_contiguous()
+    return not request.deferred and contiguous and _ranks_its_own_magnitude(w, stats, request)
+
+
+def _mask_and_zero_in_chunks(w: WeightState, cut: Tensor, rule: str, scratch: Scratch) -> None:
+    """The mask of ``|w|`` against ``cut`` and the pruned weights zeroed, a cache-sized chunk at a time.
+
+    The same masks as :func:`~lit_prune.engine.masks.write_mask` on ``|w|`` followed by
+    :func:`~lit_prune.engine.masks.zero_pruned`; the weight is read from memory once.
+    """
+    compare = compare_for(rule)
+    weight, mask = w.param.detach().reshape(-1), w.mask.reshape(-1)
+    buffer = scratch.take(torch.Size([min(_CHUNK, weight.numel())]), weight.device)
+    for start in range(0, weight.numel(), _CHUNK):
+        part, keep = weight[start : start + _CHUNK], mask[start : start + _CHUNK]
+        compare(torch.abs(part, out=buffer[: part.numel()]), cut, out=keep)
+        part.mul_(keep.view(torch.uint8))
 
 
 def bool_all(flags: Tensor) -> Tensor:

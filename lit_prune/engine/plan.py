@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from lit_prune.backends.base import Backend
     from lit_prune.config.hparams import PruningHParams
     from lit_prune.engine.reduce import Reducer
-    from lit_prune.engine.scores import Scratch
+    from lit_prune.engine.scratch import Scratch
     from lit_prune.engine.state import WeightState
 
 __all__ = [
@@ -75,6 +75,7 @@ class UpdateRequest:
     deferred: bool  # NaN/Inf read back later (accelerators): new masks are committed only where finite
     scores: Scratch  # float32 scores of one weight at a time
     staging: Scratch  # deferred: new masks land here before the commit
+    counting: tuple[Scratch, Scratch]  # float32 and int32 chunks of the histogram counts
 
 
 @dataclass

@@ -35,7 +35,7 @@ from lit_prune.engine.plan import Plan, UpdateRequest, build_plan, tensors_key
 from lit_prune.engine.reduce import LocalReducer, Reducer
 from lit_prune.engine.saliency import SALIENCY_STATE
 from lit_prune.engine.schedule import external_scale, gradual_sparsity, should_update, weight_sparsity
-from lit_prune.engine.scores import Scratch
+from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import check_saved_state, load_states, save_states
 
 __all__ = ["STATE_VERSION", "Pruning", "SparsityFn"]
@@ -109,6 +109,7 @@ class Pruning:
         self._watch = ModelWatch(model, self.hparams)
         self._deferred = DeferredCheck()
         self._scores, self._staging = Scratch(torch.float32), Scratch(torch.bool)
+        self._counting = Scratch(torch.float32), Scratch(torch.int32)
         self._plan: Plan | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -195,6 +196,7 @@ class Pruning:
             deferred=deferred,
             scores=self._scores,
             staging=self._staging,
+            counting=self._counting,
         )
         try:
             begun = [group.backend.begin(group, request) for group in plan.groups]  # masks, scores, statistics

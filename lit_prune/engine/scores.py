@@ -8,15 +8,15 @@ scores pooled over blocks.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lit_prune.engine.blocks import block_pool, block_view_shape, resolve_block_dims
 from lit_prune.engine.masks import zero_pruned
 from lit_prune.engine.saliency import saliency_scores
+from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import WeightState
 
-__all__ = ["Scratch", "apply_current_masks", "block_dims_of", "pooled_scores", "scores_of"]
+__all__ = ["apply_current_masks", "block_dims_of", "pooled_scores", "scores_of"]
 
 
 def apply_current_masks(states: list[WeightState]) -> None:
@@ -24,33 +24,6 @@ def apply_current_masks(states: list[WeightState]) -> None:
     for state in states:
         if not state.dense:
             zero_pruned(state.param.detach(), state.mask)
-
-
-class Scratch:
-    """One reusable buffer of a dtype, grown to the largest request and kept on its device.
-
-    Example::
-
-        >>> scratch = Scratch(torch.float32)
-        >>> scratch.take(torch.Size([2, 3]), torch.device("cpu")).shape
-        torch.Size([2, 3])
-    """
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self._buffer: Tensor | None = None
-
-    def take(self, shape: torch.Size, device: torch.device) -> Tensor:
-        """A view of ``shape`` into the buffer (its old contents, to be overwritten)."""
-        numel = shape.numel()
-        buffer = self._buffer
-        if buffer is None or buffer.numel() < numel or buffer.device != device:
-            buffer = self._buffer = torch.empty(numel, dtype=self.dtype, device=device)
-        return buffer[:numel].view(shape)
-
-    def release(self) -> None:
-        """Let the buffer go."""
-        self._buffer = None
 
 
 def scores_of(state: WeightState, prune_option: str, scratch: Scratch) -> Tensor:

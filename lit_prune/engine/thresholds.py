@@ -26,6 +26,10 @@ import torch
 from torch import Tensor
 
 from lit_prune.engine.float32 import f32, f32_bits, f32_from_bits
+from lit_prune.engine.scratch import Scratch
+
+#: A float32 and an int32 buffer for :func:`bin_counts`.
+Scratches = tuple[Scratch, Scratch]
 
 __all__ = [
     "add_counts",
@@ -143,25 +147,38 @@ def _chunk(device: torch.device) -> int:
     return _CHUNK if device.type == "cpu" else 1 << 24
 
 
-def bin_counts(scores: Tensor, max_value: Tensor, nbins: int) -> Tensor:
+def bin_counts(
+    scores: Tensor, max_value: Tensor, nbins: int, *, absolute: bool = False, scratch: Scratches | None = None
+) -> Tensor:
     """How many scores fall in each of TF's ``nbins`` bins over ``[0, max_value]`` (int64, summable).
 
-    An all-zero ``scores`` (``max_value`` 0) puts every score in bin 0.  Works in chunks, so
-    the temporaries stay small; no host read.
+    ``absolute``: ``scores`` are signed values ranked by magnitude (``|x| / max`` is ``|x / max|``,
+    so no ``|x|`` copy is made).  ``scratch``: a float32 and an int32 buffer to reuse.  An
+    all-zero ``scores`` (``max_value`` 0) puts every score in bin 0.  Works in chunks, so the
+    temporaries stay small; no host read.  The bin is TF's: the float32 ``nbins * (a / max)``
+    truncated (which is the floor, for ``a >= 0``) and clipped.
 
     Example::
 
         >>> bin_counts(torch.tensor([0.0, 0.1, 0.6, 1.0]), torch.tensor(1.0), 2).tolist()
+        [2, 2]
+        >>> bin_counts(torch.tensor([0.0, -0.1, -0.6, 1.0]), torch.tensor(1.0), 2, absolute=True).tolist()
         [2, 2]
     """
     flat = scores.reshape(-1)
     safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value)).to(torch.float32)
     counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
     chunk = _chunk(flat.device)
-    scratch = torch.empty(min(flat.numel(), chunk), dtype=torch.float32, device=flat.device)
+    size = torch.Size([min(flat.numel(), chunk)])
+    floats, bins = scratch or (Scratch(torch.float32), Scratch(torch.int32))
+    ratios, bins = floats.take(size, flat.device), bins.take(size, flat.device)
     for start in range(0, flat.numel(), chunk):
         part = flat[start : start + chunk]
-        add_counts(counts, histogram_bins(part, safe, nbins, out=scratch[: part.numel()]).to(torch.int32))
+        ratio = torch.div(part, safe, out=ratios[: part.numel()])
+        if absolute:
+            ratio.abs_()
+        index = bins[: part.numel()].copy_(ratio.mul_(float(nbins)))  # float -> int32 truncates
+        add_counts(counts, index.clamp_(0, nbins - 1))  # NaN (a weight reported elsewhere) lands in a valid bin
     return counts
 
 
@@ -242,6 +259,7 @@ def exact_threshold_of(
     *,
     static: bool = False,
     whole: bool = False,
+    scratch: Scratches | None = None,
 ) -> Tensor:
     """:func:`exact_threshold` of scores given as a stream: ``parts()`` yields them anew each time it is called.
 
@@ -258,7 +276,7 @@ def exact_threshold_of(
     if static or torch.compiler.is_compiling():  # a sort is what compilers handle best
         return kth_smallest(torch.cat([p.clone() for p in parts()]), rank, static=True)
     if _host_values_are_free(max_value):
-        return _kth_smallest_in_band(parts, rank, max_value)
+        return _kth_smallest_in_band(parts, rank, max_value, scratch)
     if whole:
         return kth_smallest(next(parts()), rank, static=True)
     return kth_smallest_by_counts(parts, rank)
@@ -324,7 +342,9 @@ def _host_values_are_free(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _kth_smallest_in_band(parts: Callable[[], Iterator[Tensor]], rank: int, max_value: Tensor) -> Tensor:
+def _kth_smallest_in_band(
+    parts: Callable[[], Iterator[Tensor]], rank: int, max_value: Tensor, scratch: Scratches | None = None
+) -> Tensor:
     """The ``rank``-th smallest of all ``parts()`` from the bin its counts point to (CPU).
 
     256 bins over ``[0, max]`` locate the score; only the scores of that bin are copied and
@@ -334,7 +354,8 @@ def _kth_smallest_in_band(parts: Callable[[], Iterator[Tensor]], rank: int, max_
     if not m > 0:
         return torch.zeros((), dtype=torch.float32)
     nbins = 256
-    cumulative = sum(bin_counts(p, max_value, nbins) for p in parts()).cumsum(0)  # type: ignore[union-attr]
+    counts = sum(bin_counts(p, max_value, nbins, scratch=scratch) for p in parts())
+    cumulative = counts.cumsum(0)  # type: ignore[union-attr]
     b = int((cumulative < rank).sum())
     below = int(cumulative[b - 1]) if b else 0
     low = bin_edge(m, b, nbins) if b else 0.0
