@@ -11,6 +11,7 @@ the size of the largest weight, rather than kept: no second copy of the weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from lit_prune.backends.base import Backend, Begun
 from lit_prune.engine.masks import compare_for, smoothed_threshold_and_cut, write_mask, zero_pruned
 from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
+from lit_prune.engine.reduce import Reducer
 from lit_prune.engine.saliency import advance_saliency
 from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, scores_of
 from lit_prune.engine.scratch import Scratch
@@ -30,7 +32,9 @@ from lit_prune.engine.thresholds import (
     exact_threshold_of,
     histogram_target_count,
     histogram_threshold,
+    kth_smallest_by_counts_of,
     threshold_bin,
+    topk_count,
 )
 
 __all__ = ["TorchBackend"]
@@ -54,9 +58,11 @@ class TorchBackend(Backend):
         hp = request.hparams
         apply_current_masks(group.weights)
         for w in group.weights:
-            advance_saliency(w.param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
-        weight_maxima = abs_maxima([w.param for w in group.weights])
+            advance_saliency(w.local_param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
+        weight_maxima = abs_maxima([w.local_param for w in group.weights])
         finite = torch.isfinite(torch.stack(weight_maxima))
+        if not group.reducer.local:  # a NaN in any process's shard stops every process
+            finite = group.reducer.sum_((~finite).to(torch.int64)) == 0
         units = [group.weights] if group.granularity == "global" else [[w] for w in group.weights]
         pooled: dict[str, Tensor] = {}
         maxima = []
@@ -88,20 +94,22 @@ class TorchBackend(Backend):
 
     def finish(self, group: Group, begun: Begun, request: UpdateRequest) -> GroupResult:  # noqa: D102
         stats: _Statistics = begun.data
-        maxima = request.reducer.max_(stats.maxima)
+        maxima = group.reducer.max_(stats.maxima)
         if group.rule == "nm":
             current = None
         elif group.rule == "histogram" and not request.hparams.use_tpu:
-            current = self._histogram_thresholds(stats, maxima, request)
+            current = self._histogram_thresholds(stats, maxima, request, group.reducer)
         else:
-            current = self._sorted_thresholds(group.rule, stats, maxima, request)
+            current = self._sorted_thresholds(group.rule, stats, maxima, request, group.reducer)
         kept = []
         for u, unit in enumerate(stats.units):
             ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
             kept += self._write_unit(
                 group.rule, unit, stats, maxima[u], None if current is None else current[u], bool_all(ok), request
             )
-        return GroupResult(None if request.deferred else torch.stack(kept))
+        if request.deferred:
+            return GroupResult(None)
+        return GroupResult(group.reducer.sum_(torch.stack(kept)))  # whole masks' kept counts
 
     def _ranked(self, w: WeightState, stats: _Statistics, request: UpdateRequest) -> Tensor:
         """The scores ``w`` is ranked by: its pooled block scores, or its scores in the scratch buffer."""
@@ -111,7 +119,9 @@ class TorchBackend(Backend):
             else scores_of(w, request.hparams.prune_option, request.scores)
         )
 
-    def _histogram_thresholds(self, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
+    def _histogram_thresholds(
+        self, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
+    ) -> Tensor:
         """TF's histogram thresholds of every unit, from per-bin counts combined by the reduce step."""
         nbins = request.hparams.nbins
         counts, targets = [], []
@@ -119,7 +129,7 @@ class TorchBackend(Backend):
             counts.append(sum(self._bin_counts(w, stats, maxima[u], request) for w in unit))
             numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
-        totals = request.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
+        totals = reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
         bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
         thresholds = torch.div(bins, float(nbins)).mul_(maxima)  # K = 0 gives bin 0: threshold 0
         return torch.where(maxima > 0, thresholds, torch.zeros_like(thresholds))
@@ -128,12 +138,16 @@ class TorchBackend(Backend):
         """``w``'s scores counted per TF bin; ``|w|`` of a float32 weight straight from the weight (no copy)."""
         nbins = request.hparams.nbins
         if _ranks_its_own_magnitude(w, stats, request):
-            return bin_counts(w.param.detach(), max_score, nbins, absolute=True, scratch=request.counting)
+            return bin_counts(w.local_param, max_score, nbins, absolute=True, scratch=request.counting)
         return bin_counts(self._ranked(w, stats, request), max_score, nbins, scratch=request.counting)
 
-    def _sorted_thresholds(self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
+    def _sorted_thresholds(
+        self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
+    ) -> Tensor:
         """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
         hp, out = request.hparams, []
+        if not reducer.local:  # shards: the k-th scores from counts combined across processes, all units at once
+            return self._reduced_exact_thresholds(stats, maxima, request, reducer)
         for u, unit in enumerate(stats.units):
             sparsity = request.sparsities[unit[0].name]
             if rule == "histogram":  # use_tpu: one weight per unit, static shapes
@@ -145,13 +159,27 @@ class TorchBackend(Backend):
             def parts(unit=unit):
                 return (self._ranked(w, stats, request).reshape(-1) for w in unit)  # one at a time
 
-            whole = len(unit) == 1 and request.reducer.local
+            whole = len(unit) == 1
             out.append(
                 exact_threshold_of(
                     parts, numel, maxima[u], sparsity, static=hp.use_tpu, whole=whole, scratch=request.counting
                 )
             )
         return torch.stack(out).to(torch.float32)
+
+    def _reduced_exact_thresholds(
+        self, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
+    ) -> Tensor:
+        """The exact rule over shards: each unit's ``k``-th score from per-byte counts, four collectives in all."""
+        sizes = [sum(w.param.numel() for w in unit) for unit in stats.units]  # the whole weights' sizes
+        kept = [topk_count(n, request.sparsities[unit[0].name]) for n, unit in zip(sizes, stats.units, strict=True)]
+        ranks = [n - k + 1 if k else n for n, k in zip(sizes, kept, strict=True)]  # the rank-th smallest score
+        streams = [
+            (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit)) for unit in stats.units
+        ]
+        found = kth_smallest_by_counts_of(streams, ranks, reducer.sum_, maxima.device)
+        none = torch.stack([torch.full((), k == 0, device=maxima.device) for k in kept])  # fills: no host copy
+        return torch.where(none, torch.nextafter(maxima, torch.full_like(maxima, math.inf)), found)
 
     def _write_unit(
         self,
@@ -169,7 +197,8 @@ class TorchBackend(Backend):
             threshold, cut = smoothed_threshold_and_cut(current, max_score, unit[0].threshold, hp.threshold_decay)
         kept = []
         for w in unit:
-            target = request.staging.take(w.mask.shape, w.mask.device) if request.deferred else w.mask
+            mask = w.local_mask
+            target = request.staging.take(mask.shape, mask.device) if request.deferred else mask
             if current is None:
                 scores = scores_of(w, hp.prune_option, request.scores)
                 n, m = w.spec.nm  # type: ignore[misc]
@@ -179,12 +208,12 @@ class TorchBackend(Backend):
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
             else:
                 dims = block_dims_of(w) if w.name in stats.pooled else None
-                write_mask(self._ranked(w, stats, request), cut, rule, w.mask.shape, dims, target)
+                write_mask(self._ranked(w, stats, request), cut, rule, mask.shape, dims, target)
             _commit(w, target, threshold, ok, request.deferred)
             if current is None or not _in_chunks(w, stats, request):
-                zero_pruned(w.param.detach(), w.mask)
+                zero_pruned(w.local_param, mask)
             if not request.deferred:
-                kept.append(torch.count_nonzero(w.mask))
+                kept.append(torch.count_nonzero(mask))
         return kept
 
     def apply(self, group: Group) -> None:  # noqa: D102
@@ -202,7 +231,7 @@ def _ranks_its_own_magnitude(w: WeightState, stats: _Statistics, request: Update
 
 def _in_chunks(w: WeightState, stats: _Statistics, request: UpdateRequest) -> bool:
     """Whether ``w``'s mask is written and its weight zeroed chunk by chunk (in place: contiguous, not deferred)."""
-    contiguous = w.param.is_contiguous() and w.mask.is_contiguous()
+    contiguous = w.local_param.is_contiguous() and w.local_mask.is_contiguous()
     return not request.deferred and contiguous and _ranks_its_own_magnitude(w, stats, request)
 
 
@@ -213,7 +242,7 @@ def _mask_and_zero_in_chunks(w: WeightState, cut: Tensor, rule: str, scratch: Sc
     :func:`~lit_prune.engine.masks.zero_pruned`; the weight is read from memory once.
     """
     compare = compare_for(rule)
-    weight, mask = w.param.detach().reshape(-1), w.mask.reshape(-1)
+    weight, mask = w.local_param.reshape(-1), w.local_mask.reshape(-1)
     buffer = scratch.take(torch.Size([min(_CHUNK, weight.numel())]), weight.device)
     for start in range(0, weight.numel(), _CHUNK):
         part, keep = weight[start : start + _CHUNK], mask[start : start + _CHUNK]
@@ -229,6 +258,6 @@ def bool_all(flags: Tensor) -> Tensor:
 def _commit(w: WeightState, new_mask: Tensor, threshold: Tensor, ok: Tensor, deferred: bool) -> None:
     """Store the new mask and threshold; deferred (accelerators): only where the weights were finite."""
     if deferred:
-        torch.where(ok, new_mask, w.mask, out=w.mask)
+        torch.where(ok, new_mask, w.local_mask, out=w.local_mask)
         threshold = torch.where(ok, threshold, w.threshold.to(threshold.dtype))
     w.threshold.copy_(threshold)

@@ -21,10 +21,12 @@ from lit_prune.config.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.engine.nm import nm_group_view
+from lit_prune.engine.reduce import LocalReducer, Reducer
 from lit_prune.engine.selection import match_map, select_weights
+from lit_prune.engine.sharding import ProcessGroupReducer, check_supported, is_sharded
 from lit_prune.engine.state import WeightSpec, WeightState
 
-__all__ = ["ModelWatch", "bind_weights", "joint_names"]
+__all__ = ["ModelWatch", "bind_weights", "default_reducer", "joint_names"]
 
 
 def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]:
@@ -49,6 +51,9 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
         nm = nm_map.get(name, nm_default)
         if nm is not None:
             spec = WeightSpec(name, _nm_target(spec, nm, tuple(getattr(module, param_name).shape)), spec.block_dims, nm)
+        weight = getattr(module, param_name)
+        blocked = spec.block_dims != (1, 1)
+        check_supported(name, weight, blocked, spec.nm is not None, hp.prune_option)
         states[name] = WeightState.bind(spec, module, param_name, hp.prune_option)
     blocked = [n for n in joint_names(states, hp) if states[n].spec.block_dims != (1, 1)]
     if blocked:
@@ -57,6 +62,25 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
             "`weight_sparsity_map` entry (their own threshold) or 1x1 blocks"
         )
     return states
+
+
+def default_reducer(states: dict[str, WeightState]) -> Reducer:
+    """The reduce step for these weights: over the device mesh of the sharded ones, else nothing to combine.
+
+    Example::
+
+        >>> default_reducer(bind_weights(nn.Linear(4, 4), PruningHParams())).local
+        True
+    """
+    sharded = [s for s in states.values() if is_sharded(s.param)]
+    if not sharded:
+        return LocalReducer()
+    meshes = {id(s.param.device_mesh) for s in sharded}
+    if len(meshes) > 1:
+        raise NotImplementedError(
+            f"the sharded weights lie on {len(meshes)} device meshes; pruning them needs one mesh for now"
+        )
+    return ProcessGroupReducer.for_weight(sharded[0].param)
 
 
 def joint_names(states: dict[str, WeightState], hp: PruningHParams) -> set[str]:

@@ -45,7 +45,7 @@ def check_finite(groups: list[Group], begun: list[Begun], request: UpdateRequest
 
 def nonfinite_error(states: list[WeightState], step: int) -> FloatingPointError:
     """The ``FloatingPointError`` naming every non-finite pruned weight (masks left unchanged)."""
-    flags = torch.stack([torch.isfinite(m) for m in abs_maxima([s.param for s in states])]).tolist()
+    flags = torch.stack([torch.isfinite(m) for m in abs_maxima([s.local_param for s in states])]).tolist()
     names = [s.name for s, ok in zip(states, flags, strict=True) if not ok]
     return FloatingPointError(f"NaN or Inf in pruned weight(s) {names} at step {step}; masks left unchanged")
 

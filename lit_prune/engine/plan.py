@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from lit_prune.engine.blocks import block_view_shape
+from lit_prune.engine.reduce import LocalReducer
+from lit_prune.engine.sharding import is_sharded, local
 
 if TYPE_CHECKING:
     from lit_prune.backends.base import Backend
@@ -47,6 +49,7 @@ class Group:
     rule: str  # "histogram", "exact" or "nm"
     backend: Backend
     weights: list[WeightState]
+    reducer: Reducer  # combines the statistics of sharded weights; local for whole ones
     work: Any = None  # what the backend prepared for these tensors (made at first use)
 
     @property
@@ -71,7 +74,6 @@ class UpdateRequest:
     step: int
     sparsities: dict[str, float]  # each weight's scheduled sparsity
     hparams: PruningHParams
-    reducer: Reducer
     deferred: bool  # NaN/Inf read back later (accelerators): new masks are committed only where finite
     scores: Scratch  # float32 scores of one weight at a time
     staging: Scratch  # deferred: new masks land here before the commit
@@ -99,7 +101,7 @@ def tensors_key(states: list[WeightState]) -> tuple:
     """What the plan depends on in the tensors: storage, device, dtype, shape and layout of each."""
     out = []
     for s in states:
-        for t in (s.param, s.mask, s.threshold):
+        for t in (local(s.param), local(s.mask), s.threshold):
             out.append((t.data_ptr() if not t.is_meta else 0, t.device, t.dtype, t.shape, t.is_contiguous()))
     return tuple(out)
 
@@ -118,16 +120,18 @@ def build_plan(
     Fused groups run first in ``finish``: they check their weights before writing anything, so
     a non-finite weight they find leaves every mask unchanged.
     """
-    groups: dict[tuple[str, str, str], Group] = {}
+    groups: dict[tuple[str, str, str, bool], Group] = {}
     for state in states:
         kind = granularity(state, state.name in joint)
         rule = "nm" if kind == "nm" else hparams.threshold_method
-        backend = choose(state, kind, hparams, reducer, deferred)
-        group = groups.setdefault((kind, rule, backend.name), Group(kind, rule, backend, []))
+        sharded = is_sharded(state.param)
+        own = reducer if sharded else LocalReducer()  # a whole weight is the same on every process
+        backend = choose(state, kind, hparams, own, deferred)
+        group = groups.setdefault((kind, rule, backend.name, sharded), Group(kind, rule, backend, [], own))
         group.weights.append(state)
     appliers: dict[str, Group] = {}
     for state in states:
         backend = choose_apply(state)
-        appliers.setdefault(backend.name, Group("apply", "apply", backend, [])).weights.append(state)
+        appliers.setdefault(backend.name, Group("apply", "apply", backend, [], reducer)).weights.append(state)
     ordered = sorted(groups.values(), key=lambda g: not g.backend.fused)
     return Plan((deferred, tensors_key(states)), ordered, list(appliers.values()))

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from lit_prune.backends.choose import choose_apply_backend, choose_backend
 from lit_prune.backends.cpu import kernels
 from lit_prune.config.hparams import HParamsError, PruningHParams
-from lit_prune.engine.binding import ModelWatch, bind_weights, joint_names
+from lit_prune.engine.binding import ModelWatch, bind_weights, default_reducer, joint_names
 from lit_prune.engine.checks import DeferredCheck, check_finite, nonfinite_error, record_kept
 from lit_prune.engine.nm import check_nm_sparse
 from lit_prune.engine.plan import Plan, UpdateRequest, build_plan, tensors_key
-from lit_prune.engine.reduce import LocalReducer, Reducer
+from lit_prune.engine.reduce import Reducer
 from lit_prune.engine.saliency import SALIENCY_STATE
 from lit_prune.engine.schedule import external_scale, gradual_sparsity, should_update, weight_sparsity
 from lit_prune.engine.scratch import Scratch
@@ -57,7 +57,8 @@ class Pruning:
         sparsity: Overrides the schedule, as TF's ``Pruning(spec, sparsity=...)``: a number or a
             callable of the step.  It is still scaled per weight by ``weight_sparsity_map``.
         reducer: Where statistics of weights split across processes are combined (the reduce
-            step); the default, for one process or DDP, combines nothing.
+            step).  The default combines nothing for whole weights (one process, DDP) and
+            all-reduces over the device mesh of sharded (``DTensor``) weights, e.g. FSDP2's.
 
     Raises:
         HParamsError: a malformed spec, a map entry that matches no pruned weight or matches a
@@ -98,9 +99,9 @@ class Pruning:
             )
         self.model = model
         self.sparsity_override = sparsity
-        self.reducer: Reducer = reducer or LocalReducer()
         self.last_update_step = 0
         self._states = bind_weights(model, self.hparams)
+        self.reducer: Reducer = reducer or default_reducer(self._states)
         if sparsity is not None:  # an external sparsity scales per own target: checked now, not at step 1
             for s in self._states.values():
                 if s.spec.target is not None:
@@ -192,7 +193,6 @@ class Pruning:
             step=step,
             sparsities=self.weight_sparsities(step),
             hparams=self.hparams,
-            reducer=self.reducer,
             deferred=deferred,
             scores=self._scores,
             staging=self._staging,

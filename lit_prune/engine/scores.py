@@ -23,12 +23,12 @@ def apply_current_masks(states: list[WeightState]) -> None:
     """Zero what each current mask prunes (weights whose mask keeps everything are skipped)."""
     for state in states:
         if not state.dense:
-            zero_pruned(state.param.detach(), state.mask)
+            zero_pruned(state.local_param, state.local_mask)
 
 
 def scores_of(state: WeightState, prune_option: str, scratch: Scratch) -> Tensor:
     """``state``'s float32 scores in ``scratch``: ``|w|`` or its saliency (the saliency state is not advanced)."""
-    param = state.param.detach()
+    param = state.local_param
     return saliency_scores(param, state.saliency, prune_option, out=scratch.take(param.shape, param.device))
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lit_prune.engine.layers import MaskedModule
 from lit_prune.engine.saliency import init_saliency_state
+from lit_prune.engine.sharding import is_sharded, local, shard_like
 
 __all__ = ["WeightSpec", "WeightState", "check_saved_state", "load_states", "save_states"]
 
@@ -59,13 +60,15 @@ class WeightState:
     def bind(cls, spec: WeightSpec, module: nn.Module, param_name: str, prune_option: str) -> WeightState:
         """The state of ``module.<param_name>``: the masked layer's buffers, or a new all-kept mask."""
         param = getattr(module, param_name)
-        saliency = init_saliency_state(param.detach(), prune_option)
+        saliency = init_saliency_state(local(param).detach(), prune_option)
         if isinstance(module, MaskedModule) and param_name in module.masked_weight_names:
             names = module.mask_buffer_names(param_name)
             mask, threshold = module._buffers[names[0]], module._buffers[names[1]]
             return cls(spec, module, param_name, mask, threshold, saliency, names, dense=False)  # type: ignore[arg-type]
-        mask = torch.ones_like(param, dtype=torch.bool)
-        threshold = torch.zeros((), dtype=torch.float32, device=param.device)
+        mask = torch.ones_like(local(param), dtype=torch.bool)
+        if is_sharded(param):  # the mask is sharded as its weight is
+            mask = shard_like(mask, param)
+        threshold = torch.zeros((), dtype=torch.float32, device=local(param).device)
         return cls(spec, module, param_name, mask, threshold, saliency)
 
     @property
@@ -79,6 +82,16 @@ class WeightState:
         found = self.module._parameters.get(self.param_name)
         return found if found is not None else getattr(self.module, self.param_name)
 
+    @property
+    def local_param(self) -> Tensor:
+        """This process's part of the parameter (the whole of it unless it is sharded), detached."""
+        return local(self.param).detach()
+
+    @property
+    def local_mask(self) -> Tensor:
+        """This process's part of the mask."""
+        return local(self.mask)
+
     def follow(self) -> None:
         """Bring the state to where the weight is: a masked layer's current buffers, the weight's device.
 
@@ -88,7 +101,9 @@ class WeightState:
         if self.buffer_names is not None:
             self.mask = self.module._buffers[self.buffer_names[0]]  # type: ignore[assignment]
             self.threshold = self.module._buffers[self.buffer_names[1]]  # type: ignore[assignment]
-        device = self.param.device
+        device = local(self.param).device
+        if is_sharded(self.mask):
+            return  # moved with its weight's mesh, or not at all
         if self.mask.device != device:
             if self.mask.is_meta:
                 self.mask = torch.ones(self.mask.shape, dtype=torch.bool, device=device)

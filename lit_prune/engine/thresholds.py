@@ -43,6 +43,7 @@ __all__ = [
     "kernel_targets",
     "kth_smallest",
     "kth_smallest_by_counts",
+    "kth_smallest_by_counts_of",
     "smooth_threshold",
     "threshold_bin",
     "topk_count",
@@ -307,8 +308,8 @@ def kth_smallest_by_counts(parts: Callable[[], Iterator[Tensor]] | list[Tensor],
 
     Non-negative float32 values order as their bit patterns do, so the value is found a byte of
     its pattern at a time, highest first: each round counts, per byte value, the scores that
-    share the bytes found so far (``bincount``: summable over tensors and processes) and picks
-    the byte at which the cumulative count reaches the rank.  Four rounds, static shapes.
+    share the bytes found so far (summable over tensors and processes) and picks the byte at
+    which the cumulative count reaches the rank.  Four rounds, static shapes.
 
     Example::
 
@@ -317,22 +318,34 @@ def kth_smallest_by_counts(parts: Callable[[], Iterator[Tensor]] | list[Tensor],
     """
     if isinstance(parts, list):
         parts = (lambda listed: lambda: iter(listed))(parts)
-    device = next(parts()).device
-    found = torch.zeros((), dtype=torch.int32, device=device)  # the pattern's bytes so far
-    remaining = torch.full((), rank, dtype=torch.int64, device=device)  # a fill: no copy from the host
+    return kth_smallest_by_counts_of([parts], [rank], lambda counts: counts, next(parts()).device)[0]
+
+
+def kth_smallest_by_counts_of(
+    units: list[Callable[[], Iterator[Tensor]]],
+    ranks: list[int],
+    reduce_sum: Callable[[Tensor], Tensor],
+    device: torch.device,
+) -> Tensor:
+    """:func:`kth_smallest_by_counts` of several units at once; ``reduce_sum`` combines each round's counts.
+
+    One ``reduce_sum`` per round for all units (four in all), so a sharded update makes a
+    constant number of collectives.  A unit's ``rank`` counts over all processes' parts.
+    """
     size = 1 << _RADIX_BITS
+    found = torch.zeros(len(units), dtype=torch.int32, device=device)  # each pattern's bytes so far
+    remaining = torch.stack([torch.full((), r, dtype=torch.int64, device=device) for r in ranks])  # fills
     for shift in range(32 - _RADIX_BITS, -1, -_RADIX_BITS):
-        counts = torch.zeros(size + 1, dtype=torch.int64, device=device)
-        for part in parts():
-            bits = part.reshape(-1).view(torch.int32)
-            digit = torch.bitwise_right_shift(bits, shift)
-            outside = torch.bitwise_right_shift(digit, _RADIX_BITS) != found  # another prefix: not counted
-            add_counts(counts, digit.bitwise_and_(size - 1).masked_fill_(outside, size))
-        cumulative = counts[:size].cumsum(0)
-        below = cumulative < remaining
-        byte = below.sum()
-        remaining = remaining - torch.where(below, cumulative, 0).amax()  # counts before this byte (no indexing)
-        found = torch.bitwise_left_shift(found, _RADIX_BITS).bitwise_or_(byte.to(torch.int32))
+        counts = torch.zeros(len(units), size + 1, dtype=torch.int64, device=device)
+        for u, parts in enumerate(units):
+            for part in parts():
+                digit = torch.bitwise_right_shift(part.reshape(-1).view(torch.int32), shift)
+                outside = torch.bitwise_right_shift(digit, _RADIX_BITS) != found[u]  # another prefix
+                add_counts(counts[u], digit.bitwise_and_(size - 1).masked_fill_(outside, size))
+        cumulative = reduce_sum(counts)[:, :size].cumsum(1)
+        below = cumulative < remaining[:, None]
+        remaining = remaining - torch.where(below, cumulative, 0).amax(1)  # counts before the chosen byte
+        found = torch.bitwise_left_shift(found, _RADIX_BITS).bitwise_or_(below.sum(1).to(torch.int32))
     return found.view(torch.float32)
 
 

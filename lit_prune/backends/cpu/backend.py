@@ -20,6 +20,7 @@ from lit_prune.config.hparams import PruningHParams
 from lit_prune.engine.blocks import block_grid, block_view_shape, resolve_block_dims
 from lit_prune.engine.nm import nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
+from lit_prune.engine.sharding import is_sharded
 from lit_prune.engine.state import WeightState
 from lit_prune.engine.statistics import abs_maxima
 from lit_prune.engine.thresholds import decay_pair, kernel_targets
@@ -55,6 +56,8 @@ class NativeCpuBackend(Backend):
     def refuses(granularity: str, state: WeightState, hparams: PruningHParams) -> str | None:
         """Why the kernels cannot update this weight (``None``: they can).  Asks for the build last."""
         param, mask = state.param, state.mask
+        if is_sharded(param):
+            return "a sharded weight (its statistics are reduced across processes)"
         if hparams.prune_option != "weight":
             return f"prune_option={hparams.prune_option!r} ranks a saliency; the kernels rank |w|"
         if granularity == "global":
@@ -73,6 +76,8 @@ class NativeCpuBackend(Backend):
     def refuses_apply(state: WeightState) -> str | None:
         """Why ``apply_mask``'s kernel cannot take this weight (``None``: it can)."""
         param, mask = state.param, state.mask
+        if is_sharded(param):
+            return "a sharded weight"
         if not (kernels.fits(param) and mask.dtype == torch.bool and mask.is_contiguous()):
             return "not a contiguous float32 CPU weight with a contiguous bool mask"
         if mask.numel() != param.numel():
