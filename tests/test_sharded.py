@@ -109,3 +109,22 @@ def _worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 def test_sharded_weights_get_the_masks_and_thresholds_of_one_process():
     mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
+    # Lightning's ModelParallelStrategy launches its second process by running the script again,
+    # so the fit runs in a script of its own (tests/sharded_fit.py), not under pytest.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "result.json"
+    script = Path(__file__).with_name("sharded_fit.py")
+    run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["last_update_step"] == 10
+    for name, found in result["rank0"].items():
+        assert found["dtensor"] and found["local_rows"] < found["rows"], (name, found)  # each process: its shard
+        assert found["sparsity"] == 0.5 and found["pruned_are_zero"] and found["equals_one_process"], (name, found)

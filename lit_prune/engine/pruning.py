@@ -36,7 +36,9 @@ from lit_prune.engine.reduce import Reducer
 from lit_prune.engine.saliency import SALIENCY_STATE
 from lit_prune.engine.schedule import external_scale, gradual_sparsity, should_update, weight_sparsity
 from lit_prune.engine.scratch import Scratch
+from lit_prune.engine.sharding import is_sharded, kept_counts
 from lit_prune.engine.state import check_saved_state, load_states, save_states
+from lit_prune.engine.summaries import tf_summaries
 
 __all__ = ["STATE_VERSION", "Pruning", "SparsityFn"]
 
@@ -300,34 +302,26 @@ class Pruning:
         return {name: s.param.detach() * masks[name] for name, s in self._states.items()}
 
     def get_weight_sparsity(self) -> dict[str, Tensor]:
-        """``{weight name: fraction of the mask that is zero}``, 0-d float32 tensors (TF's ``zero_fraction(mask)``)."""
-        return {name: 1.0 - mask.float().mean() for name, mask in self.get_masks().items()}
+        """``{weight name: fraction of the mask that is zero}``, 0-d float32 tensors (TF's ``zero_fraction(mask)``).
+
+        A sharded mask's fraction comes from its kept count summed over the processes (one
+        all-reduce for all of them): the same on every process.
+        """
+        masks = self.get_masks()
+        if not any(is_sharded(m) for m in masks.values()):
+            return {name: 1.0 - mask.float().mean() for name, mask in masks.items()}
+        kept = kept_counts(list(masks.values()), self.reducer)
+        return {n: 1.0 - k.to(torch.float32) / m.numel() for (n, m), k in zip(masks.items(), kept, strict=True)}
 
     def model_sparsity(self) -> Tensor:
         """Fraction of all pruned weights' elements that are masked (a 0-d float32 tensor)."""
         masks = list(self.get_masks().values())
-        kept = sum(m.sum() for m in masks)
-        return 1.0 - kept.to(torch.float32) / sum(m.numel() for m in masks)  # type: ignore[union-attr]
+        kept = torch.stack(kept_counts(masks, self.reducer)).sum()
+        return 1.0 - kept.to(torch.float32) / sum(m.numel() for m in masks)
 
     def summaries(self, step: int | None = None) -> dict[str, Tensor | float | int]:
-        """The values TF's ``add_pruning_summaries`` recorded, under TF's tag names.
-
-        ``<name>_summaries/sparsity`` (the scheduled global sparsity at ``step``, default the last
-        update), ``<name>_summaries/last_mask_update_step``, and per weight
-        ``<name>_summaries/<weight>/mask/sparsity`` and ``<name>_summaries/<weight>/threshold/threshold``.
-        Per-weight values are 0-d tensors, so building the dict does not synchronise.
-        """
-        prefix = f"{self.hparams.name}_summaries"
-        step = self.last_update_step if step is None else step
-        out: dict[str, Tensor | float | int] = {
-            f"{prefix}/sparsity": self.sparsity(step),
-            f"{prefix}/last_mask_update_step": self.last_update_step,
-        }
-        thresholds = self.get_thresholds()
-        for name, value in self.get_weight_sparsity().items():
-            out[f"{prefix}/{name}/mask/sparsity"] = value
-            out[f"{prefix}/{name}/threshold/threshold"] = thresholds[name]
-        return out
+        """The values TF's ``add_pruning_summaries`` recorded, under TF's tag names (see :func:`tf_summaries`)."""
+        return tf_summaries(self, step)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

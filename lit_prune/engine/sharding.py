@@ -8,10 +8,13 @@ weight's mesh and placements: no process ever holds a whole weight or a whole ma
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ProcessGroupReducer", "check_supported", "is_sharded", "local", "shard_like"]
+from lit_prune.engine.reduce import Reducer
+
+__all__ = ["ProcessGroupReducer", "check_supported", "is_sharded", "kept_counts", "local", "shard_like"]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
@@ -68,6 +71,17 @@ class ProcessGroupReducer:
     def sum_(self, values: Tensor) -> Tensor:  # noqa: D102
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.group)
         return values
+
+
+def kept_counts(masks: list[Tensor], reducer: Reducer) -> list[Tensor]:
+    """How many elements each whole mask keeps (0-d int64 tensors): one all-reduce for all sharded masks."""
+    sharded = [i for i, m in enumerate(masks) if is_sharded(m)]
+    counts = [torch.count_nonzero(local(m)) for m in masks]
+    if sharded:
+        reduced = reducer.sum_(torch.stack([counts[i] for i in sharded]))
+        for i, total in zip(sharded, reduced.unbind(), strict=True):
+            counts[i] = total
+    return counts
 
 
 def check_supported(name: str, weight: Tensor, blocked: bool, nm: bool, prune_option: str) -> None:

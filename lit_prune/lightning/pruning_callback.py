@@ -31,11 +31,14 @@ from typing_extensions import override
 from lit_prune.backends.cpu import kernels as cpu_kernels
 from lit_prune.config.hparams import PruningHParams
 from lit_prune.engine.pruning import Pruning, SparsityFn
+from lit_prune.engine.sharding import is_sharded
 from lit_prune.engine.strip import strip_pruning_vars
 
 __all__ = ["PruningCallback", "strip_checkpoint"]
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+#: Strategies that shard the weights in ``configure_model``, after ``setup``: the engine binds at fit start.
+_SHARDING_STRATEGIES = ("ModelParallelStrategy",)
 
 
 class PruningCallback(Callback):
@@ -111,9 +114,15 @@ class PruningCallback(Callback):
         strategy = type(trainer.strategy).__name__
         if strategy in _UNSUPPORTED_STRATEGIES:
             raise MisconfigurationException(
-                f"`PruningCallback` does not support `{strategy}`: masks and thresholds are computed over whole "
-                "weights, which it shards. Use `strategy='ddp'` (or a single device)."
+                f"`PruningCallback` does not support `{strategy}`: use `ModelParallelStrategy` with `fully_shard` "
+                "(FSDP2) in `configure_model` to shard the weights, or `strategy='ddp'` (or a single device)."
             )
+        if strategy in _SHARDING_STRATEGIES:
+            return  # the weights are sharded in configure_model, after this hook: bound at the first hook after it
+        self._bind(pl_module)
+
+    def _bind(self, pl_module: pl.LightningModule) -> None:
+        """Bind the engine to ``pl_module`` (once), then restore a checkpoint's state waiting for it."""
         if self.pruning is None or self.pruning.model is not pl_module:
             self.pruning = Pruning(pl_module, self.hparams, sparsity=self.sparsity)
             rank_zero_info(f"PruningCallback `{self.hparams.name}`: pruning {len(self.pruning.weight_names)} weights")
@@ -142,7 +151,7 @@ class PruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_pending()  # strategies that restore after setup (deferred restore)
+        self._bind(pl_module)  # sharding strategies bind here; others restore what came after setup
         self._engine().apply_mask()
 
     # ------------------------------------------------------------------ training
@@ -166,14 +175,17 @@ class PruningCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(pl_module)
         self._engine().apply_mask()
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(pl_module)
         self._engine().apply_mask()
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(pl_module)
         self._engine().apply_mask()
 
     @override
@@ -210,6 +222,8 @@ class PruningCallback(Callback):
             writer = logger.experiment
             writer.add_histogram(f"{prefix}/layer_sparsity", sparsities, global_step=step)
             for name, weight in pruning.get_weights().items():
+                if is_sharded(weight):
+                    continue  # a histogram of a sharded weight's kept values would gather it
                 kept = weight.detach()[pruning.get_masks()[name]]
                 if kept.numel():
                     writer.add_histogram(f"{prefix}/{name}/kept_weights", kept.float().cpu(), global_step=step)
