@@ -4,13 +4,15 @@
 
 Lightning launches the second process by running this script again.  Rank 0 writes what the test
 checks: each mask's sparsity, whether it is a DTensor, its local and global shapes, whether every
-pruned weight is zero, and the masks one process computes from the gathered weights.
+pruned weight is zero, the masks one process computes from the gathered weights, and the
+sparsities after resuming from the run's distributed checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
@@ -46,21 +48,27 @@ class Sharded(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def main(out: str) -> None:
-    seed_everything(0)
-    data = TensorDataset(torch.randn(256, 16), torch.randint(0, 8, (256,)))
-    callback = PruningCallback(SPEC, log_histograms=False)
-    trainer = Trainer(
+def trainer_for(callback: PruningCallback, max_steps: int, root: str) -> Trainer:
+    """Two CPU processes, FSDP2 through ``ModelParallelStrategy``, a distributed checkpoint at the end."""
+    return Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=10,
+        max_steps=max_steps,
         callbacks=[callback],
         logger=False,
-        enable_checkpointing=False,
+        default_root_dir=root,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def main(out: str) -> None:
+    seed_everything(0)
+    data = TensorDataset(torch.randn(256, 16), torch.randint(0, 8, (256,)))
+    root = str(Path(out).parent)
+    callback = PruningCallback(SPEC, log_histograms=False)
+    trainer = trainer_for(callback, 10, root)
     model = Sharded()
     trainer.fit(model, DataLoader(data, batch_size=16))
     masks, sparsity = callback.get_masks(), callback.get_weight_sparsity()
@@ -81,9 +89,16 @@ def main(out: str) -> None:
         }
         for name, mask in masks.items()
     }
+    # Resumed: the masks of sharded weights are not in the checkpoint yet; they are rebuilt from the
+    # loaded weights (pruned ones are zero) at the next update, not taken from rank 0's shard.
+    resumed = PruningCallback(SPEC, log_histograms=False)
+    again = trainer_for(resumed, 14, root)
+    again.fit(Sharded(), DataLoader(data, batch_size=16), ckpt_path=trainer.checkpoint_callback.best_model_path)
+    after = {name: float(value) for name, value in resumed.get_weight_sparsity().items()}
     if trainer.global_rank == 0:
         with open(out, "w") as file:
-            json.dump({"rank0": result, "last_update_step": callback.pruning.last_update_step}, file)
+            found = {"rank0": result, "last_update_step": callback.pruning.last_update_step, "resumed": after}
+            json.dump({**found, "resumed_update_step": resumed.pruning.last_update_step}, file)
 
 
 def _whole_net(state: dict[str, torch.Tensor]) -> nn.Sequential:

@@ -128,3 +128,5 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     for name, found in result["rank0"].items():
         assert found["dtensor"] and found["local_rows"] < found["rows"], (name, found)  # each process: its shard
         assert found["sparsity"] == 0.5 and found["pruned_are_zero"] and found["equals_one_process"], (name, found)
+    assert result["resumed_update_step"] > 10  # rebuilt at the first update after the resume
+    assert all(value == 0.5 for value in result["resumed"].values()), result["resumed"]

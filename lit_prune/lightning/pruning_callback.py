@@ -233,6 +233,16 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.pruning is None:
             return dict(self._pending_state or {})
+        if any(is_sharded(m) for m in self.pruning.get_masks().values()):
+            # A DTensor pickled into the checkpoint's metadata keeps rank 0's shard only: every other
+            # rank would resume with rank 0's part of each mask.  Until the masks go through the
+            # distributed checkpoint, they are left out and rebuilt from the loaded weights.
+            return {
+                "sharded": True,
+                "hparams": self.hparams.to_dict(),
+                "last_seen_step": self._last_seen_step,
+                "model_sparsity": self._model_sparsity,
+            }
         return {
             "pruning": self.pruning.state_dict(),
             "hparams": self.hparams.to_dict(),
@@ -269,6 +279,14 @@ class PruningCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("sharded"):
+            rank_zero_warn(
+                f"PruningCallback `{self.hparams.name}`: the checkpoint holds no masks of its sharded weights (they "
+                "are not saved through the distributed checkpoint yet); they start dense and are recomputed from the "
+                "loaded weights, whose pruned entries are zero and rank last, at the next update the schedule allows"
+            )
+            self._last_seen_step = int(state_dict.get("last_seen_step", -1))
+            return
         if "pruning" not in state_dict:
             raise ValueError(
                 f"checkpoint state for `{self.state_key}` holds no pruning state (keys: {sorted(state_dict)}); "
