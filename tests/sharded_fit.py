@@ -109,3 +109,8 @@ def _whole_net(state: dict[str, torch.Tensor]) -> nn.Sequential:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Lightning leaves the process group up; torn down by the interpreter's exit, gloo's threads can
+    # abort ("terminate called without an active exception") while the other process still talks.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, port: int, done: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -102,13 +103,21 @@ def _worker(rank: int, world: int, port: int) -> None:
             else:
                 raise AssertionError(f"{spec} on sharded weights was not refused")
         dist.barrier()  # neither process leaves while the other still talks to it
+        Path(done, f"rank{rank}").write_text("every check passed")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
-def test_sharded_weights_get_the_masks_and_thresholds_of_one_process():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+def test_sharded_weights_get_the_masks_and_thresholds_of_one_process(tmp_path):
+    try:
+        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as error:
+        # gloo sometimes aborts a process while the process group is torn down ("terminate called
+        # without an active exception"), after every check has run: only that is let through.
+        finished = all((tmp_path / f"rank{r}").exists() for r in range(2))
+        if error.signal_name != "SIGABRT" or not finished:
+            raise
 
 
 def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
@@ -122,7 +131,8 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("sharded_fit.py")
     run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    teardown_abort = run.returncode == -6 and run.stderr.rstrip().endswith("without an active exception")
+    assert run.returncode == 0 or (teardown_abort and out.exists()), run.stderr[-3000:]  # as above
     result = json.loads(out.read_text())
     assert result["last_update_step"] == 10
     for name, found in result["rank0"].items():
