@@ -151,8 +151,7 @@ class PruningCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bind(pl_module)  # sharding strategies bind here; others restore what came after setup
-        self._engine().apply_mask()
+        self._masks_applied(pl_module)  # sharding strategies bind here; others restore what came after setup
 
     # ------------------------------------------------------------------ training
     @override
@@ -175,16 +174,18 @@ class PruningCallback(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bind(pl_module)
-        self._engine().apply_mask()
+        self._masks_applied(pl_module)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._bind(pl_module)
-        self._engine().apply_mask()
+        self._masks_applied(pl_module)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._masks_applied(pl_module)
+
+    def _masks_applied(self, pl_module: pl.LightningModule) -> None:
+        """Bound (sharding strategies bind after setup) and the pruned weights zero, before a loop runs."""
         self._bind(pl_module)
         self._engine().apply_mask()
 
