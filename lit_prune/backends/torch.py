@@ -65,19 +65,11 @@ class TorchBackend(Backend):
             finite = group.reducer.sum_((~finite).to(torch.int64)) == 0
         units = [group.weights] if group.granularity == "global" else [[w] for w in group.weights]
         pooled: dict[str, Tensor] = {}
-        maxima = []
-        for unit in units:
-            maxima.append(
-                torch.stack(
-                    [self._max_score(w, m, pooled, request) for w, m in self._with(unit, group, weight_maxima)]
-                ).amax()
-            )
+        largest = dict(zip((w.name for w in group.weights), weight_maxima, strict=True))
+        maxima = [
+            torch.stack([self._max_score(w, largest[w.name], pooled, request) for w in unit]).amax() for unit in units
+        ]
         return Begun(finite, _Statistics(units, torch.stack(maxima).to(torch.float32), pooled))
-
-    @staticmethod
-    def _with(unit: list[WeightState], group: Group, maxima: list[Tensor]) -> list[tuple[WeightState, Tensor]]:
-        index = {w.name: i for i, w in enumerate(group.weights)}
-        return [(w, maxima[index[w.name]]) for w in unit]
 
     @staticmethod
     def _max_score(w: WeightState, weight_max: Tensor, pooled: dict[str, Tensor], request: UpdateRequest) -> Tensor:
