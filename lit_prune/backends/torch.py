@@ -97,7 +97,7 @@ class TorchBackend(Backend):
         for u, unit in enumerate(stats.units):
             ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
             kept += self._write_unit(
-                group.rule, unit, stats, maxima[u], None if current is None else current[u], bool_all(ok), request
+                group.rule, unit, stats, maxima[u], None if current is None else current[u], ok.all(), request
             )
         if request.deferred:
             return GroupResult(None)
@@ -191,18 +191,19 @@ class TorchBackend(Backend):
         for w in unit:
             mask = w.local_mask
             target = request.staging.take(mask.shape, mask.device) if request.deferred else mask
+            chunked = current is not None and _in_chunks(w, stats, request)
             if current is None:
                 scores = scores_of(w, hp.prune_option, request.scores)
                 n, m = w.spec.nm  # type: ignore[misc]
                 nm_mask(scores, m, nm_pruned_per_group(m, request.sparsities[w.name], n), out=target)
                 threshold = torch.where(target, 0.0, scores).amax()
-            elif _in_chunks(w, stats, request):
+            elif chunked:
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
             else:
                 dims = block_dims_of(w) if w.name in stats.pooled else None
                 write_mask(self._ranked(w, stats, request), cut, rule, mask.shape, dims, target)
             _commit(w, target, threshold, ok, request.deferred)
-            if current is None or not _in_chunks(w, stats, request):
+            if not chunked:  # the chunks zeroed their weight as they went
                 zero_pruned(w.local_param, mask)
             if not request.deferred:
                 kept.append(torch.count_nonzero(mask))
@@ -240,11 +241,6 @@ def _mask_and_zero_in_chunks(w: WeightState, cut: Tensor, rule: str, scratch: Sc
         part, keep = weight[start : start + _CHUNK], mask[start : start + _CHUNK]
         compare(torch.abs(part, out=buffer[: part.numel()]), cut, out=keep)
         part.mul_(keep.view(torch.uint8))
-
-
-def bool_all(flags: Tensor) -> Tensor:
-    """Whether every flag holds (a 0-d bool tensor; no host read)."""
-    return flags.all()
 
 
 def _commit(w: WeightState, new_mask: Tensor, threshold: Tensor, ok: Tensor, deferred: bool) -> None:

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from lit_prune.engine.state import WeightState
 
 __all__ = [
-    "GRANULARITIES",
     "Group",
     "GroupResult",
     "Plan",
@@ -36,9 +35,6 @@ __all__ = [
     "granularity",
     "tensors_key",
 ]
-
-#: How a group's weights are ranked: each element, pooled blocks, N of every M, or all together.
-GRANULARITIES = ("elementwise", "block", "nm", "global")
 
 
 @dataclass

@@ -106,18 +106,33 @@ def kernel_targets(sizes: list[int], sparsities: list[float], method: str) -> li
 
 
 # ---------------------------------------------------------------------- the statistics
-def histogram_bins(scores: Tensor, max_value: Tensor, nbins: int, out: Tensor | None = None) -> Tensor:
-    """TF's bin of each score, as float32: ``min(floor(float32(nbins) * float32(a / max)), nbins - 1)``.
+def histogram_bins(
+    scores: Tensor,
+    max_value: Tensor,
+    nbins: int,
+    *,
+    absolute: bool = False,
+    ratios: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """TF's bin of each score (int32): ``min(floor(float32(nbins) * float32(a / max)), nbins - 1)``.
 
-    Scores are ``>= 0``; ``fmin`` also maps NaN (a weight the caller reports) to a valid bin.
+    The float32 ``nbins * (a / max)`` is truncated to int32, which is the floor for ``a >= 0``, then
+    clipped; a NaN (a weight reported elsewhere) lands in a valid bin.  ``absolute``: the scores
+    are signed values ranked by magnitude (``|x| / max`` is ``|x / max|``: no ``|x|`` copy).
+    ``ratios`` (float32) and ``out`` (int32) are buffers of the scores' size to reuse.
 
     Example::
 
-        >>> histogram_bins(torch.tensor([0.0, 0.5, 1.0]), torch.tensor(1.0), 4)
-        tensor([0., 2., 3.])
+        >>> histogram_bins(torch.tensor([0.0, 0.5, -1.0]), torch.tensor(1.0), 4, absolute=True)
+        tensor([0, 2, 3], dtype=torch.int32)
     """
-    bins = torch.div(scores, max_value, out=out).mul_(float(nbins)).floor_()
-    return torch.fmin(bins, torch.full((), float(nbins - 1), device=bins.device), out=bins)  # a fill, not a copy
+    ratio = torch.div(scores, max_value, out=ratios)
+    if absolute:
+        ratio.abs_()
+    if out is None:
+        out = torch.empty(ratio.shape, dtype=torch.int32, device=ratio.device)
+    return out.copy_(ratio.mul_(float(nbins))).clamp_(0, nbins - 1)  # float -> int32 truncates
 
 
 def add_counts(counts: Tensor, values: Tensor) -> Tensor:
@@ -175,11 +190,8 @@ def bin_counts(
     ratios, bins = floats.take(size, flat.device), bins.take(size, flat.device)
     for start in range(0, flat.numel(), chunk):
         part = flat[start : start + chunk]
-        ratio = torch.div(part, safe, out=ratios[: part.numel()])
-        if absolute:
-            ratio.abs_()
-        index = bins[: part.numel()].copy_(ratio.mul_(float(nbins)))  # float -> int32 truncates
-        add_counts(counts, index.clamp_(0, nbins - 1))  # NaN (a weight reported elsewhere) lands in a valid bin
+        n = part.numel()
+        add_counts(counts, histogram_bins(part, safe, nbins, absolute=absolute, ratios=ratios[:n], out=bins[:n]))
     return counts
 
 
@@ -227,7 +239,7 @@ def histogram_threshold(
         return torch.zeros((), dtype=torch.float32, device=max_value.device)
     if sort_count:
         safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value))
-        j = histogram_bins(kth_smallest(torch.cat(parts), k, static=True), safe, nbins)
+        j = histogram_bins(kth_smallest(torch.cat(parts), k, static=True), safe, nbins).to(torch.float32)
     else:
         j = threshold_bin(sum(bin_counts(p, max_value, nbins) for p in parts), k)  # type: ignore[arg-type]
     threshold = torch.div(j, float(nbins)).mul_(max_value)
