@@ -3,7 +3,8 @@
 ``lit-prune`` with no arguments trains the digits CNN (scikit-learn's digits) with TF's gradual
 schedule to 90 % sparsity, after a dense baseline of the same length, and leaves in the run
 folder: TensorBoard logs (``tensorboard/``), checkpoints (``checkpoints/last.ckpt``), the stripped
-model (``model_stripped.pt``) and ``summary.json``/``summary.md`` (dense vs pruned accuracy,
+model (``model_stripped.pt``; ``export.compressed=model.safetensors`` also writes it compressed)
+and ``summary.json``/``summary.md`` (dense vs pruned accuracy,
 per-layer sparsity).  Every field of the configs in ``conf/`` is overridable from the command line
 (``lit-prune pruning.target_sparsity=0.95``), ``pruning_hparams="..."`` takes a TF-style string,
 and ``--config-dir recipes --config-name NAME`` launches a recipe.
@@ -28,7 +29,7 @@ from lit_prune.backends.cpu import kernels as cpu_kernels
 from lit_prune.config.hparams import PruningHParams
 from lit_prune.config.schema import structured_schema
 
-__all__ = ["PruningSchema", "SparsitySweepPlot", "main", "train"]
+__all__ = ["PruningSchema", "SparsitySweepPlot", "export_compressed", "main", "train"]
 
 log = logging.getLogger("lit_prune")
 
@@ -118,10 +119,34 @@ def train(cfg: DictConfig) -> float:
             summary["last_mask_update_step"] = callback.pruning.last_update_step
             summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in callback.get_weight_sparsity().items()}
             summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in callback.pruning.nm_weights().items()}
+    if trainer.is_global_zero and (exported := export_compressed(cfg, out_dir, model, callbacks)):
+        summary["compressed_export"] = exported
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(summary))
     log.info("\n%s", _summary_markdown(summary))
     return pruned_acc
+
+
+def export_compressed(cfg: DictConfig, out_dir: Path, model: torch.nn.Module, callbacks: list[Any]) -> dict | None:
+    """Write ``cfg.export.compressed`` if set: the stripped model, compressed (:func:`lit_prune.save_compressed`).
+
+    A relative path lands in the run folder.  The weights are those of the first
+    ``PruningCallback`` with its masks folded in (the model's own ``state_dict`` without one).
+    Returns the file's path, its size and the dense size of its tensors, for the summary.
+    """
+    target = (cfg.get("export") or {}).get("compressed")
+    if not target:
+        return None
+    from lit_prune.export import save_compressed
+
+    path = Path(str(target))
+    path = path if path.is_absolute() else out_dir / path
+    pruning = [cb for cb in callbacks if type(cb).__name__ == "PruningCallback" and cb.pruning is not None]
+    state = pruning[0].stripped_state_dict(model) if pruning else model.state_dict()
+    kinds = save_compressed(state, path)
+    dense = sum(t.numel() * t.element_size() for name, t in state.items() if not kinds[name].startswith("alias"))
+    log.info("compressed model written to %s: %d bytes (its tensors dense: %d bytes)", path, path.stat().st_size, dense)
+    return {"path": str(path), "bytes": path.stat().st_size, "dense_tensor_bytes": dense}
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
