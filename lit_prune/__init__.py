@@ -19,6 +19,7 @@ from lit_prune.engine.nm import check_nm_sparse, is_nm_sparse
 from lit_prune.engine.pruning import Pruning
 from lit_prune.engine.schedule import gradual_sparsity
 from lit_prune.engine.strip import strip_pruning_vars, to_semi_structured
+from lit_prune.export import CompressedFileError, load_compressed, save_compressed
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "CompressedFileError",
     "HParamsError",
     "MaskedConv1d",
     "MaskedConv2d",
@@ -50,11 +52,13 @@ __all__ = [
     "StructuredPruningCallback",
     "check_nm_sparse",
     "is_nm_sparse",
+    "load_compressed",
     "PruningHParams",
     "get_pruning_hparams",
     "gradual_sparsity",
     "masked_conv2d",
     "masked_fully_connected",
+    "save_compressed",
     "strip_checkpoint",
     "strip_pruning_vars",
     "to_semi_structured",
