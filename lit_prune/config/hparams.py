@@ -55,10 +55,15 @@ class _Kind:
     """An ``Annotated`` marker naming a field's kind where the plain type does not tell it."""
 
     kind: str
+    #: A map's value type as a ``{regex: value}`` mapping gives it (the keyword signature's type); None = any.
+    values: Any = None
 
 
 #: The type of a regex map: TF's list form ``["regex:value", ...]``, also accepted as ``{regex: value}``.
 RegexMap = Annotated[list[str], _Kind("map")]
+SparsityMap = Annotated[list[str], _Kind("map", float)]
+BlockDimsMap = Annotated[list[str], _Kind("map", str | list[int])]
+NMMap = Annotated[list[str], _Kind("map", str)]
 BlockPoolingFunction = Literal["AVG", "MAX"]
 ThresholdMethod = Literal["histogram", "exact"]
 PruneOption = Literal["weight", "first_order_gradient", "second_order_gradient"]
@@ -106,14 +111,14 @@ class PruningHParams:
     end_pruning_step: int = field(
         default=-1, metadata=_doc("Last global step at which a mask update may run (inclusive); -1 = never stop")
     )
-    weight_sparsity_map: RegexMap = field(
+    weight_sparsity_map: SparsityMap = field(
         default_factory=list,
         metadata=_doc(
             '`["regex:sparsity", ...]` (or `{regex: sparsity}`): per-weight final sparsity, the regex searched '
             "(`re.search`) in the `model.named_parameters()` names"
         ),
     )
-    block_dims_map: RegexMap = field(
+    block_dims_map: BlockDimsMap = field(
         default_factory=list,
         metadata=_doc('`["regex:HxW", ...]` (or `{regex: "HxW"}`): per-weight block shape'),
     )
@@ -204,7 +209,7 @@ class PruningHParams:
             "each group prunes `floor(M * s)` elements (google-research's `intra_block_sparsity`)"
         ),
     )
-    nm_sparsity_map: RegexMap = field(
+    nm_sparsity_map: NMMap = field(
         default_factory=list,
         metadata=_doc(
             '`["regex:N:M", ...]` (or `{regex: "N:M"}`): N:M for the weights a regex matches (over `nm_sparsity`)'

@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lit_prune.backends.cpu import kernels as cpu_kernels
 from lit_prune.config.hparams import PruningHParams
+from lit_prune.config.keywords import hparams_keywords, merge_keywords
 from lit_prune.engine.pruning import Pruning, SparsityFn
 from lit_prune.engine.sharding import is_sharded
 from lit_prune.engine.strip import strip_pruning_vars
@@ -41,19 +42,28 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 _SHARDING_STRATEGIES = ("ModelParallelStrategy",)
 
 
+@hparams_keywords("overrides")
 class PruningCallback(Callback):
     """Gradual magnitude pruning with TF ``model_pruning``'s semantics, as a Lightning callback.
 
+    Every hyperparameter is also a typed keyword (the fields of :class:`~lit_prune.PruningHParams`,
+    listed below from it), so LightningCLI lists, type-checks and configures them:
+    ``--trainer.callbacks+=lit_prune.PruningCallback --trainer.callbacks.target_sparsity=0.9``, or
+    ``class_path: lit_prune.PruningCallback`` with ``init_args``; a regex map is a mapping
+    (``{"fc.*": 0.95}``) or TF's list (``["fc.*:0.95"]``).
+
     Args:
         hparams: A :class:`~lit_prune.PruningHParams`, a plain mapping or ``DictConfig`` of its
-            fields, a TF-style ``"name=value,..."`` string, or ``None`` for TF's defaults.
+            fields, a TF-style ``"name=value,..."`` string, or ``None`` for TF's defaults.  The
+            keywords apply over it, except one left at its default (LightningCLI passes them all).
         sparsity: Overrides the schedule (a number or a callable of the step), as TF's
             ``Pruning(spec, sparsity=...)``.
         export_path: If set, ``on_train_end`` writes the stripped model's ``state_dict``
             (masks folded in, loadable into the unpruned architecture) to this file.
         log_histograms: At each mask update, also write per-layer histograms of the kept weights
             and a per-layer sparsity histogram to a ``TensorBoardLogger``.
-        **overrides: Hyperparameters given by keyword, applied over ``hparams``.
+        **overrides: Hyperparameters given by keyword, applied over ``hparams`` (replaced at import
+            by one entry per field).
 
     Raises:
         HParamsError: a malformed spec (at construction) or, in ``setup``, a map entry that
@@ -81,7 +91,7 @@ class PruningCallback(Callback):
         **overrides: Any,
     ) -> None:
         super().__init__()
-        self.hparams = PruningHParams.coerce(hparams, **overrides)
+        self.hparams = merge_keywords(hparams, overrides)
         cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails at construction
         self.sparsity = sparsity
         self.export_path = Path(export_path) if export_path is not None else None
