@@ -15,6 +15,7 @@ from lit_prune.engine.layers import (
     masked_conv2d,
     masked_fully_connected,
 )
+from lit_prune.engine.layouts import register_layer
 from lit_prune.engine.nm import check_nm_sparse, is_nm_sparse
 from lit_prune.engine.pruning import Pruning
 from lit_prune.engine.schedule import gradual_sparsity
@@ -59,6 +60,7 @@ __all__ = [
     "masked_conv2d",
     "masked_fully_connected",
     "save_compressed",
+    "register_layer",
     "strip_checkpoint",
     "strip_pruning_vars",
     "to_semi_structured",

@@ -195,7 +195,8 @@ class TorchBackend(Backend):
             if current is None:
                 scores = scores_of(w, hp.prune_option, request.scores)
                 n, m = w.spec.nm  # type: ignore[misc]
-                nm_mask(scores, m, nm_pruned_per_group(m, request.sparsities[w.name], n), out=target)
+                pruned = nm_pruned_per_group(m, request.sparsities[w.name], n)
+                nm_mask(scores, m, pruned, out=target, input_dims=w.spec.input_dims)
                 threshold = torch.where(target, 0.0, scores).amax()
             elif chunked:
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes

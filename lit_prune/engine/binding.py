@@ -20,7 +20,8 @@ from lit_prune.config.hparams import (
     parse_nm_sparsity_map,
     parse_weight_sparsity_map,
 )
-from lit_prune.engine.nm import nm_group_view
+from lit_prune.engine.layouts import nm_input_dims, parameter_owners
+from lit_prune.engine.nm import in_memory_order, nm_group_view
 from lit_prune.engine.reduce import LocalReducer, Reducer
 from lit_prune.engine.selection import match_map, select_weights
 from lit_prune.engine.sharding import ProcessGroupReducer, check_supported, is_sharded
@@ -44,13 +45,16 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
     nm_map = match_map("nm_sparsity_map", parse_nm_sparsity_map(hp.nm_sparsity_map), names)
     nm_default = parse_nm("nm_sparsity", hp.nm_sparsity) if hp.nm_sparsity else None
     states = {}
+    owners = parameter_owners(model) if nm_map or nm_default else {}
     for name in names:
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
         spec = WeightSpec(name, targets.get(name), blocks.get(name, (hp.block_height, hp.block_width)))
         nm = nm_map.get(name, nm_default)
         if nm is not None:
-            spec = WeightSpec(name, _nm_target(spec, nm, tuple(getattr(module, param_name).shape)), spec.block_dims, nm)
+            shape = tuple(getattr(module, param_name).shape)
+            dims = nm_input_dims(name, shape, owners[id(getattr(module, param_name))])
+            spec = WeightSpec(name, _nm_target(spec, nm, shape, dims), spec.block_dims, nm, input_dims=dims)
         weight = getattr(module, param_name)
         blocked = spec.block_dims != (1, 1)
         check_supported(name, weight, blocked, spec.nm is not None, hp.prune_option)
@@ -88,14 +92,15 @@ def joint_names(states: dict[str, WeightState], hp: PruningHParams) -> set[str]:
     return {n for n, s in states.items() if s.spec.target is None} if hp.global_ranking else set()
 
 
-def _nm_target(spec: WeightSpec, nm: tuple[int, int], shape: tuple[int, ...]) -> float:
+def _nm_target(spec: WeightSpec, nm: tuple[int, int], shape: tuple[int, ...], dims: tuple[int, ...]) -> float:
     """Validate an N:M weight at binding; return its own target ``1 - N/M``."""
     n, m = nm
-    if nm_group_view(shape, m) is None:
-        inner = math.prod(shape[1:]) if len(shape) > 1 else None
+    if nm_group_view(shape, m, dims) is None:
+        inner = math.prod(shape[d] for d in dims) if len(shape) > 1 else None
+        what = "in*kh*kw" if in_memory_order(len(shape), dims) else f"dim {dims[0]} as stored"
         raise HParamsError(
             f"weight {spec.name!r} of shape {shape} cannot be {n}:{m}: N:M needs 2+ dims and an input size "
-            f"(in*kh*kw = {inner}) divisible by {m}; give N:M only to the weights that fit, with `nm_sparsity_map`"
+            f"({what} = {inner}) divisible by {m}; give N:M only to the weights that fit, with `nm_sparsity_map`"
         )
     if spec.target is not None:
         raise HParamsError(

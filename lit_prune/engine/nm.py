@@ -4,10 +4,14 @@ This is the pattern NVIDIA's sparse tensor cores run (2:4), and google-research'
 ``intra_block_sparsity`` (m-of-n).  Pure tensor functions, no host reads: they run on any device
 and give the same masks on each, bit for bit (no sort, no ``topk``, no atomics).
 
-Groups run along the last dimension of the weight's ``[out, in * kh * kw]`` view (PyTorch's
-memory order: for a ``Linear`` the input features, for a conv kernel its flattened
-``in x kh x kw`` entries).  Within a group the ``p`` lowest scores are pruned; among equal scores
-the later element is pruned first (the earlier one kept), so ties are deterministic.
+Groups run along the weight's input (reduction) dims, as its layer's layout gives them
+(:mod:`~lit_prune.engine.layouts`).  By default (``input_dims=None``) those are dims 1 and up,
+the last dim of the ``[out, in * kh * kw]`` view (PyTorch's memory order: for a ``Linear`` the
+input features, for a conv kernel its flattened ``in x kh x kw`` entries).  A weight stored with
+its input dim first (HF ``Conv1D`` ``[in, out]``, ``ConvTranspose``) is grouped along that dim:
+its scores are viewed with the input dims moved last (a transposed copy).  Within a group the
+``p`` lowest scores are pruned; among equal scores the later element is pruned first (the
+earlier one kept), so ties are deterministic.
 
 Gradual, as google-research did it: at scheduled sparsity ``s`` each group prunes
 ``p = floor(M * s)`` elements, so a 2:4 weight goes 4:4 -> 3:4 -> 2:4 as its schedule, scaled to
@@ -21,25 +25,79 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["check_nm_sparse", "is_nm_sparse", "nm_group_view", "nm_mask", "nm_pruned_per_group"]
+__all__ = [
+    "check_nm_sparse",
+    "in_memory_order",
+    "is_nm_sparse",
+    "nm_group_view",
+    "nm_groups",
+    "nm_mask",
+    "nm_pruned_per_group",
+]
+
+#: A weight's input dims: ``None`` for dims 1 and up (``[out, in, ...]``), an int, or consecutive ints.
+Dims = int | tuple[int, ...] | None
 
 
-def nm_group_view(shape: torch.Size | tuple[int, ...], m: int) -> tuple[int, int] | None:
+def _dims(ndim: int, input_dims: Dims) -> tuple[int, ...]:
+    if input_dims is None:
+        return tuple(range(1, ndim))
+    if isinstance(input_dims, int):
+        return (input_dims % ndim,) if ndim else ()
+    return tuple(d % ndim for d in input_dims)
+
+
+def in_memory_order(ndim: int, input_dims: Dims) -> bool:
+    """Whether the input dims are the trailing dims (groups of M are consecutive in memory).
+
+    Example::
+
+        >>> in_memory_order(2, None), in_memory_order(4, (1, 2, 3)), in_memory_order(2, 0)
+        (True, True, False)
+    """
+    dims = _dims(ndim, input_dims)
+    return bool(dims) and dims == tuple(range(ndim - len(dims), ndim))
+
+
+def nm_group_view(shape: torch.Size | tuple[int, ...], m: int, input_dims: Dims = None) -> tuple[int, int] | None:
     """``(groups, M)``: the shape a weight is viewed in for N:M, or ``None`` if it cannot be.
 
-    The weight must be at least 2-D (``[out, ...]``) and its ``in * kh * kw`` part divisible by M.
+    The weight must be at least 2-D (``[out, ...]``) and its input part (``in * kh * kw`` by
+    default; the product over ``input_dims`` if given) divisible by M.
 
     Example::
 
         >>> nm_group_view((8, 16), 4), nm_group_view((8, 3, 3, 3), 4), nm_group_view((8,), 4)
         ((32, 4), None, None)
+        >>> nm_group_view((16, 6), 4, input_dims=0)  # HF Conv1D [in, out]: groups along in
+        (24, 4)
     """
     if len(shape) < 2:
         return None
-    inner = math.prod(shape[1:])
-    if inner % m:
+    dims = _dims(len(shape), input_dims)
+    inner = math.prod(shape[d] for d in dims)
+    if not dims or inner % m:
         return None
-    return shape[0] * inner // m, m
+    return math.prod(shape) // m, m
+
+
+def nm_groups(t: Tensor, m: int, input_dims: Dims = None) -> Tensor:
+    """``t`` as ``[groups, M]``, the groups running along its input dims (a view when they are trailing).
+
+    Example::
+
+        >>> nm_groups(torch.arange(8).reshape(4, 2), 4, input_dims=0).tolist()  # [in=4, out=2]
+        [[0, 2, 4, 6], [1, 3, 5, 7]]
+    """
+    view = nm_group_view(t.shape, m, input_dims)
+    if view is None:
+        raise ValueError(
+            f"N:M needs a weight of 2 or more dims whose input size divides by M={m}; got {tuple(t.shape)}"
+        )
+    if in_memory_order(t.dim(), input_dims):
+        return t.reshape(view)
+    dims = _dims(t.dim(), input_dims)
+    return t.permute([d for d in range(t.dim()) if d not in dims] + list(dims)).reshape(view)
 
 
 def nm_pruned_per_group(m: int, sparsity: float, n: int) -> int:
@@ -57,19 +115,25 @@ def nm_pruned_per_group(m: int, sparsity: float, n: int) -> int:
 
 
 @torch.no_grad()
-def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None) -> Tensor:
-    """Keep the ``M - pruned`` highest scores in every group of ``M`` consecutive elements.
+def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None, input_dims: Dims = None) -> Tensor:
+    """Keep the ``M - pruned`` highest scores in every group of ``M`` consecutive input elements.
 
-    ``scores`` has the weight's shape; groups follow :func:`nm_group_view`.  Each element's rank
-    in its group counts the elements that beat it (a higher score, or an equal one earlier in
-    the group): ``M`` elementwise passes, no sort, identical on every device.
+    ``scores`` has the weight's shape; groups follow :func:`nm_group_view` along ``input_dims``
+    (default: dims 1 and up).  Each element's rank in its group counts the elements that beat it
+    (a higher score, or an equal one earlier in the group): ``M`` elementwise passes, no sort,
+    identical on every device.
 
     Example::
 
         >>> nm_mask(torch.tensor([[0.1, 0.4, 0.3, 0.2, 5.0, 5.0, 5.0, 1.0]]), 4, 2).int()
         tensor([[0, 1, 1, 0, 1, 1, 0, 0]], dtype=torch.int32)
+        >>> nm_mask(torch.tensor([[0.1, 5.0], [0.4, 5.0], [0.3, 5.0], [0.2, 1.0]]), 4, 2, input_dims=0).int()
+        tensor([[0, 1],
+                [1, 1],
+                [1, 0],
+                [0, 0]], dtype=torch.int32)
     """
-    view = nm_group_view(scores.shape, m)
+    view = nm_group_view(scores.shape, m, input_dims)
     if view is None:
         raise ValueError(
             f"N:M needs a weight of 2 or more dims whose in*kh*kw divides by M={m}; got {tuple(scores.shape)}"
@@ -78,6 +142,16 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None) -> T
         out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if pruned == 0:
         return out.fill_(True)
+    if not in_memory_order(scores.dim(), input_dims):  # ranked on a copy with the input dims last
+        dims = _dims(scores.dim(), input_dims)
+        order = [d for d in range(scores.dim()) if d not in dims] + list(dims)
+        moved = nm_mask(
+            scores.permute(order).contiguous(),
+            m,
+            pruned,
+            input_dims=tuple(range(scores.dim() - len(dims), scores.dim())),
+        )
+        return out.copy_(moved.permute([order.index(d) for d in range(scores.dim())]))
     groups = scores.reshape(view)
     rank = torch.zeros(view, dtype=torch.uint8, device=scores.device)
     position = torch.arange(m, device=scores.device)
@@ -90,28 +164,35 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None) -> T
     return out
 
 
-def _nonzeros_per_group(t: Tensor, m: int) -> Tensor | None:
+def _nonzeros_per_group(t: Tensor, m: int, input_dims: Dims = None) -> Tensor | None:
     """Non-zeros in each group of ``M`` (``None`` if ``t`` cannot be viewed in groups of ``M``)."""
-    view = nm_group_view(t.shape, m)
-    return None if view is None else (t.reshape(view) != 0).sum(dim=1)
+    if nm_group_view(t.shape, m, input_dims) is None:
+        return None
+    return (nm_groups(t, m, input_dims) != 0).sum(dim=1)
 
 
-def is_nm_sparse(t: Tensor, n: int, m: int) -> bool:
+def is_nm_sparse(t: Tensor, n: int, m: int, input_dims: Dims = None) -> bool:
     """Whether every group of ``M`` consecutive input elements of ``t`` holds at most ``N`` non-zeros.
 
-    A tensor whose input dimension does not divide by M is not N:M.  Reads one bool back.
+    ``input_dims``: where ``t`` keeps its input dims (default dims 1 and up, ``[out, in, ...]``;
+    ``0`` for an HF ``Conv1D`` weight ``[in, out]``).  A tensor whose input size does not divide
+    by M is not N:M.  Reads one bool back.
 
     Example::
 
         >>> is_nm_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2, 4), is_nm_sparse(torch.ones(1, 4), 2, 4)
         (True, False)
+        >>> is_nm_sparse(torch.tensor([[1.0, 0.0, 2.0, 0.0]]).T, 2, 4, input_dims=0)
+        True
     """
-    counts = _nonzeros_per_group(t, m)
+    counts = _nonzeros_per_group(t, m, input_dims)
     return counts is not None and bool((counts <= n).all())
 
 
-def check_nm_sparse(t: Tensor, n: int, m: int, name: str = "tensor") -> None:
+def check_nm_sparse(t: Tensor, n: int, m: int, name: str = "tensor", input_dims: Dims = None) -> None:
     """Raise ``ValueError`` naming ``name`` and its first offending group unless ``t`` is N:M.
+
+    ``input_dims`` as for :func:`is_nm_sparse`; a group's row is its output row (the other dims).
 
     Example::
 
@@ -120,16 +201,18 @@ def check_nm_sparse(t: Tensor, n: int, m: int, name: str = "tensor") -> None:
         ...
         ValueError: fc.weight is not 2:4 sparse: group 0 (row 0, input elements 0..3) holds 4 non-zeros
     """
-    counts = _nonzeros_per_group(t, m)
+    counts = _nonzeros_per_group(t, m, input_dims)
     if counts is None:
         raise ValueError(
             f"{name} of shape {tuple(t.shape)} cannot be {n}:{m} sparse: it needs 2+ dims and an input size "
-            f"(in*kh*kw) divisible by {m}"
+            f"({'in*kh*kw' if input_dims is None or in_memory_order(t.dim(), input_dims) else f'dims {input_dims}'}) "
+            f"divisible by {m}"
         )
     bad = torch.nonzero(counts > n)
     if bad.numel():
         g = int(bad[0, 0])
-        row, first = divmod(g, counts.numel() // t.shape[0])
+        inner = math.prod(t.shape[d] for d in _dims(t.dim(), input_dims))
+        row, first = divmod(g, inner // m)
         raise ValueError(
             f"{name} is not {n}:{m} sparse: group {g} (row {row}, input elements {first * m}..{first * m + m - 1}) "
             f"holds {int(counts[g])} non-zeros"

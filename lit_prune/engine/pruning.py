@@ -279,7 +279,7 @@ class Pruning:
             >>> p.check_nm()
         """
         for name, (n, m) in self.nm_weights().items():
-            check_nm_sparse(self._states[name].param.detach(), n, m, name)
+            check_nm_sparse(self._states[name].param.detach(), n, m, name, self._states[name].spec.input_dims)
 
     # ------------------------------------------------------------------ getters
     def get_masks(self) -> dict[str, Tensor]:

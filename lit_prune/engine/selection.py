@@ -1,8 +1,9 @@
 """Which weights are pruned, and with which per-weight settings, chosen by parameter name.
 
 Names are those of ``model.named_parameters()`` (a tied parameter appears once, under its first
-name).  By default the weights of conv, linear, RNN, attention and embedding layers are pruned,
-never biases or normalisation parameters; ``prune_patterns`` replaces that choice with regexes
+name).  By default the weights of conv, linear, RNN, attention and embedding layers (and HF
+``transformers``' ``Conv1D``: every layer type registered in :mod:`lit_prune.engine.layouts`)
+are pruned, never biases or normalisation parameters; ``prune_patterns`` replaces that choice with regexes
 and ``exclude_patterns`` removes names from it.  ``weight_sparsity_map`` and ``block_dims_map``
 entries match pruned names with ``re.search``, as in TF r1.15 and lingvo.  A weight matched by
 two entries of one map is an error (TF has no precedence), and so is any pattern that matches
@@ -18,10 +19,13 @@ from typing import TypeVar
 from torch import nn
 
 from lit_prune.config.hparams import HParamsError
+from lit_prune.engine.layouts import layout_of
 
 __all__ = ["DEFAULT_LAYER_TYPES", "candidate_weights", "match_map", "select_weights"]
 
-#: Layers whose ``weight*`` parameters are pruned by default.
+#: The torch layers whose ``weight*`` parameters are pruned by default (the default selection itself
+#: follows the registry of :mod:`lit_prune.engine.layouts`, which also holds HF's ``Conv1D`` and
+#: the layer types registered with :func:`lit_prune.register_layer`).
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Bilinear,
@@ -43,7 +47,7 @@ _SHOWN = 25
 
 
 def candidate_weights(model: nn.Module) -> list[str]:
-    """Default selection: trainable ``weight*`` parameters of :data:`DEFAULT_LAYER_TYPES` layers, in model order.
+    """Default selection: trainable weights of the registered layer types (see ``layouts``), in model order.
 
     Frozen weights (``requires_grad=False``) are left out: they could not recover from pruning.
     Name them in ``prune_patterns`` to prune them anyway.
@@ -56,9 +60,10 @@ def candidate_weights(model: nn.Module) -> list[str]:
     """
     chosen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, DEFAULT_LAYER_TYPES):
+        layout = layout_of(module)
+        if layout is not None and layout.prune_by_default:
             for pname, param in module.named_parameters(recurse=False):
-                if pname.startswith("weight") or pname.endswith("proj_weight"):
+                if layout.dims_of(pname)[0]:
                     chosen.add(id(param))
     return [
         name for name, p in model.named_parameters() if id(p) in chosen and p.is_floating_point() and p.requires_grad

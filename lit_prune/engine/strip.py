@@ -8,12 +8,16 @@ loads into the unpruned architecture.  Like TF's, the result is dense (zeros are
 
 :func:`to_semi_structured` goes further for 2:4 weights: it swaps ``nn.Linear`` weights for
 ``torch.sparse`` semi-structured tensors, which NVIDIA GPUs of compute capability 8.0+ multiply
-with sparse tensor cores (fp16/bf16, inference).
+with sparse tensor cores (fp16/bf16, inference).  An HF ``transformers`` ``Conv1D`` (weight
+``[in, out]``, 2:4 along ``in``) becomes an ``nn.Linear`` holding the transposed weight
+``[out, in]``, which is what the kernels take; conv, RNN and embedding weights cannot be
+converted (the kernels multiply matrices) and stay dense-stored, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -21,6 +25,7 @@ from torch import Tensor, nn
 from torch.sparse import to_sparse_semi_structured
 
 from lit_prune.engine.layers import MaskedModule
+from lit_prune.engine.layouts import is_hf_conv1d
 from lit_prune.engine.nm import is_nm_sparse
 from lit_prune.engine.pruning import Pruning
 
@@ -47,9 +52,10 @@ def strip_pruning_vars(
         pruning: The :class:`Pruning` whose masks cover weights of plain layers (masked layers
             carry their own).
         inplace: Modify ``model`` itself instead of a deep copy.
-        semi_structured: Also convert the ``nn.Linear`` weights that ``pruning`` made 2:4 (N:M
-            with M = 4, N <= 2) with :func:`to_semi_structured` (CUDA, compute capability
-            8.0+, fp16/bf16).
+        semi_structured: Also convert the ``nn.Linear`` (and HF ``Conv1D``) weights that
+            ``pruning`` made 2:4 (N:M with M = 4, N <= 2) with :func:`to_semi_structured` (CUDA,
+            compute capability 8.0+, fp16/bf16); other 2:4 weights (convs, ...) stay dense-stored,
+            with a warning that names them.
 
     Raises:
         ValueError: an N:M weight of ``pruning`` is not N:M sparse (the schedule has not reached
@@ -88,14 +94,33 @@ def strip_pruning_vars(
         module.__class__ = _plain_base(type(module))
     if semi_structured:
         eligible = [] if pruning is None else [n for n, (k, m) in pruning.nm_weights().items() if m == 4 and k <= 2]
-        eligible = [n for n in eligible if isinstance(out.get_submodule(n.rpartition(".")[0]), nn.Linear)]
+        reasons = {n: _not_a_matrix(n, out) for n in eligible}
+        if any(reasons.values()):
+            warnings.warn(
+                "semi_structured: left dense-stored: " + "; ".join(r for r in reasons.values() if r), stacklevel=2
+            )
+        eligible = [n for n in eligible if reasons[n] is None]
         if not eligible:
             raise ValueError(
-                "`semi_structured=True` found no nn.Linear weight pruned 2:4 by `pruning` (set `nm_sparsity` or "
-                "`nm_sparsity_map` to 2:4 for Linear weights)"
+                "`semi_structured=True` found no nn.Linear weight pruned 2:4 by `pruning`, nor an HF Conv1D one (set "
+                "`nm_sparsity` or `nm_sparsity_map` to 2:4 for Linear weights)"
             )
         to_semi_structured(out, eligible, inplace=True)
     return out
+
+
+def _not_a_matrix(name: str, model: nn.Module) -> str | None:
+    """Why weight ``name`` of ``model`` is no matrix the 2:4 kernels multiply (``None``: Linear or HF Conv1D weight)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr == "weight" and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
+        return None
+    if attr != "weight" or not isinstance(module, (nn.modules.conv._ConvNd, nn.RNNBase, nn.Embedding)):
+        return f"{name} is not an nn.Linear weight (nor an HF Conv1D one): only those can be converted"
+    return (
+        f"{name} is a {type(module).__name__} weight: torch's 2:4 kernels multiply matrices (nn.Linear, HF Conv1D), "
+        "not convolutions, recurrences or lookups"
+    )
 
 
 def semi_structured_problem(name: str, weight: Tensor) -> str | None:
@@ -125,9 +150,13 @@ def semi_structured_problem(name: str, weight: Tensor) -> str | None:
 def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, inplace: bool = False) -> nn.Module:
     """Swap 2:4-sparse ``nn.Linear`` weights for ``torch.sparse.to_sparse_semi_structured`` tensors (inference).
 
+    An HF ``transformers`` ``Conv1D`` weight (``[in, out]``, applied as ``x @ W``, 2:4 along
+    ``in``) is transposed: its module becomes an ``nn.Linear`` holding the sparse ``[out, in]``
+    weight and the same bias.
+
     Args:
-        model: A model whose named Linear weights are 2:4 sparse, fp16/bf16, on a CUDA GPU of
-            compute capability 8.0+.
+        model: A model whose named Linear (or HF Conv1D) weights are 2:4 sparse along their input
+            features, fp16/bf16, on a CUDA GPU of compute capability 8.0+.
         names: Parameter names (``"<module>.weight"``) to convert; default every ``nn.Linear`` weight.
         inplace: Modify ``model`` itself instead of a deep copy.
 
@@ -145,23 +174,38 @@ def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, 
     if names is None:
         names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     names = list(names)
-    params = dict(model.named_parameters())
     problems = []
     for name in names:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if not isinstance(module, nn.Linear) or attr != "weight":
-            problems.append(f"{name} is not an nn.Linear weight")
-        elif (problem := semi_structured_problem(name, params[name].detach())) is not None:
+        problem = _not_a_matrix(name, model)
+        if problem is None:
+            weight = getattr(module, attr).detach()
+            problem = semi_structured_problem(name, weight.t() if is_hf_conv1d(module) else weight)
+        if problem is not None:
             problems.append(problem)
     if problems:
         raise ValueError("cannot convert to semi-structured sparsity: " + "; ".join(problems))
     out = model if inplace else copy.deepcopy(model)
     for name in names:
-        module = out.get_submodule(name.rpartition(".")[0])
+        module_name = name.rpartition(".")[0]
+        module = out.get_submodule(module_name)
+        dense = module.weight.detach()
+        if is_hf_conv1d(module):  # [in, out] -> an nn.Linear of [out, in]: the 2:4 groups along its last dim
+            dense = dense.t().contiguous()
+            module = _linear_for_conv1d(out, module_name, module, dense)
         try:
-            sparse = to_sparse_semi_structured(module.weight.detach())
+            sparse = to_sparse_semi_structured(dense)
         except (RuntimeError, ValueError) as error:  # shape constraints of the sparse kernels
-            raise ValueError(f"{name} of shape {tuple(module.weight.shape)}: {error}") from error
+            raise ValueError(f"{name} of shape {tuple(dense.shape)}: {error}") from error
         module.weight = nn.Parameter(sparse, requires_grad=False)
     return out
+
+
+def _linear_for_conv1d(model: nn.Module, module_name: str, conv1d: nn.Module, weight: Tensor) -> nn.Linear:
+    """Put an ``nn.Linear`` with ``conv1d``'s bias (and room for the ``[out, in]`` ``weight``) in its place."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=conv1d.bias is not None, device="meta")
+    linear.bias = conv1d.bias
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, linear)
+    return linear

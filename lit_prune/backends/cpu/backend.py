@@ -18,7 +18,7 @@ from lit_prune.backends.cpu import kernels
 from lit_prune.backends.cpu.updates import magnitude_update_
 from lit_prune.config.hparams import PruningHParams
 from lit_prune.engine.blocks import block_grid, block_view_shape, resolve_block_dims
-from lit_prune.engine.nm import nm_pruned_per_group
+from lit_prune.engine.nm import in_memory_order, nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
 from lit_prune.engine.sharding import is_sharded
 from lit_prune.engine.state import WeightState
@@ -66,6 +66,8 @@ class NativeCpuBackend(Backend):
             return f"not a contiguous float32 CPU weight with its mask ({param.dtype} on {param.device})"
         if granularity == "nm" and state.spec.nm[1] > kernels.NM_MAX_M:  # type: ignore[index]
             return f"N:M with M > {kernels.NM_MAX_M}"
+        if granularity == "nm" and not in_memory_order(param.dim(), state.spec.input_dims):
+            return "N:M groups along an input dim that is not the last (e.g. HF Conv1D [in, out]): not consecutive"
         if granularity != "nm" and hparams.threshold_method == "histogram" and hparams.nbins > MAX_NBINS:
             return f"nbins > {MAX_NBINS}"
         if granularity == "elementwise" and not kernels.threshold_fits(state.threshold):
