@@ -20,8 +20,12 @@ A 90 % sparse model saved with ``torch.save`` is as large as the dense one: the 
     in a regular layout (``[rows, cols / 2]`` values, as sparse tensor cores take them); a
     1:4 or 2:8 weight takes less than its bitmask.
 
-"Kept" means "not bit-for-bit zero", so ``-0.0`` and NaN survive and a round trip is exact for
-every dtype safetensors stores (float64/32/16, bfloat16, float8, complex64, ints, bool).  Tensors
+"Kept" means "not zero": a float whose bits other than the sign are not all zero (NaN, inf
+are kept), any other element whose bits are not all zero.  ``w * mask`` leaves ``-0.0`` for each
+negative pruned ``w``; where a sparse tensor holds one, ``{name}.zero_signs`` keeps the sign of
+each of its zeros (1 bit each, in row-major order), so a round trip is bit for bit for every dtype
+safetensors stores (float64/32/16, bfloat16, float8, complex64, ints, bool).  With
+``signed_zeros=False`` a ``-0.0`` is stored as ``+0.0`` (the same numbers, a smaller file).  Tensors
 that share memory (tied weights such as GPT-2's ``lm_head.weight`` / ``transformer.wte.weight``)
 are stored once; :func:`load_compressed` gives them back as one tensor under both names.
 
@@ -61,7 +65,7 @@ FORMAT = "lit_prune.compressed"
 VERSION = "1"
 
 #: Integer dtypes of each element size: elements are compared and moved as raw bits.
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: Group sizes tried for the N:M encoding (powers of two: an index takes log2(M) bits).
 _NM_GROUPS = (4, 8, 16)
 #: safetensors' own dtypes (``bfloat16``, ``float8_*``, ...), by their torch names.
@@ -124,6 +128,19 @@ def _raw(t: Tensor) -> Tensor:
     return t.reshape(-1).view(_INT_VIEW[t.element_size()])
 
 
+def _split_zeros(t: Tensor, raw: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(keep, signs)``: the elements kept (not ``±0``), and which dropped zeros are ``-0.0`` (``None``: none is).
+
+    Integers, bools and complex numbers keep every element whose bits are not all zero; a real
+    float keeps every element whose bits other than the sign are not all zero.
+    """
+    if not t.is_floating_point():
+        return raw != 0, None
+    keep = (raw & torch.iinfo(raw.dtype).max) != 0
+    signs = raw[~keep] != 0
+    return keep, (signs if bool(signs.any()) else None)
+
+
 def _groups(raw: Tensor, shape: tuple[int, ...], m: int, axis: str) -> Tensor | None:
     """``raw`` (flat) as ``[groups, M]``: M consecutive elements of the last or first dim."""
     if axis == "last":
@@ -164,24 +181,31 @@ def _encode_nm(raw: Tensor, shape: tuple[int, ...], n: int, m: int, axis: str) -
     return groups.gather(1, index), index
 
 
-def _encode(t: Tensor) -> tuple[dict, dict[str, Tensor]]:
+def _encode(t: Tensor, signed_zeros: bool) -> tuple[dict, dict[str, Tensor]]:
     """The smallest encoding of ``t``: its index entry (kind, ...) and its parts by suffix."""
     size, numel = t.element_size(), t.numel()
     if t.dim() == 0 or numel == 0:
         return {"kind": "dense"}, {"": t}
     raw = _raw(t)
-    keep = raw != 0
+    keep, signs = _split_zeros(t, raw)
+    signs = signs if signed_zeros else None
+    raw = raw.masked_fill(~keep, 0)  # -0.0 -> +0.0 (its sign, if kept, goes in `.zero_signs`)
     nnz = int(keep.sum())
+    extra = 0 if signs is None else math.ceil(signs.numel() / 8)
     candidates = [(numel * size, {"kind": "dense"})]
-    candidates += _nm_candidates(raw, tuple(t.shape), size)
-    candidates.append((nnz * size + math.ceil(numel / 8), {"kind": "bitmask", "nnz": nnz}))
+    candidates += [(b + extra, e) for b, e in _nm_candidates(raw, tuple(t.shape), size)]
+    candidates.append((nnz * size + math.ceil(numel / 8) + extra, {"kind": "bitmask", "nnz": nnz}))
     _, entry = min(candidates, key=lambda c: c[0])  # ties: dense, then N:M, then bitmask
     if entry["kind"] == "dense":
-        return entry, {"": t}
+        return entry, {"": t if signed_zeros else raw.view(t.dtype).reshape(t.shape)}
     if entry["kind"] == "bitmask":
-        return entry, {".compressed": t.reshape(-1)[keep], ".bitmask": pack_bits(keep)}
-    values, index = _encode_nm(raw, tuple(t.shape), entry["n"], entry["m"], entry["axis"])
-    parts = {".compressed": values.view(t.dtype), ".indices": _pack_uints(index, int(math.log2(entry["m"])))}
+        parts = {".compressed": t.reshape(-1)[keep], ".bitmask": pack_bits(keep)}
+    else:
+        values, index = _encode_nm(raw, tuple(t.shape), entry["n"], entry["m"], entry["axis"])
+        parts = {".compressed": values.view(t.dtype), ".indices": _pack_uints(index, int(math.log2(entry["m"])))}
+    if signs is not None:
+        entry["zeros"] = signs.numel()
+        parts[".zero_signs"] = pack_bits(signs)
     return entry, parts
 
 
@@ -214,7 +238,9 @@ def _tie_key(t: Tensor) -> tuple | None:
 
 
 @torch.no_grad()
-def save_compressed(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.PathLike) -> dict[str, str]:
+def save_compressed(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str | os.PathLike, *, signed_zeros: bool = True
+) -> dict[str, str]:
     """Save a ``state_dict`` compressed: each tensor as a bitmask + kept values, N:M, or dense.
 
     Each tensor takes the smallest of the encodings described in :mod:`lit_prune.export.compressed`;
@@ -225,6 +251,10 @@ def save_compressed(model_or_state_dict: nn.Module | Mapping[str, Tensor], path:
     Args:
         model_or_state_dict: An ``nn.Module`` (its ``state_dict()``) or a mapping of names to tensors.
         path: The ``.safetensors`` file to write (its folder is created).
+        signed_zeros: Keep the sign of every zero, so that the round trip is bit for bit: where a
+            sparse tensor holds a ``-0.0`` (``w * mask`` leaves one for each negative pruned
+            ``w``), its zeros' signs take one more bit each.  ``False`` stores ``-0.0`` as
+            ``+0.0``: the same numbers (``torch.equal`` holds), one bit per pruned weight less.
 
     Returns:
         Each name's encoding: ``"dense"``, ``"bitmask"``, ``"nm N:M (axis)"`` or ``"alias of NAME"``.
@@ -256,7 +286,7 @@ def save_compressed(model_or_state_dict: nn.Module | Mapping[str, Tensor], path:
             continue
         if key is not None:
             ties[key] = name
-        entry, parts = _encode(t)
+        entry, parts = _encode(t, signed_zeros)
         entry.update(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), crc32={})
         for suffix, part in parts.items():
             part = part.contiguous()
@@ -337,6 +367,20 @@ def _decode(f: object, path: str, name: str, entry: dict) -> Tensor:
     kind = entry["kind"]
     if kind == "dense":
         return _part(f, path, name, "", entry, dtype, numel).reshape(shape)
+    raw = _decode_sparse(f, path, name, entry, dtype, numel)
+    if "zeros" in entry:
+        zeros = raw == 0
+        if int(zeros.sum()) != entry["zeros"]:
+            raise CompressedFileError(f"{path}: tensor {name!r}: {int(zeros.sum())} zeros, expected {entry['zeros']}")
+        signs = unpack_bits(_part(f, path, name, ".zero_signs", entry, torch.uint8, math.ceil(entry["zeros"] / 8)),
+                            entry["zeros"])  # fmt: skip
+        raw[zeros.nonzero().squeeze(1)[signs]] = torch.iinfo(raw.dtype).min
+    return raw.view(dtype).reshape(shape)
+
+
+def _decode_sparse(f: object, path: str, name: str, entry: dict, dtype: torch.dtype, numel: int) -> Tensor:
+    """The flat raw bits of a ``bitmask`` or ``nm`` entry (zeros all ``+0``)."""
+    kind, shape = entry["kind"], tuple(entry["shape"])
     raw_dtype = _INT_VIEW[torch.empty(0, dtype=dtype).element_size()]
     if kind == "bitmask":
         nnz = entry["nnz"]
@@ -347,7 +391,7 @@ def _decode(f: object, path: str, name: str, entry: dict) -> Tensor:
                                       f"expected {nnz}")  # fmt: skip
         out = torch.zeros(numel, dtype=raw_dtype)
         out[keep] = _raw(values)
-        return out.view(dtype).reshape(shape)
+        return out
     if kind == "nm":
         n, m, axis = entry["n"], entry["m"], entry["axis"]
         groups = numel // m
@@ -358,7 +402,7 @@ def _decode(f: object, path: str, name: str, entry: dict) -> Tensor:
         if n > 1 and not bool((index[:, 1:] > index[:, :-1]).all()):
             raise CompressedFileError(f"{path}: tensor {name!r}: N:M positions are not increasing in every group")
         out = torch.zeros(groups, m, dtype=raw_dtype).scatter_(1, index, _raw(values).view(groups, n))
-        return _ungroup(out, shape, axis).view(dtype)
+        return _ungroup(out, shape, axis).reshape(-1)
     raise CompressedFileError(f"{path}: tensor {name!r}: unknown encoding {kind!r}")
 
 
