@@ -48,6 +48,7 @@ def test_the_kinds_come_from_the_annotations_and_no_hand_kept_list_is_left():
         "block_pooling_function": ("AVG", "MAX"),
         "prune_option": ("weight", "first_order_gradient", "second_order_gradient"),
         "threshold_method": ("histogram", "exact"),
+        "allocation": ("uniform", "global", "erk", "sensitivity"),
     }
     assert all(s.default == getattr(PruningHParams(), s.name) for s in specs)
 

@@ -219,6 +219,7 @@ def test_summaries_use_tf_tags():
         "cifar10_pruning_summaries/last_mask_update_step",
         "cifar10_pruning_summaries/0.weight/mask/sparsity",
         "cifar10_pruning_summaries/0.weight/threshold/threshold",
+        "cifar10_pruning_summaries/0.weight/target_sparsity",
     }
     assert tags["cifar10_pruning_summaries/last_mask_update_step"] == 10
     assert tags["cifar10_pruning_summaries/sparsity"] == pytest.approx(0.1355, abs=1e-6)
@@ -402,7 +403,9 @@ def test_global_ranking_leaves_mapped_weights_their_own_target_and_refuses_block
     assert float(pruning.get_weight_sparsity()["2.weight"]) == pytest.approx(0.5)
     joint = pruning.get_masks()["0.weight"].numel() + pruning.get_masks()["1.weight"].numel()
     kept = int(pruning.get_masks()["0.weight"].sum() + pruning.get_masks()["1.weight"].sum())
-    assert kept == round(joint * 0.2)
+    # the joint share is solved again so that the average over all 2800 weights is 0.8: (2240 - 150) / 2500
+    assert kept == round(joint * (1 - (0.8 * 2800 - 0.5 * 300) / 2500))
+    assert float(pruning.model_sparsity()) == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(HParamsError, match="`global_ranking` ranks weights element-wise"):
         Pruning(model, PruningHParams(global_ranking=True, block_height=2, block_width=2))
 

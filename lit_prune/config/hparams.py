@@ -34,6 +34,7 @@ from lit_prune.config.errors import HParamsError
 from lit_prune.config.grammar import format_hparams_string, parse_hparams_string, split_list
 
 __all__ = [
+    "ALLOCATIONS",
     "BLOCK_POOLING_FUNCTIONS",
     "HParamsError",
     "PRUNE_OPTIONS",
@@ -67,6 +68,7 @@ NMMap = Annotated[list[str], _Kind("map", str)]
 BlockPoolingFunction = Literal["AVG", "MAX"]
 ThresholdMethod = Literal["histogram", "exact"]
 PruneOption = Literal["weight", "first_order_gradient", "second_order_gradient"]
+AllocationRule = Literal["uniform", "global", "erk", "sensitivity"]
 
 #: Accepted ``block_pooling_function`` values (TF raises on anything else at graph build).
 BLOCK_POOLING_FUNCTIONS: tuple[str, ...] = get_args(BlockPoolingFunction)
@@ -74,6 +76,8 @@ BLOCK_POOLING_FUNCTIONS: tuple[str, ...] = get_args(BlockPoolingFunction)
 THRESHOLD_METHODS: tuple[str, ...] = get_args(ThresholdMethod)
 #: Accepted ``prune_option`` values (google-research model_pruning; ``compression`` is out of scope).
 PRUNE_OPTIONS: tuple[str, ...] = get_args(PruneOption)
+#: Accepted ``allocation`` values: how ``target_sparsity`` is shared among the weights.
+ALLOCATIONS: tuple[str, ...] = get_args(AllocationRule)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -198,7 +202,25 @@ class PruningHParams:
             "Rank the weights without a `weight_sparsity_map` entry jointly, with one threshold (google-research's "
             "group pruning with a single group; what `global_unstructured` and Lightning's `ModelPruning` do by "
             "default): layers end at different sparsities whose weighted mean follows the schedule. Needs "
-            "element-wise (1x1) blocks for them"
+            "element-wise (1x1) blocks for them. Alias of `allocation=global`"
+        ),
+    )
+    allocation: AllocationRule = field(
+        default="uniform",
+        metadata=_doc(
+            "How `target_sparsity` is shared among the pruned weights: `uniform` (TF: every weight at the target, "
+            "a `weight_sparsity_map` entry wins for its weight), `global` (one joint threshold; weights under 1 % of "
+            "the largest one's size kept dense), `erk` (Erdős–Rényi-Kernel: density ∝ sum(shape) / prod(shape)) or "
+            "`sensitivity` (least predicted loss from `sensitivity_scan`). For all but `uniform` the per-weight "
+            "targets average exactly to `target_sparsity`, counted by parameters: map entries (and N:M) win and "
+            "the others are solved again; the schedule scales each weight's target as a map entry's"
+        ),
+    )
+    sensitivity_scan: str = field(
+        default="",
+        metadata=_doc(
+            "Path of a sensitivity scan's JSON (`lit_prune.sensitivity(...).save(dir)`, `lit-prune mode=scan`) "
+            "that `allocation=sensitivity` reads"
         ),
     )
     nm_sparsity: str = field(
@@ -314,6 +336,16 @@ class PruningHParams:
         """
         return format_hparams_string(self.to_dict())
 
+    def allocation_rule(self) -> str:
+        """The allocation in effect: ``allocation``, or ``global`` when ``global_ranking`` is set (its alias).
+
+        Example::
+
+            >>> PruningHParams(global_ranking=True).allocation_rule()
+            'global'
+        """
+        return "global" if self.global_ranking else self.allocation
+
     def replace(self, **overrides: Any) -> PruningHParams:
         """A validated copy with some fields replaced; ``self`` is unchanged.
 
@@ -383,6 +415,12 @@ class PruningHParams:
                 raise _fail(spec.name, f"one of {list(spec.choices)}", getattr(self, spec.name))
         if not self.name or not isinstance(self.name, str):
             raise _fail("name", "a non-empty string", self.name)
+        if self.global_ranking and self.allocation not in ("uniform", "global"):
+            raise HParamsError(
+                f"`global_ranking`=True is `allocation`=global, but `allocation`={self.allocation!r}: set only one"
+            )
+        if self.allocation == "sensitivity" and not self.sensitivity_scan:
+            raise HParamsError("`allocation`=sensitivity needs `sensitivity_scan`: the JSON file a scan wrote")
         # The maps and patterns are parsed here so that malformed entries fail before training.
         parse_weight_sparsity_map(self.weight_sparsity_map)
         parse_block_dims_map(self.block_dims_map)

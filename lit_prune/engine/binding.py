@@ -7,6 +7,7 @@ Weights are chosen by parameter name (:mod:`lit_prune.engine.selection`); each g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -20,6 +21,7 @@ from lit_prune.config.hparams import (
     parse_nm_sparsity_map,
     parse_weight_sparsity_map,
 )
+from lit_prune.engine.allocation import allocate, load_scan_curves
 from lit_prune.engine.layouts import nm_input_dims, parameter_owners
 from lit_prune.engine.nm import in_memory_order, nm_group_view
 from lit_prune.engine.reduce import LocalReducer, Reducer
@@ -59,6 +61,7 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
         blocked = spec.block_dims != (1, 1)
         check_supported(name, weight, blocked, spec.nm is not None, hp.prune_option)
         states[name] = WeightState.bind(spec, module, param_name, hp.prune_option)
+    _allocate(states, hp)
     blocked = [n for n in joint_names(states, hp) if states[n].spec.block_dims != (1, 1)]
     if blocked:
         raise HParamsError(
@@ -88,8 +91,24 @@ def default_reducer(states: dict[str, WeightState]) -> Reducer:
 
 
 def joint_names(states: dict[str, WeightState], hp: PruningHParams) -> set[str]:
-    """The weights ranked together under ``global_ranking``: those without a map target."""
-    return {n for n, s in states.items() if s.spec.target is None} if hp.global_ranking else set()
+    """The weights ranked together under ``allocation=global`` (``global_ranking``): those the allocation joined."""
+    return {n for n, s in states.items() if s.spec.joint}
+
+
+def _allocate(states: dict[str, WeightState], hp: PruningHParams) -> None:
+    """Give each weight without its own target the one ``allocation`` chooses (:mod:`~lit_prune.engine.allocation`)."""
+    rule = hp.allocation_rule()
+    if rule == "uniform":
+        return
+    pinned = {n: s.spec.target for n, s in states.items() if s.spec.target is not None}
+    shapes = {n: tuple(s.param.shape) for n, s in states.items()}  # global shapes for DTensors
+    curves = load_scan_curves(hp.sensitivity_scan) if rule == "sensitivity" else None
+    chosen = allocate(rule, shapes, hp.target_sparsity, pinned, curves)
+    for name, s in states.items():
+        if name not in pinned:  # a joint weight at the target itself follows the schedule as TF's global would
+            target = chosen.targets[name]
+            keep_global = name in chosen.joint and target == hp.target_sparsity
+            s.spec = dataclasses.replace(s.spec, target=None if keep_global else target, joint=name in chosen.joint)
 
 
 def _nm_target(spec: WeightSpec, nm: tuple[int, int], shape: tuple[int, ...], dims: tuple[int, ...]) -> float:

@@ -253,6 +253,11 @@ class Pruning:
             )
         return self._plan
 
+    def weight_targets(self) -> dict[str, float]:
+        """Each pruned weight's final sparsity: its own (map entry, ``allocation``, N:M) or ``target_sparsity``."""
+        default = self.hparams.target_sparsity
+        return {n: default if s.spec.target is None else s.spec.target for n, s in self._states.items()}
+
     def is_dense(self, name: str) -> bool:
         """Whether the mask of weight ``name`` keeps everything (as known since the last update or load)."""
         return self._states[name].dense

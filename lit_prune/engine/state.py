@@ -33,6 +33,7 @@ class WeightSpec:
     target: float | None  # its weight_sparsity_map (or N:M) target, if any
     block_dims: tuple[int, int]
     nm: tuple[int, int] | None = None  # N:M semi-structured, if any
+    joint: bool = False  # ranked with the other joint weights under one threshold (allocation=global)
     input_dims: tuple[int, ...] | None = None  # N:M: the dims its groups run along (its layer's input dims)
 
 

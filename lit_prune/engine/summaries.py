@@ -17,8 +17,9 @@ def tf_summaries(pruning: Pruning, step: int | None = None) -> dict[str, Tensor 
 
     ``<name>_summaries/sparsity`` is the scheduled global sparsity at ``step`` (default: the last
     update); per weight, ``<name>_summaries/<weight>/mask/sparsity`` and
-    ``<name>_summaries/<weight>/threshold/threshold``.  Per-weight values are 0-d tensors, so
-    building the dict does not synchronise.
+    ``<name>_summaries/<weight>/threshold/threshold`` (0-d tensors, so building the dict does not
+    synchronise), and lit_prune's ``<name>_summaries/<weight>/target_sparsity``: the weight's final
+    target (its map entry, its ``allocation`` share, N:M's ``1 - N/M``, or ``target_sparsity``).
 
     Example::
 
@@ -33,8 +34,9 @@ def tf_summaries(pruning: Pruning, step: int | None = None) -> dict[str, Tensor 
         f"{prefix}/sparsity": pruning.sparsity(step),
         f"{prefix}/last_mask_update_step": pruning.last_update_step,
     }
-    thresholds = pruning.get_thresholds()
+    thresholds, targets = pruning.get_thresholds(), pruning.weight_targets()
     for name, value in pruning.get_weight_sparsity().items():
         out[f"{prefix}/{name}/mask/sparsity"] = value
+        out[f"{prefix}/{name}/target_sparsity"] = targets[name]
         out[f"{prefix}/{name}/threshold/threshold"] = thresholds[name]
     return out
