@@ -272,6 +272,13 @@ def test_a_tampered_index_is_refused(saved):
         load_compressed(path)
 
 
+def test_a_header_whose_metadata_is_not_an_object_is_refused(tmp_path):
+    header = json.dumps({"__metadata__": ["format"], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    with pytest.raises(CompressedFileError, match=r"odd\.safetensors: corrupted safetensors header \(`__metadata__`"):
+        load_compressed(tmp_path / "odd.safetensors")
+
+
 def test_a_plain_safetensors_file_and_a_missing_file(tmp_path):
     save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CompressedFileError, match="not a lit_prune compressed file.*safetensors.torch.load_file"):

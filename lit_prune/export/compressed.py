@@ -329,6 +329,8 @@ def _read_index(path: str) -> dict[str, dict]:
             header = json.loads(f.read(length))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
             metadata = header.get("__metadata__") or {}
+            if not isinstance(metadata, dict):
+                raise TypeError(f"`__metadata__` is a {type(metadata).__name__}, expected an object")
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise CompressedFileError(f"{path}: corrupted safetensors header ({error})") from None
     if metadata.get("format") != FORMAT:
