@@ -17,6 +17,8 @@ a YAML can name it.  Needs ``jsonargparse[signatures]`` (the ``cli`` extra).
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from torch import nn
 
@@ -62,13 +64,16 @@ def lightning_cli(args: ArgsType = None, *, run: bool = True) -> LightningCLI:
         >>> cli.trainer.callbacks[0].hparams.target_sparsity  # doctest: +SKIP
         0.9
     """
-    return LightningCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # Lightning 2.6 calls jsonargparse APIs deprecated in jsonargparse 4.49: nothing a user can act on.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning.pytorch.cli")
+        return LightningCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ and fine-tuning goes on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -54,7 +54,11 @@ from lit_prune.oracle.surgery import (
 
 __all__ = ["StructuredPruningCallback"]
 
-_SCORES = ("taylor", "l1", "random")
+#: The kernel criteria (``score``).
+Score = Literal["taylor", "l1", "random"]
+#: How the kernels are ranked (``ranking``): :data:`~lit_prune.oracle.handle.RANKINGS`.
+Ranking = Literal[RANKINGS]  # type: ignore[valid-type]
+_SCORES: tuple[str, ...] = get_args(Score)
 #: The module attribute that holds its resize-on-load hook (it travels with the module to spawned workers).
 _HOOK_ATTRIBUTE = "_lit_prune_resize_on_load"
 
@@ -108,8 +112,8 @@ class StructuredPruningCallback(Callback):
         self,
         percentage: float = 25.0,
         prune_at_epochs: list[int] | tuple[int, ...] = (5,),
-        score: str = "taylor",
-        ranking: str = "per_layer",
+        score: Score = "taylor",
+        ranking: Ranking = "per_layer",
         log_histograms: bool = True,
         example_inputs: Any = None,
     ) -> None:
