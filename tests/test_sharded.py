@@ -1,10 +1,16 @@
-"""Pruning FSDP2-sharded (``fully_shard``) weights in two CPU processes: the same masks as one process, bit for bit."""
+"""Pruning sharded weights (FSDP2 ``fully_shard``, tensor parallelism, both on a 2-D mesh) in CPU processes.
+
+Each worker builds the same model twice, whole and sharded, prunes both with the same spec and
+checks that every mask, threshold and weight of the sharded model gathers to the one process's,
+bit for bit, that no process holds more than its shard, and how many collectives an update takes.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,19 +20,20 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lit_prune import Pruning
-from lit_prune.engine.sharding import ProcessGroupReducer, is_sharded, local
+from lit_prune.engine.sharding import ProcessGroupReducer, is_sharded, local, local_region
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
-SPECS = [
+ELEMENTWISE = [
     "threshold_method=histogram",
     "threshold_method=histogram,threshold_decay=0.5",
     "threshold_method=exact",
     "threshold_method=exact,threshold_decay=0.3",
     "global_ranking=true",
     "global_ranking=true,threshold_method=exact",
-    "weight_sparsity_map=[^2[.]:0.8]",
 ]
+GRADIENT = ["prune_option=first_order_gradient", "prune_option=second_order_gradient,threshold_method=exact"]
 
 
 class CountingReducer:
@@ -46,78 +53,197 @@ class CountingReducer:
         return self.inner.sum_(values)
 
 
-def net() -> nn.Sequential:
-    # 33 output rows over 2 processes: shards of 17 and 16 rows
-    return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 40), nn.ReLU(), nn.Linear(40, 8))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, done: str) -> None:
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def _collectives_per_update(group, hp) -> int:
+    """NaN check, max, kept; counts (1) or byte rounds (4); the N:M threshold; the gradient norms."""
+    if group.reducer.local:
+        return 0
+    rule = 1 if group.rule == "nm" else (4 if group.rule == "exact" else 1)
+    return 3 + rule + (hp.prune_option != "weight")
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    """Move every weight as a step would, identically in the whole and the sharded model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            delta = torch.randn(p.shape, generator=generator) * 0.05
+            part = delta[tuple(slice(a, b) for a, b in local_region(p))]
+            local(p).add_(part)
+
+
+def check_equal_to_one_process(spec, whole: nn.Module, sharded: nn.Module, counting: CountingReducer) -> None:
+    """Two updates (30 %, then 60 %) of the sharded model give what one process gives on the whole one."""
+    sparsity = lambda step: 0.3 if step == 1 else 0.6  # noqa: E731
+    reference = Pruning(whole, spec, sparsity=sparsity)
+    pruning = Pruning(sharded, spec, sparsity=sparsity, reducer=counting)
+    counting.calls = 0
+    for step in (1, 2):
+        reference.mask_update(step)
+        pruning.mask_update(step)
+        _perturb(whole, step), _perturb(sharded, step)
+    reference.apply_mask(), pruning.apply_mask()
+    masks, thresholds, params = pruning.get_masks(), pruning.get_thresholds(), dict(sharded.named_parameters())
+    rank = dist.get_rank()
+    for name, mask in reference.get_masks().items():
+        assert is_sharded(masks[name]) == is_sharded(params[name]), (spec, name)
+        assert local(masks[name]).shape == local(params[name]).shape, (spec, name)  # this rank's part only
+        assert torch.equal(_whole(masks[name]), mask), (spec, name, rank)
+        assert torch.equal(thresholds[name], reference.get_thresholds()[name]), (spec, name, rank)
+        assert torch.equal(_whole(params[name]).detach(), dict(whole.named_parameters())[name]), (spec, name)
+    expected = 2 * sum(_collectives_per_update(g, pruning.hparams) for g in pruning._plan.groups)
+    assert counting.calls == expected, (spec, counting.calls, expected)
+    counting.calls = 0
+    pruning.apply_mask()
+    assert counting.calls == 0, spec  # apply_mask is purely local
+    sparsity_now = pruning.get_weight_sparsity()
+    for name, value in reference.get_weight_sparsity().items():
+        assert torch.equal(sparsity_now[name], value), (spec, name)  # from reduced counts, the same everywhere
+
+
+def check_refused(sharded: nn.Module, spec, weight: str, what: str) -> None:
+    try:
+        Pruning(sharded, spec)
+    except NotImplementedError as error:  # refused before training, naming the weight and the fix
+        assert f"weight {weight!r}" in str(error) and what in str(error), error
+    else:
+        raise AssertionError(f"{spec} on sharded weights was not refused")
+
+
+def run_specs(specs, make: Callable[[], nn.Module], shard: Callable[[nn.Module], nn.Module]) -> None:
+    for spec in specs:
+        torch.manual_seed(0)
+        whole = make()
+        sharded = shard(copy.deepcopy(whole))
+        weight = next(p for p in sharded.parameters() if is_sharded(p))
+        check_equal_to_one_process(spec, whole, sharded, CountingReducer(ProcessGroupReducer.for_weight(weight)))
+
+
+# ----------------------------------------------------------------------------- FSDP2 (1-D mesh)
+def fsdp_net() -> nn.Sequential:
+    # 33 output rows over 2 processes: shards of 17 and 16 rows
+    return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 40), nn.ReLU(), nn.Linear(40, 8))
+
+
+FSDP_SPECS = [
+    *ELEMENTWISE,
+    "weight_sparsity_map=[^2[.]:0.8]",
+    {"block_dims_map": {"^2[.]": "4x3"}, "block_pooling_function": "MAX"},  # 20 + 20 rows: whole blocks
+    {"block_dims_map": {"^2[.]": "4x4"}, "threshold_method": "exact"},  # AVG, cut-short edge blocks
+    {"nm_sparsity_map": {"^4[.]": "2:4"}},  # rows split: every N:M group on one process
+    {"nm_sparsity_map": {"^0[.]": "2:4"}, "weight_sparsity_map": ["^2[.]:0.7"]},
+    *GRADIENT,
+]
+
+
+def _fsdp(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _fsdp_worker(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    run_specs(FSDP_SPECS, fsdp_net, lambda m: _fsdp(m, mesh))
+    # 17 + 16 rows: a 2-row block straddles the shards
+    check_refused(_fsdp(fsdp_net(), mesh), "block_height=2", "0.weight", "cuts 2x1 blocks")
+
+
+# ----------------------------------------------------------------------------- tensor parallelism
+def tp_net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+
+
+TP_SPECS = [
+    *ELEMENTWISE,  # global_ranking ranks the sharded weights with the whole last layer
+    {"block_dims_map": {"^0[.]": "4x4", "^2[.]": "2x4"}},  # Shard(0) rows and Shard(1) columns, aligned
+    {"nm_sparsity_map": {"^2[.]": "2:4"}},  # input columns split 16 + 16
+    GRADIENT[0],
+]
+
+
+def _tp(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _tp_worker(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    run_specs(TP_SPECS, tp_net, lambda m: _tp(m, mesh))
+    check_refused(_tp(tp_net(), mesh), {"block_dims_map": {"^2[.]": "1x3"}}, "2.weight", "cuts 1x3 blocks")
+    check_refused(_tp(tp_net(), mesh), {"nm_sparsity_map": {"^2[.]": "2:32"}}, "2.weight", "N:M groups of 32")
+
+
+# ----------------------------------------------------------------------------- 2-D: FSDP2 over tensor parallelism
+def _fsdp_over_tp(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    _tp(model, mesh["tp"])
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])  # the last layer: sharded on dp, replicated on tp
+    return fully_shard(model, mesh=mesh["dp"])
+
+
+def _mesh_2d_worker(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    specs = ["threshold_method=histogram", "threshold_method=exact", ELEMENTWISE[4], ELEMENTWISE[5]]
+    run_specs([*specs, {"block_dims_map": {"^0[.]": "4x4"}}, GRADIENT[0]], tp_net, lambda m: _fsdp_over_tp(m, mesh))
+
+
+# ----------------------------------------------------------------------------- launching
+def _entry(rank: int, world: int, port: int, done: str, worker: Callable[[int, int], None]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        for spec in SPECS:
-            torch.manual_seed(0)
-            whole = net()
-            sharded = copy.deepcopy(whole)
-            for layer in sharded:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(sharded, mesh=mesh)
-            reference = Pruning(whole, spec, sparsity=lambda step: 0.3 if step == 1 else 0.6)
-            weight = sharded[0].weight
-            assert is_sharded(weight)
-            counting = CountingReducer(ProcessGroupReducer.for_weight(weight))
-            pruning = Pruning(sharded, spec, sparsity=lambda step: 0.3 if step == 1 else 0.6, reducer=counting)
-            for step in (1, 2):
-                reference.mask_update(step)
-                pruning.mask_update(step)
-            masks, thresholds = pruning.get_masks(), pruning.get_thresholds()
-            params = dict(sharded.named_parameters())
-            for name, mask in reference.get_masks().items():
-                assert is_sharded(masks[name]), (spec, name)
-                assert local(masks[name]).shape == local(params[name]).shape, (spec, name)  # this rank's part only
-                assert torch.equal(masks[name].full_tensor(), mask), (spec, name, rank)
-                assert torch.equal(thresholds[name], reference.get_thresholds()[name]), (spec, name, rank)
-                assert torch.equal(params[name].full_tensor(), dict(whole.named_parameters())[name]), (spec, name)
-            groups = len(pruning._plan.groups)
-            per_group = 4 if "exact" not in spec else 7  # NaN check, max, counts (4 byte rounds), kept
-            assert counting.calls == 2 * groups * per_group, (spec, counting.calls, groups)
-            counting.calls = 0
-            pruning.apply_mask()
-            assert counting.calls == 0, spec  # apply_mask is purely local
-        for spec, what in (("block_height=2", "block dims"), ("nm_sparsity=2:4", "N:M")):
-            try:
-                Pruning(sharded, spec)
-            except NotImplementedError as error:  # refused before training, naming the weight and what works
-                assert what in str(error) and "'0.weight' is sharded" in str(error), error
-            else:
-                raise AssertionError(f"{spec} on sharded weights was not refused")
-        dist.barrier()  # neither process leaves while the other still talks to it
+        worker(rank, world)
+        dist.barrier()  # neither process leaves while another still talks to it
         Path(done, f"rank{rank}").write_text("every check passed")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
-def test_sharded_weights_get_the_masks_and_thresholds_of_one_process(tmp_path):
+def spawn(worker: Callable[[int, int], None], world: int, tmp_path: Path) -> None:
     try:
-        mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_entry, args=(world, _free_port(), str(tmp_path), worker), nprocs=world, join=True)
     except mp.ProcessExitedException as error:
         # gloo sometimes aborts a process while the process group is torn down ("terminate called
         # without an active exception"), after every check has run: only that is let through.
-        finished = all((tmp_path / f"rank{r}").exists() for r in range(2))
+        finished = all((tmp_path / f"rank{r}").exists() for r in range(world))
         if error.signal_name != "SIGABRT" or not finished:
             raise
+
+
+def test_fsdp2_sharded_weights_get_the_masks_and_thresholds_of_one_process(tmp_path):
+    spawn(_fsdp_worker, 2, tmp_path)
+
+
+def test_tensor_parallel_weights_get_the_masks_and_thresholds_of_one_process(tmp_path):
+    spawn(_tp_worker, 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(tmp_path):
+    spawn(_mesh_2d_worker, 4, tmp_path)
 
 
 def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
@@ -126,7 +252,6 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("sharded_fit.py")

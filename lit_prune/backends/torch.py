@@ -21,9 +21,8 @@ from lit_prune.backends.base import Backend, Begun
 from lit_prune.engine.masks import compare_for, smoothed_threshold_and_cut, write_mask, zero_pruned
 from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
-from lit_prune.engine.reduce import Reducer
-from lit_prune.engine.saliency import advance_saliency
-from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, scores_of
+from lit_prune.engine.saliency import advance_saliency_of
+from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, ranked_numel, scores_of
 from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import WeightState
 from lit_prune.engine.statistics import abs_maxima
@@ -57,8 +56,13 @@ class TorchBackend(Backend):
     def begin(self, group: Group, request: UpdateRequest) -> Begun:  # noqa: D102
         hp = request.hparams
         apply_current_masks(group.weights)
-        for w in group.weights:
-            advance_saliency(w.local_param, w.saliency, hp.prune_option, hp.gradient_decay_rate)
+        advance_saliency_of(
+            [(w.local_param, w.saliency) for w in group.weights],
+            hp.prune_option,
+            hp.gradient_decay_rate,
+            reduce_sum=None if group.reducer.local else group.reducer.sum_,
+            counted=group.counted,
+        )
         weight_maxima = abs_maxima([w.local_param for w in group.weights])
         finite = torch.isfinite(torch.stack(weight_maxima))
         if not group.reducer.local:  # a NaN in any process's shard stops every process
@@ -80,28 +84,35 @@ class TorchBackend(Backend):
             return weight_max.to(torch.float32)
         scores = scores_of(w, hp.prune_option, request.scores)
         if dims is None:
-            return scores.max()
+            return abs_maxima([scores])[0]  # scores are >= 0; an empty shard's maximum is 0
         pooled[w.name] = pooled_scores(scores, dims, hp.block_pooling_function)
-        return pooled[w.name].max()
+        return abs_maxima([pooled[w.name]])[0]  # an empty shard's maximum is 0
 
     def finish(self, group: Group, begun: Begun, request: UpdateRequest) -> GroupResult:  # noqa: D102
         stats: _Statistics = begun.data
         maxima = group.reducer.max_(stats.maxima)
         if group.rule == "nm":
             current = None
-        elif group.rule == "histogram" and not request.hparams.use_tpu:
-            current = self._histogram_thresholds(stats, maxima, request, group.reducer)
+        elif group.rule == "histogram" and not (request.hparams.use_tpu and group.reducer.local):
+            current = self._histogram_thresholds(group, stats, maxima, request)
         else:
-            current = self._sorted_thresholds(group.rule, stats, maxima, request, group.reducer)
-        kept = []
+            current = self._sorted_thresholds(group, stats, maxima, request)
+        kept: list[Tensor] = []
         for u, unit in enumerate(stats.units):
             ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
             kept += self._write_unit(
                 group.rule, unit, stats, maxima[u], None if current is None else current[u], ok.all(), request
             )
+        if group.rule == "nm" and not group.reducer.local:  # the largest pruned score over all shards
+            thresholds = group.reducer.max_(torch.stack([w.threshold for w in group.weights]))
+            for w, threshold in zip(group.weights, thresholds.unbind(), strict=True):
+                w.threshold.copy_(threshold)
         if request.deferred:
             return GroupResult(None)
-        return GroupResult(group.reducer.sum_(torch.stack(kept)))  # whole masks' kept counts
+        if group.reducer.local:
+            return GroupResult(torch.stack(kept))
+        mine = [k if c else torch.zeros_like(k) for k, c in zip(kept, group.counted, strict=True)]  # counted once
+        return GroupResult(group.reducer.sum_(torch.stack(mine)))
 
     def _ranked(self, w: WeightState, stats: _Statistics, request: UpdateRequest) -> Tensor:
         """The scores ``w`` is ranked by: its pooled block scores, or its scores in the scratch buffer."""
@@ -111,17 +122,17 @@ class TorchBackend(Backend):
             else scores_of(w, request.hparams.prune_option, request.scores)
         )
 
-    def _histogram_thresholds(
-        self, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
-    ) -> Tensor:
+    def _histogram_thresholds(self, group: Group, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
         """TF's histogram thresholds of every unit, from per-bin counts combined by the reduce step."""
         nbins = request.hparams.nbins
         counts, targets = [], []
+        counted = dict(zip((w.name for w in group.weights), group.counted, strict=True))
         for u, unit in enumerate(stats.units):
-            counts.append(sum(self._bin_counts(w, stats, maxima[u], request) for w in unit))
-            numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
+            mine = [self._bin_counts(w, stats, maxima[u], request) for w in unit if counted[w.name]]
+            counts.append(sum(mine) if mine else torch.zeros(nbins, dtype=torch.int64, device=maxima.device))
+            numel = sum(ranked_numel(w) for w in unit)  # the whole weights' (or block grids') sizes
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
-        totals = reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
+        totals = group.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
         bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
         thresholds = torch.div(bins, float(nbins)).mul_(maxima)  # K = 0 gives bin 0: threshold 0
         return torch.where(maxima > 0, thresholds, torch.zeros_like(thresholds))
@@ -133,13 +144,11 @@ class TorchBackend(Backend):
             return bin_counts(w.local_param, max_score, nbins, absolute=True, scratch=request.counting)
         return bin_counts(self._ranked(w, stats, request), max_score, nbins, scratch=request.counting)
 
-    def _sorted_thresholds(
-        self, rule: str, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
-    ) -> Tensor:
+    def _sorted_thresholds(self, group: Group, stats: _Statistics, maxima: Tensor, request: UpdateRequest) -> Tensor:
         """The exact rule's ``k``-th scores (and ``use_tpu``'s histogram by sort-count), unit by unit."""
-        hp, out = request.hparams, []
-        if not reducer.local:  # shards: the k-th scores from counts combined across processes, all units at once
-            return self._reduced_exact_thresholds(stats, maxima, request, reducer)
+        hp, out, rule = request.hparams, [], group.rule
+        if not group.reducer.local:  # shards: the k-th scores from counts combined across processes, all units at once
+            return self._reduced_exact_thresholds(group, stats, maxima, request)
         for u, unit in enumerate(stats.units):
             sparsity = request.sparsities[unit[0].name]
             if rule == "histogram":  # use_tpu: one weight per unit, static shapes
@@ -160,16 +169,18 @@ class TorchBackend(Backend):
         return torch.stack(out).to(torch.float32)
 
     def _reduced_exact_thresholds(
-        self, stats: _Statistics, maxima: Tensor, request: UpdateRequest, reducer: Reducer
+        self, group: Group, stats: _Statistics, maxima: Tensor, request: UpdateRequest
     ) -> Tensor:
         """The exact rule over shards: each unit's ``k``-th score from per-byte counts, four collectives in all."""
-        sizes = [sum(w.param.numel() for w in unit) for unit in stats.units]  # the whole weights' sizes
+        sizes = [sum(ranked_numel(w) for w in unit) for unit in stats.units]  # the whole weights' sizes
+        counted = dict(zip((w.name for w in group.weights), group.counted, strict=True))
         kept = [topk_count(n, request.sparsities[unit[0].name]) for n, unit in zip(sizes, stats.units, strict=True)]
         ranks = [n - k + 1 if k else n for n, k in zip(sizes, kept, strict=True)]  # the rank-th smallest score
         streams = [
-            (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit)) for unit in stats.units
+            (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit if counted[w.name]))
+            for unit in stats.units
         ]
-        found = kth_smallest_by_counts_of(streams, ranks, reducer.sum_, maxima.device)
+        found = kth_smallest_by_counts_of(streams, ranks, group.reducer.sum_, maxima.device)
         none = torch.stack([torch.full((), k == 0, device=maxima.device) for k in kept])  # fills: no host copy
         return torch.where(none, torch.nextafter(maxima, torch.full_like(maxima, math.inf)), found)
 
@@ -197,7 +208,7 @@ class TorchBackend(Backend):
                 n, m = w.spec.nm  # type: ignore[misc]
                 pruned = nm_pruned_per_group(m, request.sparsities[w.name], n)
                 nm_mask(scores, m, pruned, out=target, input_dims=w.spec.input_dims)
-                threshold = torch.where(target, 0.0, scores).amax()
+                threshold = abs_maxima([torch.where(target, 0.0, scores)])[0]  # the largest pruned score
             elif chunked:
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
             else:

@@ -22,6 +22,7 @@ from lit_prune.config.hparams import (
     parse_weight_sparsity_map,
 )
 from lit_prune.engine.allocation import allocate, load_scan_curves
+from lit_prune.engine.blocks import block_view_shape, resolve_block_dims
 from lit_prune.engine.layouts import nm_input_dims, parameter_owners
 from lit_prune.engine.nm import in_memory_order, nm_group_view
 from lit_prune.engine.reduce import LocalReducer, Reducer
@@ -58,8 +59,9 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
             dims = nm_input_dims(name, shape, owners[id(getattr(module, param_name))])
             spec = WeightSpec(name, _nm_target(spec, nm, shape, dims), spec.block_dims, nm, input_dims=dims)
         weight = getattr(module, param_name)
-        blocked = spec.block_dims != (1, 1)
-        check_supported(name, weight, blocked, spec.nm is not None, hp.prune_option)
+        nm_m = None if spec.nm is None else spec.nm[1]
+        input_dims = spec.input_dims or tuple(range(1, weight.ndim))
+        check_supported(name, weight, _block_dims(spec, weight.shape), nm_m, input_dims)
         states[name] = WeightState.bind(spec, module, param_name, hp.prune_option)
     _allocate(states, hp)
     blocked = [n for n in joint_names(states, hp) if states[n].spec.block_dims != (1, 1)]
@@ -72,7 +74,7 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
 
 
 def default_reducer(states: dict[str, WeightState]) -> Reducer:
-    """The reduce step for these weights: over the device mesh of the sharded ones, else nothing to combine.
+    """The reduce step for these weights: over all processes if some are sharded, else nothing to combine.
 
     Example::
 
@@ -80,14 +82,7 @@ def default_reducer(states: dict[str, WeightState]) -> Reducer:
         True
     """
     sharded = [s for s in states.values() if is_sharded(s.param)]
-    if not sharded:
-        return LocalReducer()
-    meshes = {id(s.param.device_mesh) for s in sharded}
-    if len(meshes) > 1:
-        raise NotImplementedError(
-            f"the sharded weights lie on {len(meshes)} device meshes; pruning them needs one mesh for now"
-        )
-    return ProcessGroupReducer.for_weight(sharded[0].param)
+    return ProcessGroupReducer.for_weight(sharded[0].param) if sharded else LocalReducer()
 
 
 def joint_names(states: dict[str, WeightState], hp: PruningHParams) -> set[str]:
@@ -109,6 +104,12 @@ def _allocate(states: dict[str, WeightState], hp: PruningHParams) -> None:
             target = chosen.targets[name]
             keep_global = name in chosen.joint and target == hp.target_sparsity
             s.spec = dataclasses.replace(s.spec, target=None if keep_global else target, joint=name in chosen.joint)
+
+
+def _block_dims(spec: WeightSpec, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The resolved block dims of a block-pruned weight (``None``: element-wise or not a matrix)."""
+    view = block_view_shape(shape) if spec.block_dims != (1, 1) else None
+    return None if view is None else resolve_block_dims(spec.block_dims, view)
 
 
 def _nm_target(spec: WeightSpec, nm: tuple[int, int], shape: tuple[int, ...], dims: tuple[int, ...]) -> float:

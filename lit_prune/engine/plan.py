@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lit_prune.engine.blocks import block_view_shape
 from lit_prune.engine.reduce import LocalReducer
-from lit_prune.engine.sharding import is_sharded, local
+from lit_prune.engine.sharding import counted_here, is_sharded, local
 
 if TYPE_CHECKING:
     from lit_prune.backends.base import Backend
@@ -47,6 +47,7 @@ class Group:
     weights: list[WeightState]
     reducer: Reducer  # combines the statistics of sharded weights; local for whole ones
     work: Any = None  # what the backend prepared for these tensors (made at first use)
+    counted: list[bool] = field(default_factory=list)  # per weight: this process counts its part (sharding)
 
     @property
     def names(self) -> list[str]:
@@ -117,14 +118,17 @@ def build_plan(
     a non-finite weight they find leaves every mask unchanged.
     """
     groups: dict[tuple[str, str, str, bool], Group] = {}
+    joint_sharded = any(is_sharded(s.param) for s in states if s.name in joint)
     for state in states:
         kind = granularity(state, state.name in joint)
         rule = "nm" if kind == "nm" else hparams.threshold_method
-        sharded = is_sharded(state.param)
-        own = reducer if sharded else LocalReducer()  # a whole weight is the same on every process
+        # a whole weight is the same on every process: reduced only when ranked with sharded ones
+        reduced = is_sharded(state.param) or (kind == "global" and joint_sharded)
+        own = reducer if reduced else LocalReducer()
         backend = choose(state, kind, hparams, own, deferred)
-        group = groups.setdefault((kind, rule, backend.name, sharded), Group(kind, rule, backend, [], own))
+        group = groups.setdefault((kind, rule, backend.name, reduced), Group(kind, rule, backend, [], own))
         group.weights.append(state)
+        group.counted.append(own.local or counted_here(state.param))
     appliers: dict[str, Group] = {}
     for state in states:
         backend = choose_apply(state)

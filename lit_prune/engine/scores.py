@@ -8,15 +8,17 @@ scores pooled over blocks.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
-from lit_prune.engine.blocks import block_pool, block_view_shape, resolve_block_dims
+from lit_prune.engine.blocks import block_grid, block_pool, block_view_shape, resolve_block_dims
 from lit_prune.engine.masks import zero_pruned
 from lit_prune.engine.saliency import saliency_scores
 from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import WeightState
 
-__all__ = ["apply_current_masks", "block_dims_of", "pooled_scores", "scores_of"]
+__all__ = ["apply_current_masks", "block_dims_of", "pooled_scores", "ranked_numel", "scores_of"]
 
 
 def apply_current_masks(states: list[WeightState]) -> None:
@@ -36,6 +38,14 @@ def block_dims_of(state: WeightState) -> tuple[int, int] | None:
     """The resolved block dims of a block-pruned weight's 2-D view (``None``: element-wise)."""
     view = block_view_shape(state.param.shape) if state.spec.block_dims != (1, 1) else None
     return None if view is None else resolve_block_dims(state.spec.block_dims, view)
+
+
+def ranked_numel(state: WeightState) -> int:
+    """How many scores ``state``'s whole weight is ranked by: its elements, or its blocks (all processes')."""
+    dims = block_dims_of(state)
+    if dims is None:
+        return state.param.numel()
+    return math.prod(block_grid(block_view_shape(state.param.shape), dims))  # type: ignore[arg-type]
 
 
 def pooled_scores(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:

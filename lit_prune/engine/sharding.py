@@ -1,12 +1,19 @@
 """Weights sharded across processes (``DTensor``, as FSDP2's ``fully_shard`` and tensor parallelism make them).
 
 The engine works on each process's local shard; the statistics that decide a threshold are
-combined by a :class:`ProcessGroupReducer` over the weights' device mesh, so every process finds
-the threshold one process would find on the whole weight.  A mask is a ``DTensor`` with its
-weight's mesh and placements: no process ever holds a whole weight or a whole mask.
+combined by a :class:`ProcessGroupReducer`, so every process finds the threshold one process
+would find on the whole weight.  A mask is a ``DTensor`` with its weight's mesh and placements:
+no process ever holds a whole weight or a whole mask.
+
+Each shard is counted once.  A mesh dimension a weight is *replicated* on (tensor parallelism's
+data-parallel copies, HSDP's replicas, a weight sharded on a sub-mesh of a 2-D mesh) holds the
+same shard on several processes; only one of them counts it (:func:`counted_here`), so the
+statistics can be summed over all processes in one collective, whatever the meshes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -14,10 +21,20 @@ from torch import Tensor
 
 from lit_prune.engine.reduce import Reducer
 
-__all__ = ["ProcessGroupReducer", "check_supported", "is_sharded", "kept_counts", "local", "shard_like"]
+__all__ = [
+    "ProcessGroupReducer",
+    "check_supported",
+    "counted_here",
+    "is_sharded",
+    "kept_counts",
+    "local",
+    "local_region",
+    "shard_like",
+]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover - older torch: nothing is sharded
     DTensor = None  # type: ignore[assignment,misc]
 
@@ -39,30 +56,65 @@ def shard_like(local_part: Tensor, weight: Tensor) -> Tensor:
     )
 
 
-class ProcessGroupReducer:
-    """The reduce step over the processes that hold shards of the weights: one all-reduce per call.
+def local_region(t: Tensor) -> tuple[tuple[int, int], ...]:
+    """The ``[start, stop)`` of this process's part of ``t`` along each dim (the whole of a plain tensor).
 
-    Only sharded weights' statistics go through it (a whole weight, the same on every process,
-    must not be counted once per process).  Every dimension of the weights' mesh is reduced over:
-    a weight sharded on one and replicated on another is counted once per replica, which is
-    refused at binding until tensor parallelism is supported.
+    Example::
+
+        >>> local_region(torch.zeros(3, 4))
+        ((0, 3), (0, 4))
+    """
+    if not is_sharded(t):
+        return tuple((0, n) for n in t.shape)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple((o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def counted_here(t: Tensor) -> bool:
+    """Whether this process's part of ``t`` is counted in statistics summed over all processes.
+
+    Each shard counts on exactly one process: on the copy of ``t``'s mesh that holds global rank
+    0, at coordinate 0 of every mesh dimension ``t`` is replicated on.  A plain tensor (the same
+    on every process) counts on rank 0.
+    """
+    if not dist.is_initialized():
+        return True
+    if not is_sharded(t):
+        return dist.get_rank() == 0
+    mesh = t.device_mesh
+    if not bool((mesh.mesh == 0).any()):
+        return False  # another copy of this mesh (another tensor-parallel rank, say) counts these shards
+    coordinate = mesh.get_coordinate() or ()
+    # FSDP2 over tensor parallelism shards with ``_StridedShard``, which is not ``is_shard()``: test for copies
+    return all(c == 0 for c, p in zip(coordinate, t.placements, strict=True) if p.is_replicate())
+
+
+class ProcessGroupReducer:
+    """The reduce step over every process that holds a part of the weights: one all-reduce per call.
+
+    Statistics are summed (or maxed) over the whole process group (by default, all processes),
+    each shard counted on one process only (:func:`counted_here`): a weight sharded on a 2-D
+    mesh, one sharded on a sub-mesh and replicated on the other dimension, and whole weights
+    ranked together with sharded ones all come out as one process would count them, in one
+    collective for all of them.
     """
 
     local = False
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
 
     @classmethod
     def for_weight(cls, weight: Tensor) -> ProcessGroupReducer:
-        """The reducer over ``weight``'s mesh (a 1-D mesh: FSDP2's data-parallel shards)."""
+        """The reducer for ``weight``'s statistics: over all processes (the mesh must span them)."""
         mesh = weight.device_mesh
-        if mesh.ndim != 1:
+        root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+        if root.size() != dist.get_world_size():
             raise NotImplementedError(
-                f"pruning a weight on a {mesh.ndim}-D device mesh (tensor parallelism) is not supported yet; "
-                "FSDP2 (fully_shard on a 1-D mesh) is"
+                f"the weights' device mesh spans {root.size()} of {dist.get_world_size()} processes (pipeline "
+                "parallelism?): pruning needs every process to hold a part of the pruned weights"
             )
-        return cls(mesh.get_group())
+        return cls(None)
 
     def max_(self, values: Tensor) -> Tensor:  # noqa: D102
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
@@ -78,22 +130,71 @@ def kept_counts(masks: list[Tensor], reducer: Reducer) -> list[Tensor]:
     sharded = [i for i, m in enumerate(masks) if is_sharded(m)]
     counts = [torch.count_nonzero(local(m)) for m in masks]
     if sharded:
-        reduced = reducer.sum_(torch.stack([counts[i] for i in sharded]))
-        for i, total in zip(sharded, reduced.unbind(), strict=True):
+        mine = [counts[i] * counted_here(masks[i]) for i in sharded]
+        for i, total in zip(sharded, reducer.sum_(torch.stack(mine)).unbind(), strict=True):
             counts[i] = total
     return counts
 
 
-def check_supported(name: str, weight: Tensor, blocked: bool, nm: bool, prune_option: str) -> None:
-    """Refuse, before training, what sharded weights cannot do yet (named, with what can)."""
-    if not is_sharded(weight):
+def _flat_run(dims: list[tuple[int, tuple[int, int]]]) -> tuple[int, int] | None:
+    """The ``[start, stop)`` a region covers in dims flattened together (``None``: not one run).
+
+    ``dims`` holds each dim's size and this process's ``[start, stop)`` along it, outermost first.
+    """
+    partial = [i for i, (n, part) in enumerate(dims) if part != (0, n)]
+    if not partial:
+        return 0, math.prod(n for n, _ in dims)
+    p = partial[0]
+    if len(partial) > 1 or any(n != 1 for n, _ in dims[:p]):
+        return None  # e.g. a slice of an inner dim under a whole outer one: strided, not one run
+    inner = math.prod(n for n, _ in dims[p + 1 :])
+    return dims[p][1][0] * inner, dims[p][1][1] * inner
+
+
+def _matrix_region(
+    shape: tuple[int, ...], region: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The rows and columns a region covers in a weight's block view (``None``: not a rectangle)."""
+    dims = [(n, r) for n, r in zip(shape, region, strict=True) if n != 1]  # unit dims squeezed, as for blocks
+    cols = _flat_run(dims[1:])
+    return None if cols is None else (dims[0][1], cols)
+
+
+def _aligned(part: tuple[int, int], size: int, step: int) -> bool:
+    """Whether ``[start, stop)`` of a dim of ``size`` starts and stops on multiples of ``step`` (or at the end)."""
+    start, stop = part
+    return start == stop or (start % step == 0 and (stop % step == 0 or stop == size))
+
+
+def check_supported(
+    name: str,
+    weight: Tensor,
+    block_dims: tuple[int, int] | None,
+    nm_m: int | None,
+    input_dims: tuple[int, ...] = (),
+) -> None:
+    """Refuse, before training, a sharded weight whose shards cut a block or an N:M group (named, with the fix).
+
+    ``input_dims``: the dims an N:M weight's groups run along (flattened in this order).
+    """
+    if not is_sharded(weight) or (block_dims is None and nm_m is None):
         return
-    what = [w for w, bad in (("block dims", blocked), ("N:M", nm), (prune_option, prune_option != "weight")) if bad]
-    if what:
-        raise NotImplementedError(
-            f"weight {name!r} is sharded (a DTensor): {', '.join(what)} on sharded weights is not supported yet; "
-            "element-wise magnitude pruning (histogram or exact rule, threshold_decay, global_ranking, "
-            "weight_sparsity_map) is"
+    shape, region = tuple(weight.shape), local_region(weight)
+    if block_dims is not None:
+        matrix, view = _matrix_region(shape, region), _matrix_region(shape, tuple((0, n) for n in shape))
+        ok = matrix is not None and all(
+            _aligned(part, whole[1], step)
+            for part, whole, step in zip(matrix, view, block_dims, strict=True)  # type: ignore[arg-type]
         )
-    if any(not p.is_shard() for p in weight.placements):
-        raise NotImplementedError(f"weight {name!r} is replicated on part of its mesh: not supported yet")
+        what = f"{block_dims[0]}x{block_dims[1]} blocks"
+    else:
+        run = _flat_run([(shape[d], region[d]) for d in input_dims])
+        ok = run is not None and run[0] % nm_m == 0 and run[1] % nm_m == 0  # type: ignore[operator]
+        what = f"N:M groups of {nm_m} input elements"
+    if not ok:
+        raise NotImplementedError(
+            f"weight {name!r} of shape {shape} is sharded (placements {list(weight.placements)}) so that this "
+            f"process holds {[list(r) for r in region]}, which cuts {what} across processes; blocks and N:M "
+            "groups must each lie on one process: choose block dims (or N:M) that divide every shard, or shard "
+            "the weight so its shards divide them (e.g. a dim divisible by the number of processes times the block)"
+        )
