@@ -19,6 +19,7 @@ from lit_prune.engine.layouts import register_layer
 from lit_prune.engine.nm import check_nm_sparse, is_nm_sparse
 from lit_prune.engine.pruning import Pruning
 from lit_prune.engine.schedule import gradual_sparsity
+from lit_prune.engine.sensitivity import SensitivityScan, sensitivity
 from lit_prune.engine.strip import strip_pruning_vars, to_semi_structured
 from lit_prune.export import CompressedFileError, load_compressed, save_compressed
 
@@ -28,6 +29,7 @@ _LIGHTNING = {
     "PruningCallback": "lit_prune.lightning.pruning_callback",
     "strip_checkpoint": "lit_prune.lightning.pruning_callback",
     "StructuredPruningCallback": "lit_prune.lightning.structured_callback",
+    "LRRewind": "lit_prune.lightning.lr_rewind",
 }
 
 
@@ -43,6 +45,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CompressedFileError",
     "HParamsError",
+    "LRRewind",
     "MaskedConv1d",
     "MaskedConv2d",
     "MaskedConv3d",
@@ -55,10 +58,12 @@ __all__ = [
     "is_nm_sparse",
     "load_compressed",
     "PruningHParams",
+    "SensitivityScan",
     "get_pruning_hparams",
     "gradual_sparsity",
     "masked_conv2d",
     "masked_fully_connected",
+    "sensitivity",
     "save_compressed",
     "register_layer",
     "strip_checkpoint",

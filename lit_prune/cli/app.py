@@ -95,6 +95,13 @@ def train(cfg: DictConfig) -> float:
     spec = resolve_pruning(cfg)
     cpu_kernels.native_enabled()  # a misspelt LIT_PRUNE_NATIVE fails before the dense baseline
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("mode", "train") == "scan":  # a sensitivity scan instead of a pruned run (lit_prune.cli.scan)
+        from lit_prune.cli.scan import run_scan
+
+        run_scan(cfg, spec, out_dir)
+        return float("nan")
+    if cfg.get("mode", "train") != "train":
+        raise ValueError(f"`mode` must be 'train' or 'scan', got {cfg.mode!r}")
     dense_acc = None
     if cfg.get("dense_baseline"):
         _, _, dense_acc = _fit_and_test(cfg, with_pruning=False, version="dense")
