@@ -285,3 +285,19 @@ def test_the_recipe_runs_as_a_module(tmp_path):
     # the schedule begins at step 20 (sparsity 0 there); the update at step 30 prunes
     assert 0 < float((state["net.6.weight"] == 0).float().mean()) < 0.9
     assert "PruningCallback `digits_90`: pruning 4 weights" in result.stderr + result.stdout
+
+
+def test_the_gpt2_recipe_prunes_2_of_4_along_the_conv1d_inputs(tmp_path):
+    pytest.importorskip("transformers")
+    from lit_prune import is_nm_sparse
+
+    schedule = ["--trainer.callbacks.sparsity_function_end_step=6", "--trainer.callbacks.pruning_frequency=2"]
+    recipe = ROOT / "recipes" / "lightning_cli_gpt2.yaml"
+    cli = lightning_cli(["fit", "--config", str(recipe), *trainer_flags(tmp_path, max_steps=8), *schedule])
+    (callback,) = pruning_callbacks(cli)
+    net = cli.model.net
+    assert net.lm_head.weight is net.transformer.wte.weight  # still tied
+    c_fc = net.transformer.h[0].mlp.c_fc.weight  # Conv1D: [in, out]
+    assert is_nm_sparse(c_fc, 2, 4, input_dims=0) and not is_nm_sparse(c_fc, 2, 4)
+    assert "net.transformer.wpe.weight" not in callback.get_masks()
+    assert all(float(s) == 0.5 for s in callback.get_weight_sparsity().values())
