@@ -27,6 +27,12 @@ def _model():
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
 
 
+class _Unknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, 4))
+
+
 def _hydra(*overrides):
     with initialize_config_module(version_base="1.3", config_module="lit_prune.conf"):
         cfg = compose("config", overrides=list(overrides))
@@ -106,6 +112,16 @@ CASES = [
         "N:M and a weight_sparsity_map target on one weight",
         lambda: Pruning(_model(), {"nm_sparsity_map": ["^3:2:4"], "weight_sparsity_map": ["^3:0.9"]}),
         "'3.weight'",
+    ),
+    (
+        "N:M on an embedding (no reduction dim)",
+        lambda: Pruning(nn.Sequential(nn.Embedding(8, 4)), "nm_sparsity=2:4"),
+        "'0.weight'",
+    ),
+    (
+        "N:M on a layer of unknown layout",
+        lambda: Pruning(_Unknown(), {"prune_patterns": ["w"], "nm_sparsity": "2:4"}),
+        "register_layer(_Unknown, {'w'",
     ),
     ("prune_patterns=['(']", lambda: PruningHParams(prune_patterns=["("]), "prune_patterns"),
     ("exclude_patterns=[3]", lambda: PruningHParams(exclude_patterns=[3]), "exclude_patterns"),
