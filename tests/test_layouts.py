@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from lit_prune import HParamsError, Pruning, is_nm_sparse, register_layer, strip_pruning_vars
+from lit_prune.backends.cpu import kernels
 from lit_prune.engine.layouts import weight_input_dims
 from lit_prune.engine.nm import nm_mask
 from lit_prune.engine.selection import candidate_weights
@@ -151,3 +154,15 @@ def test_nm_on_an_embedding_is_refused_but_a_tied_head_gives_its_dims():
 def test_bad_registrations_say_what_is_accepted(layer_type, dims, error, message):
     with pytest.raises(error, match=message):
         register_layer(layer_type, dims)
+
+
+def test_the_cpu_kernels_take_trailing_input_dims_and_leave_dim_0_to_torch(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(8, 4, 1), nn.Linear(8, 8))
+    with caplog.at_level(logging.DEBUG, logger="lit_prune.backends.choose"):
+        pruning = Pruning(model, {"nm_sparsity": "2:4"}, sparsity=0.5)
+        pruning.mask_update(1)
+    assert "0.weight (nm): torch backend, N:M groups along an input dim that is not the last" in caplog.text
+    assert "1.weight (nm): " + ("cpu backend" if kernels.available() else "torch") in caplog.text
+    pruning.check_nm()
+    assert is_nm_sparse(model[0].weight, 2, 4, input_dims=0) and is_nm_sparse(model[1].weight, 2, 4)
