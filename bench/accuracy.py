@@ -1,26 +1,28 @@
-"""Accuracy at sparsity on digits: lit_prune's gradual pruning vs Lightning's ModelPruning vs one-shot.
+"""Accuracy at sparsity on digits: lit_prune's allocations vs Lightning's ModelPruning vs torch's global_unstructured.
 
-    python bench/accuracy.py            # CNN and MLP, 50/75/90/95 %, 2 seeds (about 6 min on 2 CPU cores)
-    python bench/accuracy.py --quick    # CNN only, 75/90 %, 1 seed, short
+    python bench/accuracy.py                # CNN and MLP, 80/90/95 %, 3 seeds
+    python bench/accuracy.py --jobs 6       # the same, one process per (model, seed)
+    python bench/accuracy.py --quick        # CNN only, 90 %, 1 seed, short
 
-Every run trains the same model with the same optimizer (Adam, lr 2e-3) for ``--epochs`` epochs of
-scikit-learn's digits in ``Trainer.fit`` and reports the test accuracy and the achieved sparsity of
-the conv/linear weights:
+Every run trains the same model with the same optimizer (Adam, lr 2e-3) for ``--epochs`` epochs
+of scikit-learn's digits in ``Trainer.fit``, on the split of its seed (``lit-prune seed=N``'s),
+and reports the test accuracy.  The schedule is the embedded default's (``conf/pruning/gradual``):
+TF's cubic schedule from the end of epoch 1 to the end of a third of training, masks every 10
+steps, then fine-tuning at the target.
 
 * dense - no pruning (the reference);
-* lit_prune - ``PruningCallback``, TF's cubic schedule from the end of epoch 1 to two thirds of
-  training, masks every 10 steps, then fine-tuning at the target; every layer at the target (TF);
-* lit_prune global - the same with ``global_ranking=True``: one threshold over all layers, as
-  ModelPruning's default global ranking;
+* uniform, global, ERK, sensitivity - ``PruningCallback`` with ``allocation=...``; sensitivity
+  reads a scan (:func:`lit_prune.sensitivity`) of the same seed's dense model on the
+  *validation* split (loss), never the test split;
 * ModelPruning - Lightning's callback with its natural per-epoch schedule: ``l1_unstructured`` at
-  the end of the same epochs, a constant share of the remaining weights each time so that the last
-  pruning epoch reaches the target (``1 - (1 - s)^(1/n)``), its default global ranking and
-  permanent pruning at the end; the lottery-ticket rewind (its default) is turned off, as a user
-  pruning gradually would;
-* one-shot - the dense model's weights pruned once at the end by magnitude (per layer), no
-  fine-tuning.
+  the end of the same epochs, a constant share of the remaining weights each time so that the
+  last pruning epoch reaches the target (``1 - (1 - s)^(1/n)``), its default global ranking,
+  permanent pruning at the end, no lottery-ticket rewind;
+* global_unstructured - ``torch.nn.utils.prune.global_unstructured`` (L1) at lit_prune's update
+  steps, to the same cubic schedule's sparsity, made permanent at the end.
 
-Prints a markdown table (mean and spread over seeds), writes JSON and ``accuracy_vs_sparsity.png``.
+Prints a markdown table (mean ± standard deviation over seeds), writes ``accuracy.json``,
+``accuracy_vs_sparsity.png`` (all models) and one ``accuracy_vs_sparsity_<model>.png`` per model.
 """
 
 from __future__ import annotations
@@ -29,19 +31,24 @@ import argparse
 import json
 import logging
 import statistics
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
-from lit_prune import Pruning, PruningCallback, PruningHParams
+from lit_prune import PruningCallback, PruningHParams, gradual_sparsity, sensitivity
 from lit_prune.cli.demos import DigitsDataModule, ImageClassifier
 from lit_prune.cli.digits import digits_cnn, mlp
 
 MODELS = {"CNN": lambda: digits_cnn(masked=False), "MLP": lambda: mlp()}
 STEPS_PER_EPOCH = 20  # 1257 training digits, batch 64
+ALLOCATIONS = ("uniform", "global", "erk", "sensitivity")
+METHODS = (*ALLOCATIONS, "ModelPruning", "global_unstructured")
+SCAN_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
 def layers(model: nn.Module) -> list[nn.Module]:
@@ -60,6 +67,7 @@ def parse_bench_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="processes, one per (model, seed)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,8 +75,8 @@ def parse_bench_args(doc: str) -> argparse.Namespace:
     return args
 
 
-def digits_trainer(epochs: int, callbacks: list) -> tuple[Trainer, DigitsDataModule]:
-    """A quiet CPU ``Trainer`` for ``epochs`` epochs of digits (batch 64, no validation), and the data."""
+def digits_trainer(epochs: int, callbacks: list, seed: int = 0) -> tuple[Trainer, DigitsDataModule]:
+    """A quiet CPU ``Trainer`` for ``epochs`` epochs of digits (batch 64, no validation), and the seed's split."""
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -80,27 +88,77 @@ def digits_trainer(epochs: int, callbacks: list) -> tuple[Trainer, DigitsDataMod
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    return trainer, DigitsDataModule(batch_size=64, seed=0)
+    return trainer, DigitsDataModule(batch_size=64, seed=seed)
 
 
-def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[float, float]:
+def schedule(epochs: int, target: float) -> PruningHParams:
+    """The embedded default's schedule scaled to ``epochs``: from step 20 to a third of training, every 10 steps."""
+    begin, end = STEPS_PER_EPOCH, max(2, round(epochs / 3)) * STEPS_PER_EPOCH
+    return PruningHParams(
+        begin_pruning_step=begin,
+        end_pruning_step=end,
+        pruning_frequency=10,
+        target_sparsity=target,
+        sparsity_function_begin_step=begin,
+        sparsity_function_end_step=end,
+    )
+
+
+class GlobalUnstructured(Callback):
+    """``torch.nn.utils.prune.global_unstructured`` (L1) at lit_prune's update steps, to the same schedule."""
+
+    def __init__(self, spec: PruningHParams) -> None:
+        self.spec, self.last = spec, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        from torch.nn.utils import prune
+
+        step, hp = trainer.global_step, self.spec
+        if not (hp.begin_pruning_step <= step <= hp.end_pruning_step and step - self.last >= hp.pruning_frequency):
+            return
+        self.last = step
+        params = [(m, "weight") for m in layers(pl_module)]
+        total = sum(m.weight.numel() for m, _ in params)
+        pruned = sum(int((m.weight == 0).sum()) for m, _ in params)
+        amount = max(0, round(total * gradual_sparsity(step, hp)) - pruned)
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
+        from torch.nn.utils import prune
+
+        for m in layers(pl_module):
+            if prune.is_pruned(m):
+                prune.remove(m, "weight")
+
+
+def scan_dense(model: ImageClassifier, seed: int, directory: Path) -> Path:
+    """Scan the trained dense ``model`` on the validation split (cross-entropy); return the scan's JSON."""
+    data = DigitsDataModule(batch_size=64, seed=seed)
+    data.setup("fit")
+    x, y = data.splits["val"]
+
+    def val_loss(module: nn.Module) -> float:
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(module(x), y))
+
+    model.eval()
+    scan = sensitivity(model, val_loss, SCAN_SPARSITIES, progress=False)
+    model.train()
+    return scan.save(directory)["json"]
+
+
+def run(method: str, make_net, target: float, epochs: int, seed: int, scan: Path | None = None):
+    """Train one model with ``method``; return (test accuracy, achieved sparsity, the trained module)."""
     seed_everything(seed, verbose=False)
     model = ImageClassifier(make_net(), lr=2e-3)
-    begin, end = STEPS_PER_EPOCH, int(2 / 3 * epochs) * STEPS_PER_EPOCH  # pruning window, in steps
-    callbacks = []
-    if method in ("lit_prune", "lit_prune global"):
-        spec = PruningHParams(
-            global_ranking=method == "lit_prune global",
-            begin_pruning_step=begin,
-            end_pruning_step=end,
-            pruning_frequency=10,
-            target_sparsity=target,
-            sparsity_function_begin_step=begin,
-            sparsity_function_end_step=end,
-        )
+    spec = schedule(epochs, target)
+    callbacks: list = []
+    if method in ALLOCATIONS:
+        extra = {"sensitivity_scan": str(scan)} if method == "sensitivity" else {}
+        spec = spec.replace(allocation=method, **extra)
         callbacks.append(PruningCallback(spec, log_histograms=False))
     elif method == "ModelPruning":
-        first, last = begin // STEPS_PER_EPOCH, end // STEPS_PER_EPOCH - 1  # epochs at whose end it prunes
+        first, last = spec.begin_pruning_step // STEPS_PER_EPOCH, spec.end_pruning_step // STEPS_PER_EPOCH - 1
         share = 1 - (1 - target) ** (1 / (last - first + 1))
         callbacks.append(
             ModelPruning(
@@ -111,101 +169,111 @@ def run(method: str, make_net, target: float, epochs: int, seed: int) -> tuple[f
                 verbose=0,
             )
         )
-    trainer, data = digits_trainer(epochs, callbacks)
+    elif method == "global_unstructured":
+        callbacks.append(GlobalUnstructured(spec))
+    trainer, data = digits_trainer(epochs, callbacks, seed)
     trainer.fit(model, datamodule=data)
-    if method == "one-shot":
-        pruning = Pruning(model, PruningHParams(threshold_method="exact"), sparsity=target)
-        pruning.mask_update(0)
     acc = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
-    return float(acc), sparsity(model)
+    return float(acc), sparsity(model), model
+
+
+def one_seed(job: tuple[str, int, int, list[float], int]) -> list[dict]:
+    """Every method and target for one (model, seed): the dense run, its scan, then the pruned runs."""
+    model_name, seed, epochs, targets, threads = job
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    make_net = MODELS[model_name]
+    acc, _, dense = run("dense", make_net, 0.0, epochs, seed)
+    out = [{"model": model_name, "method": "dense", "target": 0.0, "seed": seed, "acc": acc, "sparsity": 0.0}]
+    with tempfile.TemporaryDirectory() as tmp:
+        scan = scan_dense(dense, seed, Path(tmp))
+        for target in targets:
+            for method in METHODS:
+                acc, achieved, _ = run(method, make_net, target, epochs, seed, scan)
+                out.append(
+                    {"model": model_name, "method": method, "target": target, "seed": seed, "acc": acc,
+                     "sparsity": achieved}
+                )  # fmt: skip
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def table(results: list[dict], models: list[str], targets: list[float]) -> list[str]:
+    """The markdown table: one row per (model, target), dense and each method's mean ± std over seeds."""
+    lines = [
+        "| model | target | dense | " + " | ".join(METHODS) + " |",
+        "| --- | ---: |" + " ---: |" * (1 + len(METHODS)),
+    ]
+    for model_name in models:
+        acc = {
+            (m, t): [r["acc"] for r in results if r["model"] == model_name and (r["method"], r["target"]) == (m, t)]
+            for m in ("dense", *METHODS)
+            for t in (0.0, *targets)
+        }
+        for target in targets:
+            cells = [fmt(acc[("dense", 0.0)]), *(fmt(acc[(m, target)]) for m in METHODS)]
+            lines.append(f"| {model_name} | {100 * target:.0f} % | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     args = parse_bench_args(__doc__)
-    seeds = args.seeds or (1 if args.quick else 2)
+    seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (6 if args.quick else 15)
-    targets = [0.75, 0.9] if args.quick else [0.5, 0.75, 0.9, 0.95]
-    models = {"CNN": MODELS["CNN"]} if args.quick else MODELS
-    results: list[dict] = []
-    for model_name, make_net in models.items():
-        dense = [run("dense", make_net, 0.0, epochs, seed)[0] for seed in range(seeds)]
-        results.append({"model": model_name, "method": "dense", "target": 0.0, "acc": dense, "sparsity": [0.0]})
-        for target in targets:
-            for method in ("lit_prune", "lit_prune global", "ModelPruning", "one-shot"):
-                runs = [run(method, make_net, target, epochs, seed) for seed in range(seeds)]
-                results.append(
-                    {
-                        "model": model_name,
-                        "method": method,
-                        "target": target,
-                        "acc": [r[0] for r in runs],
-                        "sparsity": [r[1] for r in runs],
-                    }
-                )
-
-    def fmt(values: list[float]) -> str:
-        mean = 100 * statistics.mean(values)
-        return f"{mean:.2f}" + (f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else "")
-
-    print(f"\ndigits test accuracy (%), {epochs} epochs, {seeds} seed(s), torch {torch.__version__}")
-    print("\n| model | target sparsity | dense | lit_prune gradual | lit_prune global | ModelPruning |", end="")
-    print(" one-shot at end | achieved (lit / MP) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    targets = [0.9] if args.quick else [0.8, 0.9, 0.95]
+    models = ["CNN"] if args.quick else list(MODELS)
+    jobs = [(m, s, epochs, targets, args.threads) for m in models for s in range(seeds)]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = [r for part in pool.map(one_seed, jobs) for r in part]
+    else:
+        results = [r for job in jobs for r in one_seed(job)]
+    print(f"\ndigits test accuracy (%), {epochs} epochs, {seeds} seed(s), torch {torch.__version__}\n")
+    print("\n".join(table(results, models, targets)))
     for model_name in models:
-        rows = {(r["method"], r["target"]): r for r in results if r["model"] == model_name}
-        dense = rows[("dense", 0.0)]["acc"]
-        for target in targets:
-            lit, glob, mp, one = (
-                rows[(m, target)] for m in ("lit_prune", "lit_prune global", "ModelPruning", "one-shot")
-            )
-            achieved = f"{100 * statistics.mean(lit['sparsity']):.1f} / {100 * statistics.mean(mp['sparsity']):.1f}"
-            print(
-                f"| {model_name} | {100 * target:.0f} % | {fmt(dense)} | {fmt(lit['acc'])} | {fmt(glob['acc'])} | "
-                f"{fmt(mp['acc'])} | "
-                f"{fmt(one['acc'])} | {achieved} |"
-            )
-        for method in ("lit_prune", "lit_prune global"):
-            at90 = rows.get((method, 0.9))
-            if at90 is None:
-                continue
-            gap = 100 * (statistics.mean(dense) - statistics.mean(at90["acc"]))
-            versus = 100 * (statistics.mean(at90["acc"]) - statistics.mean(rows[("ModelPruning", 0.9)]["acc"]))
-            print(
-                f"\n{model_name} at 90 %, {method}: {gap:.2f} points below dense (target <= 1: "
-                f"{'met' if gap <= 1 else 'MISSED'}), {versus:+.2f} points vs ModelPruning (target >= 0: "
-                f"{'met' if versus >= 0 else 'MISSED'})"
-            )
+        gaps = []
+        dense = statistics.mean(r["acc"] for r in results if r["model"] == model_name and r["method"] == "dense")
+        for method in METHODS:
+            at90 = [r["acc"] for r in results if (r["model"], r["method"], r["target"]) == (model_name, method, 0.9)]
+            if at90:
+                gaps.append(f"{method} {100 * (statistics.mean(at90) - dense):+.2f}")
+        print(f"\n{model_name} at 90 %, points against dense: " + ", ".join(gaps))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(results, indent=2))
     plot(results, models, targets, out / "accuracy_vs_sparsity.png")
-    print(f"\nJSON and plot: {out}/accuracy.json, {out}/accuracy_vs_sparsity.png")
+    for model_name in models:
+        plot(results, [model_name], targets, out / f"accuracy_vs_sparsity_{model_name}.png")
+    print(f"\nJSON and plots: {out}/accuracy.json, {out}/accuracy_vs_sparsity*.png")
 
 
-def plot(results: list[dict], models, targets: list[float], path: Path) -> None:
+def plot(results: list[dict], models: list[str], targets: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    styles = dict(zip(METHODS, ("o-", "D-", "v-", "*-", "s--", "^--"), strict=True))
     for ax, model_name in zip(axes[0], models, strict=True):
-        rows = {(r["method"], r["target"]): r for r in results if r["model"] == model_name}
-        dense = statistics.mean(rows[("dense", 0.0)]["acc"])
-        ax.axhline(100 * dense, color="grey", linestyle="--", label="dense")
-        for method, style in (
-            ("lit_prune", "o-"),
-            ("lit_prune global", "D-"),
-            ("ModelPruning", "s-"),
-            ("one-shot", "^:"),
-        ):
-            means = [100 * statistics.mean(rows[(method, t)]["acc"]) for t in targets]
-            ax.plot([100 * t for t in targets], means, style, label=method)
-        ax.set_title(f"digits {model_name}")
+        rows = [r for r in results if r["model"] == model_name]
+        dense = statistics.mean(r["acc"] for r in rows if r["method"] == "dense")
+        ax.axhline(100 * dense, color="grey", linestyle=":", label="dense")
+        for method in METHODS:
+            means = [
+                100 * statistics.mean(r["acc"] for r in rows if (r["method"], r["target"]) == (method, t))
+                for t in targets
+            ]
+            ax.plot([100 * t for t in targets], means, styles[method], label=method)
+        ax.set_title(f"digits {model_name}: test accuracy, mean over seeds")
         ax.set_xlabel("target sparsity (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
