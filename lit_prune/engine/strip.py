@@ -157,7 +157,8 @@ def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, 
     Args:
         model: A model whose named Linear (or HF Conv1D) weights are 2:4 sparse along their input
             features, fp16/bf16, on a CUDA GPU of compute capability 8.0+.
-        names: Parameter names (``"<module>.weight"``) to convert; default every ``nn.Linear`` weight.
+        names: Parameter names (``"<module>.weight"``) to convert; default every ``nn.Linear`` (and
+            HF ``Conv1D``) weight.
         inplace: Modify ``model`` itself instead of a deep copy.
 
     Raises:
@@ -172,7 +173,8 @@ def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None, *, 
         ValueError: cannot convert to semi-structured sparsity: 0.weight is on cpu: 2:4 sparse kernels need a CUDA...
     """
     if names is None:
-        names = [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        matrices = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_hf_conv1d(m)]
+        names = [f"{n}.weight" if n else "weight" for n in matrices]
     names = list(names)
     problems = []
     for name in names:
