@@ -130,6 +130,19 @@ def test_a_new_field_appears_with_no_other_edit(monkeypatch):
     assert "allocation_rule_x: A field added later." in Spec.__doc__
 
 
+def test_help_lists_every_field_with_its_doc_type_and_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_cli(["fit", "--trainer.callbacks.help", "lit_prune.PruningCallback"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for spec in field_specs():
+        assert f"--trainer.callbacks.{spec.name} " in out, spec.name
+        assert " ".join(spec.doc.replace("`", "").split()[:3]) in out.replace("`", ""), spec.name
+    assert "(type: float, default: 0.5)" in out  # target_sparsity
+    assert "(type: dict[str, float] | list[str], default: [])" in out  # weight_sparsity_map
+    assert "{histogram,exact}" in out
+
+
 def test_python_construction_is_unchanged_and_hparams_forms_merge():
     assert PruningCallback(target_sparsity=0.9).hparams == PruningHParams(target_sparsity=0.9)
     cb = PruningCallback(weight_sparsity_map={"fc.*": 0.95})
