@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,3 +174,65 @@ def test_lr_rewind_sawtooth_and_fine_tuning_decay(tmp_path):
     assert lrs[13:] == pytest.approx([1 - k / 8 for k in range(1, 8)])
     with pytest.raises(ValueError, match="`sawtooth`"):
         LRRewind(sawtooth="saw")
+
+
+SHORT = {
+    "begin_pruning_step": 2,
+    "end_pruning_step": 16,
+    "pruning_frequency": 2,
+    "sparsity_function_begin_step": 2,
+    "sparsity_function_end_step": 16,
+}
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_prune", "~logger", "trainer.max_epochs=1", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_cli_scan_writes_the_table_plot_and_map_and_feeds_back(tmp_path):
+    result = _cli("mode=scan", "scan.sparsities=[0.5,0.9,0.95]", "hydra.run.dir=scan", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "scan" / "scan.json").read_text())
+    assert data["metric"] == "val_loss" and set(data["baseline"]) == {"val_loss", "val_acc"}
+    assert set(data["shapes"]) == {"net.0.weight", "net.2.weight", "net.6.weight", "net.8.weight"}
+    assert (tmp_path / "scan" / "scan.png").stat().st_size > 1000 and (tmp_path / "scan" / "scan.csv").exists()
+    assert len(data["proposal"]["weight_sparsity_map"]) == 4
+    result = _cli(
+        "pruning.allocation=sensitivity",
+        f"pruning.sensitivity_scan={tmp_path / 'scan' / 'scan.json'}",
+        "dense_baseline=false",
+        "hydra.run.dir=run",
+        *(f"pruning.{k}={v}" for k, v in SHORT.items()),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model_sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert summary["weight_targets"] == pytest.approx(
+        SensitivityScan.load(tmp_path / "scan" / "scan.json").propose(0.9)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["mode=scan", "scan.metric=val_f1"], "`scan.metric`='val_f1' is not a validation metric"),
+        (["mode=scan", "scan.sparsities=[0.5,1.0]"], "`scan.sparsities` must be"),
+        (["mode=scan", "pruning.prune_patterns=[nothing_here]"], "prune_patterns"),
+        (["pruning.allocation=sideways"], "`allocation` must be one of"),
+        (["pruning.allocation=erk", "pruning.weight_sparsity_map=[net.6.weight:0.1]"], "`weight_sparsity_map`"),
+    ],
+)
+def test_cli_bad_scan_and_allocation_fail_before_training(tmp_path, args, message):
+    result = _cli(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Epoch 0" not in result.stderr + result.stdout  # nothing trained

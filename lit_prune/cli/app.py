@@ -102,6 +102,7 @@ def train(cfg: DictConfig) -> float:
         return float("nan")
     if cfg.get("mode", "train") != "train":
         raise ValueError(f"`mode` must be 'train' or 'scan', got {cfg.mode!r}")
+    _check_binding(cfg, spec)
     dense_acc = None
     if cfg.get("dense_baseline"):
         _, _, dense_acc = _fit_and_test(cfg, with_pruning=False, version="dense")
@@ -125,6 +126,7 @@ def train(cfg: DictConfig) -> float:
             summary["model_sparsity"] = float(callback.pruning.model_sparsity())
             summary["last_mask_update_step"] = callback.pruning.last_update_step
             summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in callback.get_weight_sparsity().items()}
+            summary["weight_targets"] = callback.pruning.weight_targets()
             summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in callback.pruning.nm_weights().items()}
     if trainer.is_global_zero and (exported := export_compressed(cfg, out_dir, model, callbacks)):
         summary["compressed_export"] = exported
@@ -154,6 +156,24 @@ def export_compressed(cfg: DictConfig, out_dir: Path, model: torch.nn.Module, ca
     dense = sum(t.numel() * t.element_size() for name, t in state.items() if not kinds[name].startswith("alias"))
     log.info("compressed model written to %s: %d bytes (its tensors dense: %d bytes)", path, path.stat().st_size, dense)
     return {"path": str(path), "bytes": path.stat().st_size, "dense_tensor_bytes": dense}
+
+
+def _check_binding(cfg: DictConfig, spec: PruningHParams) -> None:
+    """Bind the spec to the model built on ``meta`` (no memory, no data): a map or allocation error before training.
+
+    Only :class:`HParamsError` is raised; a model that cannot be built on ``meta`` is left to the run itself.
+    """
+    from lit_prune.config.errors import HParamsError
+    from lit_prune.engine.pruning import Pruning
+
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model, _convert_="all")
+        Pruning(model, spec)
+    except HParamsError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that needs real tensors to be built: checked when the run binds
+        return
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -186,12 +206,12 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         f"Model sparsity {pct(summary.get('model_sparsity'))} (target {pct(summary['target_sparsity'])}), "
         f"last mask update at step {summary.get('last_mask_update_step')} of {summary['global_step']}.",
         "",
-        "| weight | sparsity | N:M |",
-        "| --- | ---: | ---: |",
+        "| weight | sparsity | target | N:M |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    nm = summary.get("nm_weights", {})
+    nm, targets = summary.get("nm_weights", {}), summary.get("weight_targets", {})
     for name, value in summary.get("weight_sparsity", {}).items():
-        lines.append(f"| `{name}` | {pct(value)} | {nm.get(name, '-')} |")
+        lines.append(f"| `{name}` | {pct(value)} | {pct(targets.get(name))} | {nm.get(name, '-')} |")
     return "\n".join(lines) + "\n"
 
 
