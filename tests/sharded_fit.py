@@ -4,8 +4,9 @@
 
 Lightning launches the second process by running this script again.  Rank 0 writes what the test
 checks: each mask's sparsity, whether it is a DTensor, its local and global shapes, whether every
-pruned weight is zero, the masks one process computes from the gathered weights, and the
-sparsities after resuming from the run's distributed checkpoint.
+pruned weight is zero, and the masks one process computes from the gathered weights; then whether a
+run stopped at step 8 and resumed from its distributed checkpoint ends with the masks, thresholds,
+saliency state and weights of an uninterrupted run, and the checkpoint directory stripped.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_prune import Pruning, PruningCallback
+from lit_prune import Pruning, PruningCallback, strip_checkpoint
 from lit_prune.engine.sharding import local
 
 SPEC = "threshold_method=exact,begin_pruning_step=2,sparsity_function_end_step=8,pruning_frequency=2"
+#: Gradient saliency too: its state (a DTensor per weight) must survive the resume as the masks do.
+RESUME_SPEC = (
+    "prune_option=first_order_gradient,begin_pruning_step=2,sparsity_function_end_step=12,pruning_frequency=3"
+)
 
 
 class Sharded(LightningModule):
@@ -48,14 +54,20 @@ class Sharded(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def trainer_for(callback: PruningCallback, max_steps: int, root: str) -> Trainer:
-    """Two CPU processes, FSDP2 through ``ModelParallelStrategy``, a distributed checkpoint at the end."""
+def trainer_for(callback: PruningCallback, max_steps: int, root: str, every_epoch: bool = False) -> Trainer:
+    """Two CPU processes, FSDP2 through ``ModelParallelStrategy``; a distributed checkpoint at the end or each epoch.
+
+    With ``every_epoch`` the run ends after ``max_steps // 4`` epochs of 4 steps (not at ``max_steps``:
+    Lightning 2.6 resumes an epoch-end checkpoint of a ``max_steps`` run one batch off).
+    """
+    saving = [ModelCheckpoint(dirpath=f"{root}/epochs", save_top_k=-1, every_n_epochs=1)] if every_epoch else []
     return Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=max_steps,
-        callbacks=[callback],
+        max_steps=-1 if every_epoch else max_steps,
+        max_epochs=max_steps // 4 if every_epoch else None,
+        callbacks=[callback, *saving],
         logger=False,
         default_root_dir=root,
         enable_progress_bar=False,
@@ -89,16 +101,53 @@ def main(out: str) -> None:
         }
         for name, mask in masks.items()
     }
-    # Resumed: the masks of sharded weights are not in the checkpoint yet; they are rebuilt from the
-    # loaded weights (pruned ones are zero) at the next update, not taken from rank 0's shard.
-    resumed = PruningCallback(SPEC, log_histograms=False)
-    again = trainer_for(resumed, 14, root)
-    again.fit(Sharded(), DataLoader(data, batch_size=16), ckpt_path=trainer.checkpoint_callback.best_model_path)
-    after = {name: float(value) for name, value in resumed.get_weight_sparsity().items()}
+    resume = _resume_equals_uninterrupted(data, root)
     if trainer.global_rank == 0:
         with open(out, "w") as file:
-            found = {"rank0": result, "last_update_step": callback.pruning.last_update_step, "resumed": after}
-            json.dump({**found, "resumed_update_step": resumed.pruning.last_update_step}, file)
+            json.dump({"rank0": result, "last_update_step": callback.pruning.last_update_step, **resume}, file)
+
+
+def _state(callback: PruningCallback, model: Sharded) -> dict[str, torch.Tensor]:
+    """Every mask, threshold, saliency tensor and weight, gathered (for the comparison only)."""
+    state = callback.pruning.state_dict()
+    found = {f"mask/{n}": m.full_tensor() for n, m in state["masks"].items()}
+    found.update({f"threshold/{n}": t for n, t in state["thresholds"].items()})
+    for name, tensors in state["saliency"].items():
+        found.update({f"saliency/{name}/{k}": t.full_tensor() for k, t in tensors.items()})
+    found.update({f"weight/{n}": p.full_tensor().detach() for n, p in model.named_parameters()})
+    return found
+
+
+def _resume_equals_uninterrupted(data: TensorDataset, root: str) -> dict:
+    """16 steps in one go, and a resume from its step-8 distributed checkpoint to step 16: the same state.
+
+    The run is as if killed after step 8: its checkpoint there is read back into a new model and
+    callback.
+    """
+    loader = DataLoader(TensorDataset(*data[:128]), batch_size=16)  # 4 steps an epoch in each process
+    seed_everything(0)
+    straight, model = PruningCallback(RESUME_SPEC, log_histograms=False), Sharded()
+    trainer = trainer_for(straight, 16, f"{root}/straight", every_epoch=True)
+    trainer.fit(model, loader)
+    expected = _state(straight, model)
+    checkpoint = f"{root}/straight/epochs/epoch=1-step=8.ckpt"
+    resumed, model = PruningCallback(RESUME_SPEC, log_histograms=False), Sharded()
+    trainer_for(resumed, 16, f"{root}/resumed", every_epoch=True).fit(model, loader, ckpt_path=checkpoint)
+    found = _state(resumed, model)
+    different = sorted(k for k in expected if not torch.equal(expected[k], found[k]))
+    stripped = strip_checkpoint(checkpoint) if trainer.global_rank == 0 else {}
+    net = _whole_net(dict(stripped)) if stripped else None
+    return {
+        "checkpoint_is_directory": Path(checkpoint).is_dir(),
+        "resumed_update_step": resumed.pruning.last_update_step,
+        "straight_update_step": straight.pruning.last_update_step,
+        "resume_differs": different,
+        "compared": len(expected),
+        "stripped_loads": net is not None,
+        "stripped_sparsity": [float((p == 0).float().mean()) for n, p in net.named_parameters() if "weight" in n]
+        if net is not None
+        else [],
+    }
 
 
 def _whole_net(state: dict[str, torch.Tensor]) -> nn.Sequential:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lit_prune.engine.layers import MaskedModule
 from lit_prune.engine.saliency import init_saliency_state
-from lit_prune.engine.sharding import is_sharded, local, shard_like
+from lit_prune.engine.sharding import is_sharded, local, local_region, shard_like
 
 __all__ = ["WeightSpec", "WeightState", "check_saved_state", "load_states", "save_states"]
 
@@ -157,23 +157,49 @@ def check_saved_state(states: dict[str, WeightState], saved: Mapping[str, Any], 
             raise ValueError(f"pruning state: saliency of {name!r} must hold {sorted(saliency)}")
 
 
+def _saved(t: Tensor, param: Tensor) -> Tensor:
+    """A CPU copy of ``t`` (a mask or saliency tensor of ``param``); a copy laid out as ``param`` if it is sharded."""
+    if is_sharded(param):
+        return shard_like(local(t).detach().clone(), param)
+    return t.detach().cpu().clone()
+
+
 def save_states(states: dict[str, WeightState]) -> dict[str, Any]:
-    """Masks, thresholds and saliency state as plain CPU tensors (loadable with ``weights_only=True``)."""
+    """Masks, thresholds and saliency state as CPU tensors (loadable with ``weights_only=True``).
+
+    The masks and saliency state of sharded weights are ``DTensor``s laid out as their weights, on
+    their devices (each process holds its part): save them with ``torch.distributed.checkpoint``,
+    or gather them (``full_tensor()``).
+    """
     return {
-        "masks": {n: s.mask.detach().cpu().clone() for n, s in states.items()},
+        "masks": {n: _saved(s.mask, s.param) for n, s in states.items()},
         "thresholds": {n: s.threshold.detach().cpu().clone() for n, s in states.items()},
         "saliency": {
-            n: {k: v.detach().cpu().clone() for k, v in s.saliency.items()} for n, s in states.items() if s.saliency
+            n: {k: _saved(v, s.param) for k, v in s.saliency.items()} for n, s in states.items() if s.saliency
         },
     }
 
 
+def _load_into(target: Tensor, value: Tensor, param: Tensor) -> None:
+    """Copy a saved tensor into ``target`` (this process's part): from a ``DTensor``'s part, or a whole tensor's."""
+    if is_sharded(value):
+        target.copy_(local(value))
+    elif is_sharded(param):  # a whole (gathered) tensor: this process's region of it
+        target.copy_(value[tuple(slice(a, b) for a, b in local_region(param))])
+    else:
+        target.copy_(value)
+
+
 @torch.no_grad()
 def load_states(states: dict[str, WeightState], saved: Mapping[str, Any]) -> None:
-    """Copy what :func:`save_states` saved into ``states`` (checked by :func:`check_saved_state` first)."""
+    """Copy what :func:`save_states` saved into ``states`` (checked by :func:`check_saved_state` first).
+
+    A sharded weight's mask and saliency state load from ``DTensor``s laid out as the weight, or
+    from whole tensors (each process takes its region).
+    """
     for name, s in states.items():
-        s.mask.copy_(saved["masks"][name].to(torch.bool))
+        _load_into(s.local_mask, saved["masks"][name].to(torch.bool), s.param)
         s.threshold.copy_(saved["thresholds"][name])
         for key, value in saved.get("saliency", {}).get(name, {}).items():
-            s.saliency[key].copy_(value)
-        s.dense = bool(saved["masks"][name].all())
+            _load_into(s.saliency[key], value, s.param)
+        s.dense = bool(s.local_mask.all())

@@ -34,6 +34,14 @@ from lit_prune.config.keywords import hparams_keywords, merge_keywords
 from lit_prune.engine.pruning import Pruning, SparsityFn
 from lit_prune.engine.sharding import is_sharded
 from lit_prune.engine.strip import strip_pruning_vars
+from lit_prune.lightning.sharded_checkpoint import (
+    PREFIX,
+    dcp_key,
+    load_sharded,
+    put_back,
+    read_distributed_checkpoint,
+    take_sharded,
+)
 
 __all__ = ["PruningCallback", "strip_checkpoint"]
 
@@ -100,6 +108,7 @@ class PruningCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._last_seen_step = -1
         self._model_sparsity = 0.0
+        self._checkpoint_path: str | None = None
 
     @classmethod
     def from_string(cls, values: str, **kwargs: Any) -> PruningCallback:
@@ -244,22 +253,27 @@ class PruningCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.pruning is None:
             return dict(self._pending_state or {})
-        if any(is_sharded(m) for m in self.pruning.get_masks().values()):
-            # A DTensor pickled into the checkpoint's metadata keeps rank 0's shard only: every other
-            # rank would resume with rank 0's part of each mask.  Until the masks go through the
-            # distributed checkpoint, they are left out and rebuilt from the loaded weights.
-            return {
-                "sharded": True,
-                "hparams": self.hparams.to_dict(),
-                "last_seen_step": self._last_seen_step,
-                "model_sparsity": self._model_sparsity,
-            }
+        # Sharded weights' masks are DTensors here: on_save_checkpoint moves them where each process saves its part.
         return {
             "pruning": self.pruning.state_dict(),
             "hparams": self.hparams.to_dict(),
             "last_seen_step": self._last_seen_step,
             "model_sparsity": self._model_sparsity,
         }
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        sharded = take_sharded(state["pruning"]) if state and "pruning" in state else {}
+        if not sharded:
+            return
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", False):  # each process writes its part
+            checkpoint["state_dict"].update({dcp_key(self.state_key, path): t for path, t in sharded.items()})
+            state["in_model_state"] = sorted(sharded)
+        else:  # a single-file checkpoint: gathered, as the weights are
+            put_back(state["pruning"], {path: t.full_tensor().cpu() for path, t in sharded.items()})
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -279,6 +293,7 @@ class PruningCallback(Callback):
     ) -> None:
         states = checkpoint.get("callbacks", {})
         if self.state_key in states:
+            self._checkpoint_path = trainer.ckpt_path  # sharded masks are read from it when the engine binds
             return
         others = [k for k in states if str(k).startswith("PruningCallback")]
         hint = f" It holds {others}: the spec's `name` must match to resume them." if others else ""
@@ -311,6 +326,9 @@ class PruningCallback(Callback):
         if self._pending_state is None or self.pruning is None:
             return
         state, self._pending_state = self._pending_state, None
+        if state.get("in_model_state"):
+            templates = self._sharded_templates(state["in_model_state"])
+            put_back(state["pruning"], load_sharded(self._checkpoint_path, self.state_key, templates))  # type: ignore[arg-type]
         saved = state.get("hparams")
         if saved is not None and saved != self.hparams.to_dict():
             changed = sorted(k for k in saved if saved.get(k) != self.hparams.to_dict().get(k))
@@ -318,6 +336,22 @@ class PruningCallback(Callback):
         self.pruning.load_state_dict(state["pruning"])
         self._last_seen_step = int(state.get("last_seen_step", -1))
         self._model_sparsity = float(state.get("model_sparsity", 0.0))
+
+    def _sharded_templates(self, paths: list[str]) -> dict[str, Tensor]:
+        """``DTensor``s laid out as the sharded masks and saliency tensors ``paths`` name, to read them into."""
+        engine, templates = self._engine(), {}
+        current = engine.state_dict()  # this process's parts, as DTensors
+        for path in paths:
+            kind, _, rest = path.partition("/")
+            name, _, key = rest.partition("/")
+            if name not in engine.weight_names:
+                raise ValueError(
+                    f"PruningCallback `{self.hparams.name}`: the checkpoint holds a sharded mask of {name!r}, which "
+                    f"is not pruned here (pruned: {engine.weight_names})"
+                )
+            tensor = current["masks"][name] if kind == "masks" else current["saliency"][name][key]
+            templates[path] = torch.empty_like(tensor)
+        return templates
 
     # ------------------------------------------------------------------ API
     def _engine(self) -> Pruning:
@@ -347,6 +381,10 @@ class PruningCallback(Callback):
 def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None = None) -> dict[str, Tensor]:
     """Fold the masks of a Lightning checkpoint into its weights: a plain ``state_dict`` for export.
 
+    ``checkpoint_path`` is a checkpoint file, or the directory of a distributed checkpoint
+    (``ModelParallelStrategy``: FSDP2, tensor parallelism), whose shards are put together in this
+    one process (no process group needed): the result loads into the unsharded model.
+
     Reads the checkpoint with ``weights_only=True``, multiplies each pruned weight by the mask
     saved by every ``PruningCallback`` in it, drops the masked layers' ``mask``/``threshold``
     buffers, and writes the result to ``output_path`` if given.
@@ -358,15 +396,13 @@ def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None
     Example::
 
         >>> strip_checkpoint("last.ckpt", "model_stripped.pt")  # doctest: +SKIP
+        >>> strip_checkpoint("checkpoints/epoch=0-step=100.ckpt/", "model_stripped.pt")  # a directory  # doctest: +SKIP
     """
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"no checkpoint file at {checkpoint_path}")
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"{checkpoint_path} is not a readable checkpoint (truncated or corrupted?): {str(error)[:200]}"
-        ) from error
+    if os.path.isdir(checkpoint_path):  # a distributed checkpoint (ModelParallelStrategy): shards put together
+        model_state, checkpoint = read_distributed_checkpoint(checkpoint_path)
+        checkpoint["state_dict"] = _with_sharded_masks(model_state, checkpoint)
+    else:
+        checkpoint = _read_checkpoint_file(checkpoint_path)
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("PruningCallback")]
     if not states:
         raise ValueError(f"{checkpoint_path} holds no PruningCallback state; nothing to strip")
@@ -389,3 +425,23 @@ def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None
     if output_path is not None:
         torch.save(model_state, output_path)
     return model_state
+
+
+def _read_checkpoint_file(checkpoint_path: str | Path) -> dict[str, Any]:
+    """A checkpoint file's contents (``weights_only``), or a ``ValueError`` that says it is unreadable."""
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"no checkpoint file or distributed checkpoint directory at {checkpoint_path}")
+    try:
+        return torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{checkpoint_path} is not a readable checkpoint (truncated or corrupted?): {str(error)[:200]}"
+        ) from error
+
+
+def _with_sharded_masks(model_state: dict[str, Tensor], metadata: dict[str, Any]) -> dict[str, Tensor]:
+    """The model's entries of a distributed checkpoint; the callbacks' sharded masks moved back into their state."""
+    for key, state in metadata.get("callbacks", {}).items():
+        paths = state.get("in_model_state", []) if isinstance(state, dict) else []
+        put_back(state.get("pruning", {}), {path: model_state.pop(dcp_key(key, path)) for path in paths})
+    return {k: v for k, v in model_state.items() if not k.startswith(f"{PREFIX}/")}
