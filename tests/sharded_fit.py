@@ -27,9 +27,7 @@ from lit_prune.engine.sharding import local
 
 SPEC = "threshold_method=exact,begin_pruning_step=2,sparsity_function_end_step=8,pruning_frequency=2"
 #: Gradient saliency too: its state (a DTensor per weight) must survive the resume as the masks do.
-RESUME_SPEC = (
-    "prune_option=first_order_gradient,begin_pruning_step=2,sparsity_function_end_step=12,pruning_frequency=3"
-)
+RESUME_SPEC = "prune_option=first_order_gradient,begin_pruning_step=2,sparsity_function_end_step=12,pruning_frequency=3"
 
 
 class Sharded(LightningModule):
@@ -102,9 +100,75 @@ def main(out: str) -> None:
         for name, mask in masks.items()
     }
     resume = _resume_equals_uninterrupted(data, root)
+    tensor_parallel = _tensor_parallel_fit(data, root)
     if trainer.global_rank == 0:
         with open(out, "w") as file:
-            json.dump({"rank0": result, "last_update_step": callback.pruning.last_update_step, **resume}, file)
+            found = {"rank0": result, "last_update_step": callback.pruning.last_update_step, **resume}
+            json.dump({**found, "tensor_parallel": tensor_parallel}, file)
+
+
+class TensorParallel(LightningModule):
+    """Column-wise then row-wise parallel linear layers (weights ``Shard(0)`` and ``Shard(1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+        parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+
+    training_step = Sharded.training_step
+    configure_optimizers = Sharded.configure_optimizers
+
+
+def _tensor_parallel_fit(data: TensorDataset, root: str) -> dict:
+    """Tensor parallelism (2 processes): masks laid out as the weights, equal to one process; summaries logged once."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    seed_everything(0)
+    spec = "begin_pruning_step=2,sparsity_function_end_step=6,pruning_frequency=2,target_sparsity=0.75"
+    spec += ",threshold_method=exact"
+    callback, model = PruningCallback(spec), TensorParallel()  # histograms logged too (rank zero)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2),
+        max_steps=6,
+        callbacks=[callback],
+        logger=TensorBoardLogger(f"{root}/tp", name="", version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=16))
+    masks = callback.get_masks()
+    whole = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    net.load_state_dict({k.removeprefix("net."): v for k, v in whole.items()})
+    reference = Pruning(net, spec)
+    reference.mask_update(callback.pruning.last_update_step)
+    trainer.strategy.barrier()
+    events = sorted(Path(f"{root}/tp").glob("events.out.tfevents.*"))
+    return {
+        "placements": {n: str(m.placements) for n, m in masks.items()},
+        "equal": all(
+            torch.equal(m.full_tensor(), reference.get_masks()[n.removeprefix("net.")]) for n, m in masks.items()
+        ),
+        "sparsity": {n: float(v) for n, v in callback.get_weight_sparsity().items()},
+        "event_files": len(events),
+        "logged": _scalar_tags(events[0]) if events else [],
+    }
+
+
+def _scalar_tags(event_file: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(event_file))
+    accumulator.Reload()
+    return sorted(accumulator.Tags()["scalars"])
 
 
 def _state(callback: PruningCallback, model: Sharded) -> dict[str, torch.Tensor]:

@@ -268,3 +268,8 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     assert result["resumed_update_step"] == result["straight_update_step"] == 15  # updates at 3, 6, ..., 15
     assert result["resume_differs"] == [], result["resume_differs"]
     assert result["stripped_loads"] and all(s > 0.3 for s in result["stripped_sparsity"]), result
+    # tensor parallelism: Shard(0) and Shard(1) masks, one process's masks, summaries from rank zero only
+    tp = result["tensor_parallel"]
+    assert tp["placements"] == {"net.0.weight": "(Shard(dim=0),)", "net.2.weight": "(Shard(dim=1),)"}, tp
+    assert tp["equal"] and all(v == 0.75 for v in tp["sparsity"].values()), tp
+    assert tp["event_files"] == 1 and "model_pruning_summaries/net.2.weight/mask/sparsity" in tp["logged"], tp

@@ -229,13 +229,13 @@ class PruningCallback(Callback):
         metrics[f"{self.hparams.name}_summaries/model_sparsity"] = self._model_sparsity
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.log_histograms:
-            self._log_histograms(trainer, step)
+        if self.log_histograms:  # the layers' sparsities from the summaries: no collective on rank zero alone
+            layers = [v for k, v in zip(tensors, values, strict=False) if k.endswith("/mask/sparsity")]
+            self._log_histograms(trainer, step, torch.tensor(layers))
 
-    def _log_histograms(self, trainer: pl.Trainer, step: int) -> None:
+    def _log_histograms(self, trainer: pl.Trainer, step: int, sparsities: Tensor) -> None:
         pruning = self._engine()
         prefix = f"{self.hparams.name}_summaries"
-        sparsities = torch.stack(list(pruning.get_weight_sparsity().values())).cpu()
         for logger in trainer.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
