@@ -333,6 +333,10 @@ def kth_smallest_by_counts(parts: Callable[[], Iterator[Tensor]] | list[Tensor],
     return kth_smallest_by_counts_of([parts], [rank], lambda counts: counts, next(parts()).device)[0]
 
 
+#: Scores per chunk in :func:`kth_smallest_by_counts_of` on the CPU (a MiB of int32 digits: in cache).
+_RADIX_CHUNK = 1 << 18
+
+
 def kth_smallest_by_counts_of(
     units: list[Callable[[], Iterator[Tensor]]],
     ranks: list[int],
@@ -351,9 +355,11 @@ def kth_smallest_by_counts_of(
         counts = torch.zeros(len(units), size + 1, dtype=torch.int64, device=device)
         for u, parts in enumerate(units):
             for part in parts():
-                digit = torch.bitwise_right_shift(part.reshape(-1).view(torch.int32), shift)
-                outside = torch.bitwise_right_shift(digit, _RADIX_BITS) != found[u]  # another prefix
-                add_counts(counts[u], digit.bitwise_and_(size - 1).masked_fill_(outside, size))
+                chunks = part.reshape(-1).split(_RADIX_CHUNK if part.device.type == "cpu" else 1 << 24)
+                for chunk in chunks:  # bounded temporaries, whatever the part (fewer launches on accelerators)
+                    digit = torch.bitwise_right_shift(chunk.view(torch.int32), shift)
+                    outside = torch.bitwise_right_shift(digit, _RADIX_BITS) != found[u]  # another prefix
+                    add_counts(counts[u], digit.bitwise_and_(size - 1).masked_fill_(outside, size))
         cumulative = reduce_sum(counts)[:, :size].cumsum(1)
         below = cumulative < remaining[:, None]
         remaining = remaining - torch.where(below, cumulative, 0).amax(1)  # counts before the chosen byte

@@ -1,0 +1,197 @@
+"""Pruning FSDP2-sharded weights: per-process peak memory and time of a mask update, side by side.
+
+    python bench/sharded.py                      # 2 CPU processes over gloo, 8 x Linear(2048, 2048)
+    python bench/sharded.py --device cuda --backend nccl --world 1
+    python bench/sharded.py --device cuda --backend gloo --world 2   # 2 processes on one GPU
+
+Each row runs in fresh processes:
+
+- ``one process``: lit_prune on the whole model (what each process would hold without sharding);
+- ``lit_prune, sharded``: lit_prune on the ``fully_shard``-ed model (each process its shard,
+  thresholds from reduced statistics);
+- ``gather, then prune``: what a user would write without it: each weight gathered
+  (``full_tensor()``), its threshold from the whole weight (``kthvalue``), the local part masked.
+
+Each process gets its share of the CPU cores for its intra-op threads.  Peak memory is the rise
+above what the process held before its second update (the first allocates the buffers it keeps,
+and runs the process group's first collective: peak RSS, reset through ``clear_refs``, on
+the CPU; ``max_memory_allocated`` on CUDA), the largest over the processes; time is the median
+update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from lit_prune import Pruning
+from lit_prune.engine.sharding import ProcessGroupReducer, local
+
+METHODS = ("one process", "lit_prune, sharded", "gather, then prune")
+
+
+class Counting(ProcessGroupReducer):
+    """Counts the collectives of the reduce step."""
+
+    calls = 0
+
+    def max_(self, values):  # noqa: D102
+        Counting.calls += 1
+        return super().max_(values)
+
+    def sum_(self, values):  # noqa: D102
+        Counting.calls += 1
+        return super().sum_(values)
+
+
+def _rss_peak_mib() -> float:
+    """The process's peak resident memory (``VmHWM``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mib(device: torch.device, baseline: float) -> float:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return _rss_peak_mib() - baseline
+
+
+def _baseline(device: torch.device) -> float:
+    """What the process holds now, with its peak reset to it (Linux: ``clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS back to the current RSS
+    return _rss_peak_mib()
+
+
+def _gather_then_prune(model: nn.Module, sparsity: float) -> None:
+    """The naive sharded update: the whole weight on every process, its k-th |w|, the local part masked."""
+    for layer in model:
+        weight = layer.weight
+        whole = weight.full_tensor().abs().reshape(-1)
+        threshold = whole.kthvalue(max(1, int(sparsity * whole.numel()))).values
+        part = local(weight).detach()
+        part.mul_(part.abs() > threshold)
+
+
+def _update(model: nn.Module, pruning: Pruning | None, step: int) -> None:
+    if pruning is None:
+        _gather_then_prune(model, 0.5)
+    else:
+        pruning.mask_update(step)
+
+
+def _model(args, device: torch.device, mesh) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(args.size, args.size, bias=False) for _ in range(args.layers)]).to(device)
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _worker(rank: int, world: int, port: int, args, method: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend, rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the cores shared, not oversubscribed
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sharded = method != "one process"
+    mesh = init_device_mesh(device.type, (world,)) if sharded else None
+    model = _model(args, device, mesh)
+    spec = f"threshold_method={args.rule}"
+    reducer = Counting.for_weight(model[0].weight) if sharded else None
+    pruning = None if method == "gather, then prune" else Pruning(model, spec, sparsity=0.5, reducer=reducer)
+    _update(model, pruning, 1)  # warm-up: scratch buffers, the process group's first collective
+    baseline, times = _baseline(device), []
+    for step in range(2, args.updates + 2):
+        Counting.calls = 0
+        dist.barrier()
+        start = time.perf_counter()
+        _update(model, pruning, step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    found = {"peak_mib": _peak_mib(device, baseline), "ms": 1e3 * statistics.median(times), "calls": Counting.calls}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, found)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args) -> list[dict]:
+    """One row per method: the largest per-process peak, the median update time, the collectives per update."""
+    rows = []
+    for method in METHODS:
+        world = 1 if method == "one process" else args.world
+        with tempfile.TemporaryDirectory() as scratch:
+            out = os.path.join(scratch, "out.json")
+            mp.spawn(_worker, args=(world, _free_port(), args, method, out), nprocs=world, join=True)
+            per_process = json.loads(Path(out).read_text())
+        rows.append(
+            {
+                "method": method,
+                "processes": world,
+                "peak_mib": max(p["peak_mib"] for p in per_process),
+                "ms": max(p["ms"] for p in per_process),
+                "collectives": per_process[0]["calls"] if method == "lit_prune, sharded" else "-",
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="gloo")
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--updates", type=int, default=5)
+    parser.add_argument("--rule", default="histogram", choices=["histogram", "exact"])
+    args = parser.parse_args()
+    weights_mib = args.layers * args.size**2 * 4 / 2**20
+    print(
+        f"{args.layers} x Linear({args.size}, {args.size}): {weights_mib:.0f} MiB of float32 weights, "
+        f"{args.rule} rule, {args.device} ({args.backend}), {args.world} processes sharded"
+    )
+    print("| method | processes | peak memory per process (MiB) | update (ms) | collectives per update |")
+    print("|---|---:|---:|---:|---:|")
+    for row in run(args):
+        print(
+            f"| {row['method']} | {row['processes']} | {row['peak_mib']:.1f} | {row['ms']:.1f} | {row['collectives']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
