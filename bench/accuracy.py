@@ -7,7 +7,7 @@
 Every run trains the same model with the same optimizer (Adam, lr 2e-3) for ``--epochs`` epochs
 of scikit-learn's digits in ``Trainer.fit``, on the split of its seed (``lit-prune seed=N``'s),
 and reports the test accuracy.  The schedule is the embedded default's (``conf/pruning/gradual``):
-TF's cubic schedule from the end of epoch 1 to the end of a third of training, masks every 10
+a dense warm-up of two epochs, TF's cubic schedule to the end of epoch 8 (of 15), masks every 5
 steps, then fine-tuning at the target.
 
 * dense - no pruning (the reference);
@@ -92,12 +92,13 @@ def digits_trainer(epochs: int, callbacks: list, seed: int = 0) -> tuple[Trainer
 
 
 def schedule(epochs: int, target: float) -> PruningHParams:
-    """The embedded default's schedule scaled to ``epochs``: from step 20 to a third of training, every 10 steps."""
-    begin, end = STEPS_PER_EPOCH, max(2, round(epochs / 3)) * STEPS_PER_EPOCH
+    """The embedded default's schedule (``conf/pruning/gradual``) scaled to ``epochs``: steps 40-160 of 300, every 5."""
+    begin = max(1, round(2 * epochs / 15)) * STEPS_PER_EPOCH
+    end = max(begin // STEPS_PER_EPOCH + 1, round(8 * epochs / 15)) * STEPS_PER_EPOCH
     return PruningHParams(
         begin_pruning_step=begin,
         end_pruning_step=end,
-        pruning_frequency=10,
+        pruning_frequency=5,
         target_sparsity=target,
         sparsity_function_begin_step=begin,
         sparsity_function_end_step=end,
