@@ -186,3 +186,30 @@ def test_global_targets_rank_every_weight_when_keeping_the_small_ones_dense_is_i
 def test_nothing_changes_for_a_sharded_style_model_without_allocation():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     assert Pruning(model, "target_sparsity=0.6").weight_targets() == {"0.weight": 0.6, "1.weight": 0.6}
+
+
+curve_st = st.lists(st.floats(0.0, 5.0), min_size=1, max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=5),
+    losses=st.data(),
+    target=st.floats(0.0, 0.9),
+)
+def test_sensitivity_targets_average_exactly_and_stay_within_the_scan(sizes, losses, target):
+    grid = [0.3, 0.6, 0.9, 0.95]
+    named = {f"w{i}": n for i, n in enumerate(sizes)}
+    curves = {n: [(s, losses.draw(st.floats(-1.0, 5.0))) for s in grid] for n in named}
+    t = sensitivity_targets(named, curves, target * sum(sizes), {}).targets
+    assert sum(named[n] * t[n] for n in named) == pytest.approx(target * sum(sizes), rel=1e-9, abs=1e-6)
+    assert all(0.0 <= v <= 0.95 for v in t.values())
+
+
+def test_lightning_and_the_callback_take_allocation_as_a_keyword():
+    from lit_prune import PruningCallback
+
+    callback = PruningCallback(allocation="erk", target_sparsity=0.9)
+    assert callback.hparams.allocation == "erk"
+    with pytest.raises(HParamsError, match="`allocation` must be one of"):
+        PruningCallback(allocation="random")

@@ -216,7 +216,7 @@ def sensitivity_targets(
         if left <= 0:
             break
         step = min(left, (x2 - x1) * sizes[name])
-        targets[name] = x1 + step / sizes[name]
+        targets[name] = min(x2, x1 + step / sizes[name])
         left -= step
     if left > _EPS * budget + 1e-9:
         reach = max(max(x for x, _ in curves[n]) for n in sizes)
