@@ -163,6 +163,25 @@ CASES = [
         lambda: Pruning(_model(), {"global_ranking": True, "block_height": 2}),
         "global_ranking",
     ),
+    ("allocation='layerwise'", lambda: PruningHParams(allocation="layerwise"), "allocation"),
+    ("parse('allocation=ERK')", lambda: PruningHParams().parse("allocation=ERK"), "allocation"),
+    ("allocation=sensitivity without a scan", lambda: PruningHParams(allocation="sensitivity"), "sensitivity_scan"),
+    (
+        "global_ranking=True with allocation=erk",
+        lambda: PruningHParams(global_ranking=True, allocation="erk"),
+        "global_ranking",
+    ),
+    (
+        "allocation=erk, a pinned weight makes the average impossible",
+        lambda: Pruning(_model(), {"allocation": "erk", "target_sparsity": 0.1, "weight_sparsity_map": ["^3:0.9"]}),
+        "weight_sparsity_map",
+    ),
+    (
+        "allocation=sensitivity, an unreadable scan",
+        lambda: Pruning(_model(), {"allocation": "sensitivity", "sensitivity_scan": "/nonexistent.json"}),
+        "sensitivity_scan",
+    ),
+    ("hydra: pruning.allocation=sideways", lambda: _hydra("pruning.allocation=sideways"), "allocation"),
     ("Pruning(sparsity=1.5)", lambda: Pruning(_model(), sparsity=1.5), "sparsity"),
     (
         "N:M, external sparsity, target_sparsity=0",
