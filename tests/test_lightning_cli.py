@@ -22,7 +22,7 @@ from lit_prune.config import keywords  # noqa: E402
 from lit_prune.config.hparams import FieldSpec, HParamsError, field_specs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "lightning_cli_digits.yaml"
+RECIPE = ROOT / "recipes" / "lightning_cli" / "digits.yaml"
 
 # A tiny model and data (CPU, a few steps): the digits CNN at width 4 on random 8x8 images.
 MODEL_FLAGS = [
@@ -305,7 +305,7 @@ def test_the_gpt2_recipe_prunes_2_of_4_along_the_conv1d_inputs(tmp_path):
     from lit_prune import is_nm_sparse
 
     schedule = ["--trainer.callbacks.sparsity_function_end_step=6", "--trainer.callbacks.pruning_frequency=2"]
-    recipe = ROOT / "recipes" / "lightning_cli_gpt2.yaml"
+    recipe = ROOT / "recipes" / "lightning_cli" / "gpt2.yaml"
     cli = lightning_cli(["fit", "--config", str(recipe), *trainer_flags(tmp_path, max_steps=8), *schedule])
     (callback,) = pruning_callbacks(cli)
     net = cli.model.net

@@ -2,10 +2,10 @@ r"""Lightning's own CLI (``LightningCLI``) with lit_prune's callbacks: the alter
 
 Run it as ``python -m lit_prune.cli.lightning_cli`` (or ``lit-prune-lightning``) with a
 subcommand (``fit``, ``validate``, ``test``, ``predict``) and a ``--config`` YAML, e.g.
-``recipes/lightning_cli_digits.yaml``, or flags::
+``recipes/lightning_cli/digits.yaml``, or flags::
 
-    python -m lit_prune.cli.lightning_cli fit --config recipes/lightning_cli_digits.yaml
-    python -m lit_prune.cli.lightning_cli fit --config recipes/lightning_cli_digits.yaml \
+    python -m lit_prune.cli.lightning_cli fit --config recipes/lightning_cli/digits.yaml
+    python -m lit_prune.cli.lightning_cli fit --config recipes/lightning_cli/digits.yaml \
         --trainer.max_epochs=3 --print_config
 
 The model and the data module are any ``LightningModule``/``LightningDataModule`` named by
@@ -60,7 +60,7 @@ def lightning_cli(args: ArgsType = None, *, run: bool = True) -> LightningCLI:
 
     Example::
 
-        >>> cli = lightning_cli(["--config", "recipes/lightning_cli_digits.yaml"], run=False)  # doctest: +SKIP
+        >>> cli = lightning_cli(["--config", "recipes/lightning_cli/digits.yaml"], run=False)  # doctest: +SKIP
         >>> cli.trainer.callbacks[0].hparams.target_sparsity  # doctest: +SKIP
         0.9
     """

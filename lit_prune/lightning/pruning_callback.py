@@ -329,9 +329,10 @@ class PruningCallback(Callback):
         if state.get("in_model_state"):
             templates = self._sharded_templates(state["in_model_state"])
             put_back(state["pruning"], load_sharded(self._checkpoint_path, self.state_key, templates))  # type: ignore[arg-type]
-        saved = state.get("hparams")
-        if saved is not None and saved != self.hparams.to_dict():
-            changed = sorted(k for k in saved if saved.get(k) != self.hparams.to_dict().get(k))
+        saved, now = state.get("hparams"), self.hparams.to_dict()
+        defaults = PruningHParams().to_dict()  # a field newer than the checkpoint counts as its default there
+        changed = sorted(k for k in now if (saved or now).get(k, defaults.get(k)) != now[k])
+        if changed:
             rank_zero_warn(f"PruningCallback: resuming with changed hparams {changed}; the saved masks are kept")
         self.pruning.load_state_dict(state["pruning"])
         self._last_seen_step = int(state.get("last_seen_step", -1))
