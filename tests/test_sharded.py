@@ -32,6 +32,7 @@ ELEMENTWISE = [
     "threshold_method=exact,threshold_decay=0.3",
     "global_ranking=true",
     "global_ranking=true,threshold_method=exact",
+    "allocation=erk,target_sparsity=0.8,threshold_method=exact",  # ERK from the global shapes of DTensors
 ]
 GRADIENT = ["prune_option=first_order_gradient", "prune_option=second_order_gradient,threshold_method=exact"]
 
