@@ -67,6 +67,7 @@ def scaling(plt) -> Path:
     for x, r in zip(n, rows, strict=True):
         ax.annotate(f"{r['x_one_read']}x", (x, float(r["update_ms"])), textcoords="offset points", xytext=(4, 6),
                     fontsize=7)  # fmt: skip
+    ax.set_xlim(0.8, 200)
     ax.set_xlabel("pruned weights (millions)")
     ax.set_ylabel("ms")
     ax.set_title("Linear in the weights (python bench/scaling.py)", fontsize=10)
