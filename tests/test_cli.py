@@ -239,7 +239,7 @@ def test_users_plug_in_their_own_module_by_target(tmp_path):
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
     result = subprocess.run(
         ["lit-prune", "--config-dir", "my_conf", "model=mine", *SHORT, "dense_baseline=false",
-         "pruning.weight_sparsity_map=[body.1:0.5]", "hydra.run.dir=run"],
+         "pruning.allocation=uniform", "pruning.weight_sparsity_map=[body.1:0.5]", "hydra.run.dir=run"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -155,11 +155,31 @@ def _fsdp(model: nn.Module, mesh) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+def check_state_round_trip(whole: nn.Module, sharded: nn.Module) -> None:
+    """A sharded engine's state (DTensors) and one process's (whole tensors) both load into a sharded engine."""
+    spec = "prune_option=first_order_gradient,threshold_method=exact"
+    reference, pruning = Pruning(whole, spec, sparsity=0.5), Pruning(sharded, spec, sparsity=0.5)
+    for p in (reference, pruning):
+        p.mask_update(3)
+    for saved, sharded_state in ((pruning.state_dict(), True), (reference.state_dict(), False)):
+        assert all(is_sharded(m) for m in saved["masks"].values()) == sharded_state
+        fresh = Pruning(sharded, spec)
+        fresh.load_state_dict(saved)
+        assert fresh.last_update_step == 3
+        for name, mask in reference.get_masks().items():
+            assert torch.equal(_whole(fresh.get_masks()[name]), mask), name
+            for key, value in reference.state_dict()["saliency"][name].items():
+                assert torch.equal(_whole(fresh.state_dict()["saliency"][name][key]), value), (name, key)
+
+
 def _fsdp_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     run_specs(FSDP_SPECS, fsdp_net, lambda m: _fsdp(m, mesh))
+    torch.manual_seed(0)
+    whole = fsdp_net()
+    check_state_round_trip(whole, _fsdp(copy.deepcopy(whole), mesh))
     # 17 + 16 rows: a 2-row block straddles the shards
     check_refused(_fsdp(fsdp_net(), mesh), "block_height=2", "0.weight", "cuts 2x1 blocks")
 

@@ -214,7 +214,8 @@ def test_hydra_app_trains_tiny_gpt2(tmp_path):
     args = [
         "model=tiny_gpt2", "data=tokens", "dense_baseline=false", "trainer.max_epochs=1", "logger=csv",
         "data.num_samples=160", "data.batch_size=32", "model.net.n_embd=32", "model.net.n_layer=1",
-        "pruning.target_sparsity=0.5", "pruning.begin_pruning_step=1", "pruning.end_pruning_step=4",
+        "pruning.target_sparsity=0.5", "pruning.allocation=uniform", "pruning.begin_pruning_step=1",
+        "pruning.end_pruning_step=4",
         "pruning.pruning_frequency=1", "pruning.sparsity_function_begin_step=1",
         "pruning.sparsity_function_end_step=4", "pruning.nm_sparsity_map=[mlp:2:4]", "hydra.run.dir=run",
     ]  # fmt: skip
