@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go (about 5 minutes on an H200):
 #   the CUDA tests (CUDA = CPU masks bit for bit, state that follows the model to CUDA, the 2:4
-#   export), then bench/gpu.py; with OLD=<a tree holding an older lit_prune/ and bench/gpu.py>,
+#   export), FSDP2 over NCCL (tests/test_sharded.py -k cuda) and bench/sharded.py on CUDA, then bench/gpu.py; with OLD=<a tree holding an older lit_prune/ and bench/gpu.py>,
 #   the same benchmark of that tree, for a side-by-side table.  Logs go to $OUT (or /tmp/gpu_checks).
 #
 #   bash bench/gpu_checks.sh
@@ -14,6 +14,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_pipeline.py tests/test_nm.py \
     tests/test_hardening.py -k "cuda or CUDA or semi_structured or deferred" 2>&1 | tee "$out/tests.log"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_sharded.py -k cuda 2>&1 | tee "$out/sharded.log"
+timeout 240 python3 bench/sharded.py --device cuda --backend nccl --world 1 2>&1 | tee "$out/sharded_nccl.md"
+timeout 240 python3 bench/sharded.py --device cuda --backend gloo --world 2 2>&1 | tee "$out/sharded_gloo.md"
 timeout 240 python3 bench/gpu.py 2>&1 | tee "$out/gpu_new.md"
 if [ -n "${OLD:-}" ]; then
     (cd "$OLD" && PYTHONPATH=$PWD timeout 240 python3 bench/gpu.py 2>&1) | tee "$out/gpu_old.md"

@@ -79,7 +79,7 @@ def _perturb(model: nn.Module, seed: int) -> None:
         for _, p in sorted(model.named_parameters()):
             delta = torch.randn(p.shape, generator=generator) * 0.05
             part = delta[tuple(slice(a, b) for a, b in local_region(p))]
-            local(p).add_(part)
+            local(p).add_(part.to(local(p).device))
 
 
 def check_equal_to_one_process(spec, whole: nn.Module, sharded: nn.Module, counting: CountingReducer) -> None:
@@ -231,10 +231,21 @@ def _mesh_2d_worker(rank: int, world: int) -> None:
     run_specs([*specs, {"block_dims_map": {"^0[.]": "4x4"}}, GRADIENT[0]], tp_net, lambda m: _fsdp_over_tp(m, mesh))
 
 
+# ----------------------------------------------------------------------------- CUDA (NCCL)
+def _cuda_worker(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (world,))
+    blocks, nm = {"block_dims_map": {"^2[.]": "4x4"}}, {"nm_sparsity_map": {"^4[.]": "2:4"}}
+    specs = [*ELEMENTWISE, blocks, nm, GRADIENT[0]]
+    run_specs(specs, lambda: fsdp_net().cuda(), lambda m: _fsdp(m, mesh))
+
+
 # ----------------------------------------------------------------------------- launching
 def _entry(rank: int, world: int, port: int, done: str, worker: Callable[[int, int], None]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if worker is _cuda_worker else "gloo", rank=rank, world_size=world)
     try:
         worker(rank, world)
         dist.barrier()  # neither process leaves while another still talks to it
@@ -265,6 +276,12 @@ def test_tensor_parallel_weights_get_the_masks_and_thresholds_of_one_process(tmp
 @pytest.mark.slow
 def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(tmp_path):
     spawn(_mesh_2d_worker, 4, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_fsdp2_on_cuda_over_nccl(tmp_path):
+    # one process per GPU (NCCL refuses two on one GPU): a single GPU runs a 1-process mesh
+    spawn(_cuda_worker, min(2, torch.cuda.device_count()), tmp_path)
 
 
 def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
