@@ -65,10 +65,12 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _collectives_per_update(group, hp) -> int:
-    """NaN check, max, kept; counts (1) or byte rounds (4); the N:M threshold; the gradient norms."""
+    """NaN check, max, kept; counts (1), or value bins (1, on the CPU) and byte rounds (4); the N:M threshold;
+    the gradient norms."""
     if group.reducer.local:
         return 0
-    rule = 1 if group.rule == "nm" else (4 if group.rule == "exact" else 1)
+    exact = 4 + (group.weights[0].param.device.type == "cpu")
+    rule = 1 if group.rule == "nm" else (exact if group.rule == "exact" else 1)
     return 3 + rule + (hp.prune_option != "weight")
 
 

@@ -32,6 +32,7 @@ from lit_prune.engine.thresholds import (
     histogram_target_count,
     histogram_threshold,
     kth_smallest_by_counts_of,
+    kth_smallest_in_bands_of,
     threshold_bin,
     topk_count,
 )
@@ -171,7 +172,7 @@ class TorchBackend(Backend):
     def _reduced_exact_thresholds(
         self, group: Group, stats: _Statistics, maxima: Tensor, request: UpdateRequest
     ) -> Tensor:
-        """The exact rule over shards: each unit's ``k``-th score from per-byte counts, four collectives in all."""
+        """The exact rule over shards: each unit's ``k``-th score from reduced counts (value bins, then bytes)."""
         sizes = [sum(ranked_numel(w) for w in unit) for unit in stats.units]  # the whole weights' sizes
         counted = dict(zip((w.name for w in group.weights), group.counted, strict=True))
         kept = [topk_count(n, request.sparsities[unit[0].name]) for n, unit in zip(sizes, stats.units, strict=True)]
@@ -180,7 +181,10 @@ class TorchBackend(Backend):
             (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit if counted[w.name]))
             for unit in stats.units
         ]
-        found = kth_smallest_by_counts_of(streams, ranks, group.reducer.sum_, maxima.device)
+        if maxima.device.type == "cpu":  # a first round by value bins, then byte rounds over one bin's copies
+            found = kth_smallest_in_bands_of(streams, ranks, maxima, group.reducer.sum_)
+        else:  # no boolean indexing (it reads back): byte rounds over all scores
+            found = kth_smallest_by_counts_of(streams, ranks, group.reducer.sum_, maxima.device)
         none = torch.stack([torch.full((), k == 0, device=maxima.device) for k in kept])  # fills: no host copy
         return torch.where(none, torch.nextafter(maxima, torch.full_like(maxima, math.inf)), found)
 

@@ -44,6 +44,7 @@ __all__ = [
     "kth_smallest",
     "kth_smallest_by_counts",
     "kth_smallest_by_counts_of",
+    "kth_smallest_in_bands_of",
     "smooth_threshold",
     "threshold_bin",
     "topk_count",
@@ -365,6 +366,61 @@ def kth_smallest_by_counts_of(
         remaining = remaining - torch.where(below, cumulative, 0).amax(1)  # counts before the chosen byte
         found = torch.bitwise_left_shift(found, _RADIX_BITS).bitwise_or_(below.sum(1).to(torch.int32))
     return found.view(torch.float32)
+
+
+#: Value bins of :func:`kth_smallest_in_bands_of`'s first round (bin 0 holds the exact zeros).
+_BAND_BINS = 256
+
+
+def _band_index(scores: Tensor, max_value: Tensor) -> Tensor:
+    """Each score's value bin: 0 for exact zeros, else ``1 + floor(score * 256 / max)`` (capped): monotonic."""
+    scale = torch.where(max_value > 0, _BAND_BINS / max_value, torch.zeros_like(max_value))
+    index = torch.mul(scores, scale).floor_().clamp_(max=_BAND_BINS - 1).add_(scores > 0)  # 0 stays in bin 0
+    return index.to(torch.int64)
+
+
+def _in_band(part: Tensor, max_value: Tensor, band: int) -> Tensor:
+    """The scores of ``part`` in value bin ``band`` (a copy, made chunk by chunk)."""
+    chunks = part.reshape(-1).split(_RADIX_CHUNK)
+    return torch.cat([c[_band_index(c, max_value) == band] for c in chunks])
+
+
+def kth_smallest_in_bands_of(
+    units: list[Callable[[], Iterator[Tensor]]],
+    ranks: list[int],
+    maxima: Tensor,
+    reduce_sum: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """:func:`kth_smallest_by_counts_of` in two passes over the scores (CPU: boolean indexing reads back).
+
+    A first round counts the scores in 257 value bins (exact zeros, then 256 bins up to the
+    unit's maximum); the bin holding each unit's ``rank``-th score is then copied out once, and
+    the byte rounds run over those copies only.  Five ``reduce_sum`` calls in all; the bins are
+    monotonic in the value, so the answer is the same.
+
+    Example::
+
+        >>> scores = torch.tensor([0.0, 0.0, 3.0, 1.0, 2.0, 5.0])
+        >>> kth_smallest_in_bands_of([lambda: iter([scores])], [4], torch.tensor([5.0]), lambda t: t).tolist()
+        [2.0]
+    """
+    counts = torch.zeros(len(units), _BAND_BINS + 1, dtype=torch.int64)
+    for u, parts in enumerate(units):
+        for part in parts():
+            for chunk in part.reshape(-1).split(_RADIX_CHUNK):
+                add_counts(counts[u], _band_index(chunk, maxima[u]))
+    cumulative = reduce_sum(counts).cumsum(1)
+    bands = [int((cumulative[u] < rank).sum()) for u, rank in enumerate(ranks)]  # the bin of each rank
+    inside = [
+        rank - (int(cumulative[u, b - 1]) if b else 0) for u, (rank, b) in enumerate(zip(ranks, bands, strict=True))
+    ]
+    copies = [
+        [_in_band(p, maxima[u], b) for p in parts()] if b else []
+        for u, (parts, b) in enumerate(zip(units, bands, strict=True))
+    ]
+    streams = [lambda copy=copy: iter(copy) for copy in copies]
+    found = kth_smallest_by_counts_of(streams, inside, reduce_sum, maxima.device)
+    return torch.where(torch.tensor([b == 0 for b in bands]), 0.0, found)  # a rank among the zeros: 0
 
 
 def _host_values_are_free(t: Tensor) -> bool:
