@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+
+from lit_prune.cli.demos import TensorDataModule
 
 __all__ = ["CausalLM", "TokenDataModule", "tiny_causal_lm"]
 
@@ -121,7 +122,7 @@ def counting_sequences(num: int, length: int, vocab_size: int, seed: int = 0) ->
     return (start + stride * torch.arange(length)) % vocab_size
 
 
-class TokenDataModule(LightningDataModule):
+class TokenDataModule(TensorDataModule):
     """Counting token sequences (:func:`counting_sequences`), split 80/10/10.
 
     Example::
@@ -135,10 +136,9 @@ class TokenDataModule(LightningDataModule):
     def __init__(
         self, num_samples: int = 1024, length: int = 16, vocab_size: int = 64, batch_size: int = 32, seed: int = 0
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         self.num_samples, self.length, self.vocab_size = num_samples, length, vocab_size
-        self.batch_size, self.seed = batch_size, seed
-        self.splits: dict[str, Tensor] = {}
+        self.seed = self.shuffle_seed = seed
 
     def setup(self, stage: str) -> None:  # noqa: D102
         if self.splits:
@@ -146,18 +146,3 @@ class TokenDataModule(LightningDataModule):
         ids = counting_sequences(self.num_samples, self.length, self.vocab_size, self.seed)
         a, b = int(0.8 * len(ids)), int(0.9 * len(ids))
         self.splits = {"train": ids[:a], "val": ids[a:b], "test": ids[b:]}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            TensorDataset(self.splits[split]), batch_size=self.batch_size, shuffle=shuffle, generator=generator
-        )
-
-    def train_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader("test")

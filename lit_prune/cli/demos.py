@@ -17,19 +17,35 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_prune.cli.digits import digits_cnn, load_digits_split, mlp
 
-__all__ = ["DigitsDataModule", "ImageClassifier", "SyntheticDataModule", "digits_cnn", "load_digits_split", "mlp"]
+__all__ = [
+    "DigitsDataModule",
+    "ImageClassifier",
+    "SyntheticDataModule",
+    "TensorDataModule",
+    "digits_cnn",
+    "load_digits_split",
+    "mlp",
+]
 
 
-class _TensorDataModule(LightningDataModule):
+class TensorDataModule(LightningDataModule):
+    """Loaders over ``self.splits`` (``{"train"|"val"|"test": tensors}``), the training one shuffled.
+
+    Subclasses fill ``self.splits`` in ``setup``; ``shuffle_seed`` seeds the training order.
+    """
+
+    shuffle_seed = 0
+
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.batch_size = batch_size
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.splits: dict[str, Tensor | tuple[Tensor, ...]] = {}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        x, y = self.splits[split]
-        generator = torch.Generator().manual_seed(0) if shuffle else None
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        tensors = self.splits[split]
+        dataset = TensorDataset(*tensors) if isinstance(tensors, tuple) else TensorDataset(tensors)
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
 
     def train_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("train", shuffle=True)
@@ -44,7 +60,7 @@ class _TensorDataModule(LightningDataModule):
         return self._loader("test")
 
 
-class DigitsDataModule(_TensorDataModule):
+class DigitsDataModule(TensorDataModule):
     """scikit-learn's digits (8x8 grey images, 10 classes), shipped with scikit-learn.
 
     Example::
@@ -64,7 +80,7 @@ class DigitsDataModule(_TensorDataModule):
             self.splits = load_digits_split(self.seed)
 
 
-class SyntheticDataModule(_TensorDataModule):
+class SyntheticDataModule(TensorDataModule):
     """Random images and labels (for speed tests): ``shape`` per sample, ``num_classes`` labels.
 
     Example::
