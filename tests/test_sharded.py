@@ -133,8 +133,9 @@ def run_specs(specs, make: Callable[[], nn.Module], shard: Callable[[nn.Module],
 
 # ----------------------------------------------------------------------------- FSDP2 (1-D mesh)
 def fsdp_net() -> nn.Sequential:
-    # 33 output rows over 2 processes: shards of 17 and 16 rows
-    return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 40), nn.ReLU(), nn.Linear(40, 8))
+    # 33 output rows over 2 processes: shards of 17 and 16 rows; 1 row: one process holds an empty shard
+    layers = [nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 40), nn.ReLU(), nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 1)]
+    return nn.Sequential(*layers)
 
 
 FSDP_SPECS = [
@@ -178,6 +179,8 @@ def _fsdp_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
+    last = _fsdp(fsdp_net(), mesh)[6].weight
+    assert local(last).numel() == (0 if rank == 1 else 8)  # the empty shard the specs below go through
     run_specs(FSDP_SPECS, fsdp_net, lambda m: _fsdp(m, mesh))
     torch.manual_seed(0)
     whole = fsdp_net()
