@@ -62,7 +62,7 @@ class TorchBackend(Backend):
             hp.prune_option,
             hp.gradient_decay_rate,
             reduce_sum=None if group.reducer.local else group.reducer.sum_,
-            counted=group.counted,
+            counted=list(group.counted.values()),
         )
         weight_maxima = abs_maxima([w.local_param for w in group.weights])
         finite = torch.isfinite(torch.stack(weight_maxima))
@@ -112,7 +112,7 @@ class TorchBackend(Backend):
             return GroupResult(None)
         if group.reducer.local:
             return GroupResult(torch.stack(kept))
-        mine = [k if c else torch.zeros_like(k) for k, c in zip(kept, group.counted, strict=True)]  # counted once
+        mine = [k if c else torch.zeros_like(k) for k, c in zip(kept, group.counted.values(), strict=True)]
         return GroupResult(group.reducer.sum_(torch.stack(mine)))
 
     def _ranked(self, w: WeightState, stats: _Statistics, request: UpdateRequest) -> Tensor:
@@ -127,9 +127,8 @@ class TorchBackend(Backend):
         """TF's histogram thresholds of every unit, from per-bin counts combined by the reduce step."""
         nbins = request.hparams.nbins
         counts, targets = [], []
-        counted = dict(zip((w.name for w in group.weights), group.counted, strict=True))
         for u, unit in enumerate(stats.units):
-            mine = [self._bin_counts(w, stats, maxima[u], request) for w in unit if counted[w.name]]
+            mine = [self._bin_counts(w, stats, maxima[u], request) for w in unit if group.counted[w.name]]
             counts.append(sum(mine) if mine else torch.zeros(nbins, dtype=torch.int64, device=maxima.device))
             numel = sum(ranked_numel(w) for w in unit)  # the whole weights' (or block grids') sizes
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
@@ -174,11 +173,10 @@ class TorchBackend(Backend):
     ) -> Tensor:
         """The exact rule over shards: each unit's ``k``-th score from reduced counts (value bins, then bytes)."""
         sizes = [sum(ranked_numel(w) for w in unit) for unit in stats.units]  # the whole weights' sizes
-        counted = dict(zip((w.name for w in group.weights), group.counted, strict=True))
         kept = [topk_count(n, request.sparsities[unit[0].name]) for n, unit in zip(sizes, stats.units, strict=True)]
         ranks = [n - k + 1 if k else n for n, k in zip(sizes, kept, strict=True)]  # the rank-th smallest score
         streams = [
-            (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit if counted[w.name]))
+            (lambda unit=unit: (self._ranked(w, stats, request).reshape(-1) for w in unit if group.counted[w.name]))
             for unit in stats.units
         ]
         if maxima.device.type == "cpu":  # a first round by value bins, then byte rounds over one bin's copies

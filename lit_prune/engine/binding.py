@@ -52,16 +52,15 @@ def bind_weights(model: nn.Module, hp: PruningHParams) -> dict[str, WeightState]
     for name in names:
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
+        weight = getattr(module, param_name)
         spec = WeightSpec(name, targets.get(name), blocks.get(name, (hp.block_height, hp.block_width)))
         nm = nm_map.get(name, nm_default)
         if nm is not None:
-            shape = tuple(getattr(module, param_name).shape)
-            dims = nm_input_dims(name, shape, owners[id(getattr(module, param_name))])
+            shape = tuple(weight.shape)
+            dims = nm_input_dims(name, shape, owners[id(weight)])
             spec = WeightSpec(name, _nm_target(spec, nm, shape, dims), spec.block_dims, nm, input_dims=dims)
-        weight = getattr(module, param_name)
         nm_m = None if spec.nm is None else spec.nm[1]
-        input_dims = spec.input_dims or tuple(range(1, weight.ndim))
-        check_supported(name, weight, _block_dims(spec, weight.shape), nm_m, input_dims)
+        check_supported(name, weight, _block_dims(spec, weight.shape), nm_m, spec.input_dims or ())
         states[name] = WeightState.bind(spec, module, param_name, hp.prune_option)
     _allocate(states, hp)
     blocked = [n for n in joint_names(states, hp) if states[n].spec.block_dims != (1, 1)]

@@ -47,7 +47,7 @@ class Group:
     weights: list[WeightState]
     reducer: Reducer  # combines the statistics of sharded weights; local for whole ones
     work: Any = None  # what the backend prepared for these tensors (made at first use)
-    counted: list[bool] = field(default_factory=list)  # per weight: this process counts its part (sharding)
+    counted: dict[str, bool] = field(default_factory=dict)  # per weight: this process counts its part (sharding)
 
     @property
     def names(self) -> list[str]:
@@ -128,7 +128,7 @@ def build_plan(
         backend = choose(state, kind, hparams, own, deferred)
         group = groups.setdefault((kind, rule, backend.name, reduced), Group(kind, rule, backend, [], own))
         group.weights.append(state)
-        group.counted.append(own.local or counted_here(state.param))
+        group.counted[state.name] = own.local or counted_here(state.param)
     appliers: dict[str, Group] = {}
     for state in states:
         backend = choose_apply(state)
