@@ -79,6 +79,19 @@ def refused(cache_or_library: Path, why: str):
     )
 
 
+def owned_by_another_user(real_stat, is_target):
+    """``real_stat`` (``os.lstat``, ``os.fstat``) that reports ``is_target``'s file as owned by another uid."""
+    uid = os.getuid()
+
+    def fake(target, *args, **kwargs):
+        st = real_stat(target, *args, **kwargs)
+        if is_target(target):
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid + 1, *tuple(st)[5:]))
+        return st
+
+    return fake
+
+
 def assert_private_build(tmp_path: Path) -> None:
     """The kernels came from a private directory under ``tmp_path / "tmp"``, which is gone now."""
     assert loaded_from().parent.parent == tmp_path / "tmp"
@@ -117,16 +130,9 @@ def test_a_cache_directory_others_can_write_is_refused(fresh, tmp_path, mode):
 @needs_compiler
 def test_a_cache_directory_of_another_user_is_refused(fresh, monkeypatch, tmp_path):
     fresh.mkdir(mode=0o700)
-    real_lstat, uid, real_path = os.lstat, os.getuid(), str(fresh.resolve())
-
-    def lstat(path, *args, **kwargs):
-        st = real_lstat(path, *args, **kwargs)
-        if str(path) == real_path:
-            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid + 1, *tuple(st)[5:]))
-        return st
-
-    monkeypatch.setattr(build.os, "lstat", lstat)
-    with refused(fresh, f"owned by uid {uid + 1}, not by the current user"):
+    real_path = str(fresh.resolve())
+    monkeypatch.setattr(build.os, "lstat", owned_by_another_user(os.lstat, lambda path: str(path) == real_path))
+    with refused(fresh, f"owned by uid {os.getuid() + 1}, not by the current user"):
         assert kernels_work()
     assert_private_build(tmp_path)
 
@@ -170,16 +176,11 @@ def test_a_cached_library_others_can_write_is_refused(fresh, tmp_path, mode):
 @needs_compiler
 def test_a_cached_library_of_another_user_is_refused(fresh, monkeypatch, tmp_path):
     library = build_cache(fresh)
-    real_fstat, uid = os.fstat, os.getuid()
-
-    def fstat(fd):
-        st = real_fstat(fd)
-        if os.readlink(f"/proc/self/fd/{fd}") == str(library.resolve()):
-            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, uid + 1, *tuple(st)[5:]))
-        return st
-
-    monkeypatch.setattr(build.os, "fstat", fstat)
-    with refused(library, f"owned by uid {uid + 1}"):
+    real_path = str(library.resolve())
+    monkeypatch.setattr(
+        build.os, "fstat", owned_by_another_user(os.fstat, lambda fd: os.readlink(f"/proc/self/fd/{fd}") == real_path)
+    )
+    with refused(library, f"owned by uid {os.getuid() + 1}"):
         assert kernels_work()
     assert_private_build(tmp_path)
 
