@@ -22,6 +22,11 @@ from torch import nn
 from lit_prune import Pruning
 from lit_prune.engine.sharding import ProcessGroupReducer, is_sharded, local, local_region
 
+try:
+    from torch.distributed.tensor import Shard, distribute_tensor
+except ImportError:  # pragma: no cover - older torch
+    Shard = distribute_tensor = None
+
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -66,12 +71,13 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 def _collectives_per_update(group, hp) -> int:
     """NaN check, max, kept; counts (1), or value bins (1, on the CPU) and byte rounds (4); the N:M threshold;
-    the gradient norms."""
+    the gradient norms; the strips of blocks cut by shard boundaries."""
     if group.reducer.local:
         return 0
     exact = 4 + (group.weights[0].param.device.type == "cpu")
     rule = 1 if group.rule == "nm" else (exact if group.rule == "exact" else 1)
-    return 3 + rule + (hp.prune_option != "weight")
+    cut_blocks = any(layout.strips for layout in group.blocks.values())
+    return 3 + rule + (hp.prune_option != "weight") + cut_blocks
 
 
 def _perturb(model: nn.Module, seed: int) -> None:
@@ -143,6 +149,9 @@ FSDP_SPECS = [
     "weight_sparsity_map=[^2[.]:0.8]",
     {"block_dims_map": {"^2[.]": "4x3"}, "block_pooling_function": "MAX"},  # 20 + 20 rows: whole blocks
     {"block_dims_map": {"^2[.]": "4x4"}, "threshold_method": "exact"},  # AVG, cut-short edge blocks
+    "block_height=2",  # 17 + 16 rows of the first layer: rows 16-17 are one block on both processes
+    {"block_height": 4, "block_width": 3, "block_pooling_function": "MAX", "threshold_method": "exact"},
+    {"block_dims_map": {"^0[.]": "4x4", "^2[.]": "3x4"}, "threshold_decay": 0.5},  # 3-row blocks cut 20 + 20
     {"nm_sparsity_map": {"^4[.]": "2:4"}},  # rows split: every N:M group on one process
     {"nm_sparsity_map": {"^0[.]": "2:4"}, "weight_sparsity_map": ["^2[.]:0.7"]},
     *GRADIENT,
@@ -185,8 +194,10 @@ def _fsdp_worker(rank: int, world: int) -> None:
     torch.manual_seed(0)
     whole = fsdp_net()
     check_state_round_trip(whole, _fsdp(copy.deepcopy(whole), mesh))
-    # 17 + 16 rows: a 2-row block straddles the shards
-    check_refused(_fsdp(fsdp_net(), mesh), "block_height=2", "0.weight", "cuts 2x1 blocks")
+    # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
+    conv = nn.Conv2d(4, 4, 3)
+    conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))
+    check_refused(nn.Sequential(conv), "block_height=2", "0.weight", "must be rectangles")
 
 
 # ----------------------------------------------------------------------------- tensor parallelism
@@ -197,6 +208,8 @@ def tp_net() -> nn.Sequential:
 TP_SPECS = [
     *ELEMENTWISE,  # global_ranking ranks the sharded weights with the whole last layer
     {"block_dims_map": {"^0[.]": "4x4", "^2[.]": "2x4"}},  # Shard(0) rows and Shard(1) columns, aligned
+    {"block_dims_map": {"^0[.]": "3x2", "^2[.]": "1x3"}},  # 16 + 16 rows, 16 + 16 columns: blocks cut
+    {"block_dims_map": {"^2[.]": "5x5"}, "block_pooling_function": "MAX", "threshold_method": "exact"},
     {"nm_sparsity_map": {"^2[.]": "2:4"}},  # input columns split 16 + 16
     GRADIENT[0],
 ]
@@ -213,7 +226,6 @@ def _tp_worker(rank: int, world: int) -> None:
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     run_specs(TP_SPECS, tp_net, lambda m: _tp(m, mesh))
-    check_refused(_tp(tp_net(), mesh), {"block_dims_map": {"^2[.]": "1x3"}}, "2.weight", "cuts 1x3 blocks")
     check_refused(_tp(tp_net(), mesh), {"nm_sparsity_map": {"^2[.]": "2:32"}}, "2.weight", "N:M groups of 32")
 
 
@@ -233,7 +245,8 @@ def _mesh_2d_worker(rank: int, world: int) -> None:
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     specs = ["threshold_method=histogram", "threshold_method=exact", ELEMENTWISE[4], ELEMENTWISE[5]]
-    run_specs([*specs, {"block_dims_map": {"^0[.]": "4x4"}}, GRADIENT[0]], tp_net, lambda m: _fsdp_over_tp(m, mesh))
+    blocks = [{"block_dims_map": {"^0[.]": "4x4"}}, {"block_dims_map": {"^0[.]": "3x3", "^2[.]": "3x3"}}]  # 3: cut
+    run_specs([*specs, *blocks, GRADIENT[0]], tp_net, lambda m: _fsdp_over_tp(m, mesh))
 
 
 # ----------------------------------------------------------------------------- CUDA (NCCL)

@@ -22,8 +22,9 @@ from lit_prune.engine.masks import compare_for, smoothed_threshold_and_cut, writ
 from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 from lit_prune.engine.plan import Group, GroupResult, UpdateRequest
 from lit_prune.engine.saliency import advance_saliency_of
-from lit_prune.engine.scores import apply_current_masks, block_dims_of, pooled_scores, ranked_numel, scores_of
+from lit_prune.engine.scores import apply_current_masks, ranked_numel, scores_of
 from lit_prune.engine.scratch import Scratch
+from lit_prune.engine.shard_blocks import counted_blocks, pool_blocks, write_shard_mask
 from lit_prune.engine.state import WeightState
 from lit_prune.engine.statistics import abs_maxima
 from lit_prune.engine.thresholds import (
@@ -46,7 +47,8 @@ class _Statistics:
 
     units: list[list[WeightState]]
     maxima: Tensor  # one per unit
-    pooled: dict[str, Tensor]  # block-pruned weights' pooled scores (small: one per block)
+    pooled: dict[str, Tensor]  # block-pruned weights' pooled scores of the blocks this shard touches (small)
+    ranked: dict[str, Tensor]  # of those, the blocks this process counts (views)
 
 
 class TorchBackend(Backend):
@@ -69,25 +71,36 @@ class TorchBackend(Backend):
         if not group.reducer.local:  # a NaN in any process's shard stops every process
             finite = group.reducer.sum_((~finite).to(torch.int64)) == 0
         units = [group.weights] if group.granularity == "global" else [[w] for w in group.weights]
-        pooled: dict[str, Tensor] = {}
+        pooled = self._pooled_blocks(group, request)
         largest = dict(zip((w.name for w in group.weights), weight_maxima, strict=True))
         maxima = [
             torch.stack([self._max_score(w, largest[w.name], pooled, request) for w in unit]).amax() for unit in units
         ]
-        return Begun(finite, _Statistics(units, torch.stack(maxima).to(torch.float32), pooled))
+        ranked = {name: counted_blocks(scores, group.blocks[name]) for name, scores in pooled.items()}
+        return Begun(finite, _Statistics(units, torch.stack(maxima).to(torch.float32), pooled, ranked))
+
+    @staticmethod
+    def _pooled_blocks(group: Group, request: UpdateRequest) -> dict[str, Tensor]:
+        """Block-pruned weights' pooled scores; blocks cut by shard boundaries are completed in one sum."""
+        option = request.hparams.prune_option
+        weights = {w.name: w for w in group.weights}
+        return pool_blocks(
+            group.blocks,
+            lambda name: scores_of(weights[name], option, request.scores),
+            group.counted,
+            group.reducer.sum_,
+            request.hparams.block_pooling_function,
+        )
 
     @staticmethod
     def _max_score(w: WeightState, weight_max: Tensor, pooled: dict[str, Tensor], request: UpdateRequest) -> Tensor:
         """The largest score ``w`` is ranked by: ``max |w|``, its largest saliency or pooled block score."""
-        hp = request.hparams
-        dims = block_dims_of(w) if w.spec.nm is None else None
-        if dims is None and hp.prune_option == "weight":
+        option = request.hparams.prune_option
+        if w.name in pooled:
+            return abs_maxima([pooled[w.name]])[0]  # an empty shard's maximum is 0
+        if option == "weight":
             return weight_max.to(torch.float32)
-        scores = scores_of(w, hp.prune_option, request.scores)
-        if dims is None:
-            return abs_maxima([scores])[0]  # scores are >= 0; an empty shard's maximum is 0
-        pooled[w.name] = pooled_scores(scores, dims, hp.block_pooling_function)
-        return abs_maxima([pooled[w.name]])[0]  # an empty shard's maximum is 0
+        return abs_maxima([scores_of(w, option, request.scores)])[0]  # scores are >= 0; an empty shard's max is 0
 
     def finish(self, group: Group, begun: Begun, request: UpdateRequest) -> GroupResult:  # noqa: D102
         stats: _Statistics = begun.data
@@ -102,7 +115,7 @@ class TorchBackend(Backend):
         for u, unit in enumerate(stats.units):
             ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
             kept += self._write_unit(
-                group.rule, unit, stats, maxima[u], None if current is None else current[u], ok.all(), request
+                group, unit, stats, maxima[u], None if current is None else current[u], ok.all(), request
             )
         if group.rule == "nm" and not group.reducer.local:  # the largest pruned score over all shards
             thresholds = group.reducer.max_(torch.stack([w.threshold for w in group.weights]))
@@ -118,8 +131,8 @@ class TorchBackend(Backend):
     def _ranked(self, w: WeightState, stats: _Statistics, request: UpdateRequest) -> Tensor:
         """The scores ``w`` is ranked by: its pooled block scores, or its scores in the scratch buffer."""
         return (
-            stats.pooled[w.name]
-            if w.name in stats.pooled
+            stats.ranked[w.name]
+            if w.name in stats.ranked
             else scores_of(w, request.hparams.prune_option, request.scores)
         )
 
@@ -155,7 +168,7 @@ class TorchBackend(Backend):
                 ranked = self._ranked(unit[0], stats, request)
                 out.append(histogram_threshold(ranked, sparsity, hp.nbins, max_value=maxima[u], sort_count=True))
                 continue
-            numel = sum(stats.pooled.get(w.name, w.param).numel() for w in unit)
+            numel = sum(stats.ranked.get(w.name, w.param).numel() for w in unit)
 
             def parts(unit=unit):
                 return (self._ranked(w, stats, request).reshape(-1) for w in unit)  # one at a time
@@ -188,7 +201,7 @@ class TorchBackend(Backend):
 
     def _write_unit(
         self,
-        rule: str,
+        group: Group,
         unit: list[WeightState],
         stats: _Statistics,
         max_score: Tensor,
@@ -197,7 +210,7 @@ class TorchBackend(Backend):
         request: UpdateRequest,
     ) -> list[Tensor]:
         """Masks, thresholds and zeros of one unit; where not ``ok`` (non-finite) the old ones stay."""
-        hp = request.hparams
+        hp, rule = request.hparams, group.rule
         if current is not None:
             threshold, cut = smoothed_threshold_and_cut(current, max_score, unit[0].threshold, hp.threshold_decay)
         kept = []
@@ -213,9 +226,10 @@ class TorchBackend(Backend):
                 threshold = abs_maxima([torch.where(target, 0.0, scores)])[0]  # the largest pruned score
             elif chunked:
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
+            elif w.name in stats.pooled:  # every block this shard touches, counted here or not
+                write_shard_mask(compare_for(rule)(stats.pooled[w.name], cut), group.blocks[w.name], target)
             else:
-                dims = block_dims_of(w) if w.name in stats.pooled else None
-                write_mask(self._ranked(w, stats, request), cut, rule, mask.shape, dims, target)
+                write_mask(self._ranked(w, stats, request), cut, rule, mask.shape, None, target)
             _commit(w, target, threshold, ok, request.deferred)
             if not chunked:  # the chunks zeroed their weight as they went
                 zero_pruned(w.local_param, mask)

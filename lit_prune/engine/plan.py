@@ -17,6 +17,8 @@ from torch import Tensor
 
 from lit_prune.engine.blocks import block_view_shape
 from lit_prune.engine.reduce import LocalReducer
+from lit_prune.engine.scores import block_dims_of
+from lit_prune.engine.shard_blocks import ShardBlocks, shard_blocks_of
 from lit_prune.engine.sharding import counted_here, is_sharded, local
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ class Group:
     reducer: Reducer  # combines the statistics of sharded weights; local for whole ones
     work: Any = None  # what the backend prepared for these tensors (made at first use)
     counted: dict[str, bool] = field(default_factory=dict)  # per weight: this process counts its part (sharding)
+    blocks: dict[str, ShardBlocks] = field(default_factory=dict)  # block-pruned weights: where this shard's blocks lie
 
     @property
     def names(self) -> list[str]:
@@ -129,6 +132,8 @@ def build_plan(
         group = groups.setdefault((kind, rule, backend.name, reduced), Group(kind, rule, backend, [], own))
         group.weights.append(state)
         group.counted[state.name] = own.local or counted_here(state.param)
+        if kind == "block":
+            group.blocks[state.name] = shard_blocks_of(state.param, block_dims_of(state))  # type: ignore[arg-type]
     appliers: dict[str, Group] = {}
     for state in states:
         backend = choose_apply(state)

@@ -12,13 +12,13 @@ import math
 
 from torch import Tensor
 
-from lit_prune.engine.blocks import block_grid, block_pool, block_view_shape, resolve_block_dims
+from lit_prune.engine.blocks import block_grid, block_view_shape, resolve_block_dims
 from lit_prune.engine.masks import zero_pruned
 from lit_prune.engine.saliency import saliency_scores
 from lit_prune.engine.scratch import Scratch
 from lit_prune.engine.state import WeightState
 
-__all__ = ["apply_current_masks", "block_dims_of", "pooled_scores", "ranked_numel", "scores_of"]
+__all__ = ["apply_current_masks", "block_dims_of", "ranked_numel", "scores_of"]
 
 
 def apply_current_masks(states: list[WeightState]) -> None:
@@ -46,10 +46,3 @@ def ranked_numel(state: WeightState) -> int:
     if dims is None:
         return state.param.numel()
     return math.prod(block_grid(block_view_shape(state.param.shape), dims))  # type: ignore[arg-type]
-
-
-def pooled_scores(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:
-    """``scores`` pooled over blocks of its 2-D view (a new, small tensor)."""
-    view = block_view_shape(scores.shape)
-    assert view is not None
-    return block_pool(scores.reshape(view), block_dims, pooling)

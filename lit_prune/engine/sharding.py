@@ -13,28 +13,35 @@ statistics can be summed over all processes in one collective, whatever the mesh
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lit_prune.engine.blocks import block_view_shape
 from lit_prune.engine.reduce import Reducer
 
 __all__ = [
     "ProcessGroupReducer",
     "check_supported",
     "counted_here",
+    "every_region",
     "is_sharded",
     "kept_counts",
     "local",
     "local_region",
+    "matrix_region",
     "shard_like",
 ]
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor._utils import (
+        _compute_local_shape_and_global_offset,
+        compute_local_shape_and_global_offset,
+    )
 except ImportError:  # pragma: no cover - older torch: nothing is sharded
     DTensor = None  # type: ignore[assignment,misc]
 
@@ -68,6 +75,29 @@ def local_region(t: Tensor) -> tuple[tuple[int, int], ...]:
         return tuple((0, n) for n in t.shape)
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple((o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def every_region(t: Tensor) -> list[tuple[tuple[int, int], ...]]:
+    """The distinct regions of ``t`` the processes hold (:func:`local_region` of each mesh coordinate).
+
+    Known on every process without a collective, from the mesh's shape and the placements; a
+    replicated mesh dimension repeats a region, which is listed once.
+
+    Example::
+
+        >>> every_region(torch.zeros(3, 4))
+        [((0, 3), (0, 4))]
+    """
+    if not is_sharded(t):
+        return [local_region(t)]
+    mesh_shape, placements = tuple(t.device_mesh.shape), t.placements
+    regions = []
+    for coordinate in itertools.product(*(range(n) for n in mesh_shape)):
+        shape, offset = _compute_local_shape_and_global_offset(t.shape, mesh_shape, list(coordinate), placements)
+        region = tuple((o, o + n) for o, n in zip(offset, shape, strict=True))
+        if region not in regions:
+            regions.append(region)
+    return regions
 
 
 def counted_here(t: Tensor) -> bool:
@@ -160,10 +190,34 @@ def _matrix_region(
     return None if cols is None else (dims[0][1], cols)
 
 
-def _aligned(part: tuple[int, int], size: int, step: int) -> bool:
-    """Whether ``[start, stop)`` of a dim of ``size`` starts and stops on multiples of ``step`` (or at the end)."""
+def _aligned(part: tuple[int, int], step: int) -> bool:
+    """Whether ``[start, stop)`` starts and stops on multiples of ``step`` (or is empty)."""
     start, stop = part
-    return start == stop or (start % step == 0 and (stop % step == 0 or stop == size))
+    return start == stop or (start % step == 0 and stop % step == 0)
+
+
+def _tiles(rects: list[tuple[tuple[int, int], tuple[int, int]]], view: tuple[int, int]) -> bool:
+    """Whether ``rects`` cover the ``view`` matrix without overlap (each shard then is its rectangle).
+
+    Torch gives a shard's first offset; a shard that were not one run of rows (or columns) would
+    overlap another's rectangle, so tiling proves each shard is the rectangle it is taken for.
+    """
+    area = lambda r: (r[0][1] - r[0][0]) * (r[1][1] - r[1][0])  # noqa: E731
+    full = [r for r in rects if area(r) > 0]
+    overlap = lambda a, b: all(max(x[0], y[0]) < min(x[1], y[1]) for x, y in zip(a, b, strict=True))  # noqa: E731
+    disjoint = all(not overlap(a, b) for a, b in itertools.combinations(full, 2))
+    return disjoint and sum(area(r) for r in full) == view[0] * view[1]
+
+
+def matrix_region(t: Tensor, region: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The rows and columns ``region`` of ``t`` covers in ``t``'s block view (``None``: not a rectangle).
+
+    Example::
+
+        >>> matrix_region(torch.zeros(6, 2, 3), ((2, 4), (0, 2), (0, 3)))
+        ((2, 4), (0, 6))
+    """
+    return _matrix_region(tuple(t.shape), region)
 
 
 def check_supported(
@@ -173,28 +227,38 @@ def check_supported(
     nm_m: int | None,
     input_dims: tuple[int, ...] = (),
 ) -> None:
-    """Refuse, before training, a sharded weight whose shards cut a block or an N:M group (named, with the fix).
+    """Refuse, before training, a sharded weight whose shards split an N:M group or are not blocks' rectangles.
 
-    ``input_dims``: the dims an N:M weight's groups run along (flattened in this order).
+    Every process checks every process's shard, so all of them refuse together.  Blocks may be
+    cut by shard boundaries (:mod:`lit_prune.engine.shard_blocks` completes them); each shard must
+    be a rectangle of the weight's block view.  ``input_dims``: the dims an N:M weight's groups run
+    along (flattened in this order).
     """
     if not is_sharded(weight) or (block_dims is None and nm_m is None):
         return
-    shape, region = tuple(weight.shape), local_region(weight)
+    shape, regions = tuple(weight.shape), every_region(weight)
     if block_dims is not None:
-        matrix, view = _matrix_region(shape, region), _matrix_region(shape, tuple((0, n) for n in shape))
-        ok = matrix is not None and all(
-            _aligned(part, whole[1], step)
-            for part, whole, step in zip(matrix, view, block_dims, strict=True)  # type: ignore[arg-type]
+        rects = [_matrix_region(shape, r) for r in regions]
+        view = block_view_shape(shape)
+        if all(r is not None for r in rects) and _tiles(rects, view):  # type: ignore[arg-type]
+            return
+        bad = next((r for r, m in zip(regions, rects, strict=True) if m is None), regions[0])
+        what = (
+            f"{block_dims[0]}x{block_dims[1]} blocks: its shards must be rectangles of the weight's "
+            f"{view[0]}x{view[1]} block view (a run of rows or of columns)"  # type: ignore[index]
         )
-        what = f"{block_dims[0]}x{block_dims[1]} blocks"
+        fix = "shard the weight along its first dim or its input dims only, or prune it element-wise"
     else:
-        run = _flat_run([(shape[d], region[d]) for d in input_dims])
-        ok = run is not None and run[0] % nm_m == 0 and run[1] % nm_m == 0  # type: ignore[operator]
-        what = f"N:M groups of {nm_m} input elements"
-    if not ok:
-        raise NotImplementedError(
-            f"weight {name!r} of shape {shape} is sharded (placements {list(weight.placements)}) so that this "
-            f"process holds {[list(r) for r in region]}, which cuts {what} across processes; blocks and N:M "
-            "groups must each lie on one process: choose block dims (or N:M) that divide every shard, or shard "
-            "the weight so its shards divide them (e.g. a dim divisible by the number of processes times the block)"
+        runs = [_flat_run([(shape[d], r[d]) for d in input_dims]) for r in regions]
+        bad = next((r for r, run in zip(regions, runs, strict=True) if run is None or not _aligned(run, nm_m)), None)
+        if bad is None:
+            return
+        what = f"N:M groups of {nm_m} input elements: each group must lie on one process"
+        fix = (
+            "choose an M that divides every shard's input elements, or shard the weight so that each shard holds "
+            "whole groups (input dims divisible by the number of processes times M)"
         )
+    raise NotImplementedError(
+        f"weight {name!r} of shape {shape} is sharded (placements {list(weight.placements)}) so that a process "
+        f"holds {[list(r) for r in bad]}, which cuts {what}; {fix}"
+    )
