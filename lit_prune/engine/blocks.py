@@ -62,7 +62,8 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     ``AVG`` divides each block's sum by the number of real elements it holds, so an edge block
     that the shape cuts short is the average of what is there (summed in float64 on CPU and CUDA,
     rounded to float32 once); ``MAX`` takes the largest score.
-    The output has ``ceil(H / bh) x ceil(W / bw)`` entries.
+    The output has ``ceil(H / bh) x ceil(W / bw)`` entries.  The scores are read in place (views,
+    no padded copy): whole blocks, then the edge blocks the shape cuts short.
 
     Example::
 
@@ -70,28 +71,32 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
         tensor([[2.],
                 [3.]])
     """
-    rows, cols = scores.shape
-    bh, bw = block_dims
-    hb, wb = block_grid(scores.shape, block_dims)
-    padded = scores
-    if hb * bh != rows or wb * bw != cols:
-        padded = torch.nn.functional.pad(scores, (0, wb * bw - cols, 0, hb * bh - rows))
-    blocks = padded.reshape(hb, bh, wb, bw)
+    if pooling not in ("AVG", "MAX"):
+        raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
+    (rows, cols), (bh, bw) = scores.shape, block_dims
+    whole_rows, whole_cols = rows - rows % bh, cols - cols % bw
+    row_runs = [(0, whole_rows, bh), (whole_rows, rows, rows - whole_rows)]  # whole block rows, the short one
+    col_runs = [(0, whole_cols, bw), (whole_cols, cols, cols - whole_cols)]
+    pooled = [
+        [_pool_even(scores[r0:r1, c0:c1], (h, w), pooling) for c0, c1, w in col_runs if w]
+        for r0, r1, h in row_runs
+        if h
+    ]
+    if len(pooled) == 1 and len(pooled[0]) == 1:  # the blocks tile the matrix
+        return pooled[0][0]
+    return torch.cat([torch.cat(row, dim=1) for row in pooled], dim=0)
+
+
+def _pool_even(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:
+    """Pool a matrix that ``block_dims`` blocks tile exactly (a view: nothing is copied)."""
+    (rows, cols), (bh, bw) = scores.shape, block_dims
+    blocks = scores.reshape(rows // bh, bh, cols // bw, bw)
     if pooling == "MAX":
         return blocks.amax(dim=(1, 3))
-    if pooling != "AVG":
-        raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
     # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
     # the summation order, so the fused CPU kernel (lit_prune.backends.cpu.kernels.block_pool) gives the same.
     wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
-    sums = blocks.sum(dim=(1, 3), dtype=wide)
-    if hb * bh == rows and wb * bw == cols:
-        return (sums / float(bh * bw)).to(torch.float32)
-    row_n = torch.full((hb,), float(bh), dtype=wide, device=scores.device)
-    col_n = torch.full((wb,), float(bw), dtype=wide, device=scores.device)
-    row_n[-1] = rows - (hb - 1) * bh
-    col_n[-1] = cols - (wb - 1) * bw
-    return (sums / torch.outer(row_n, col_n)).to(torch.float32)
+    return (blocks.sum(dim=(1, 3), dtype=wide) / float(bh * bw)).to(torch.float32)
 
 
 def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
