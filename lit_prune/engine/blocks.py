@@ -87,16 +87,26 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     return torch.cat([torch.cat(row, dim=1) for row in pooled], dim=0)
 
 
+#: Elements summed in float64 at a time (CPU, accelerators): ``sum(dtype=float64)`` of a contiguous
+#: float32 tensor first makes a float64 copy of it.  Cache-sized on the CPU; larger on accelerators,
+#: where each band is a kernel launch.
+_WIDE_CHUNK = {"cpu": 1 << 16, "other": 1 << 22}
+
+
 def _pool_even(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:
-    """Pool a matrix that ``block_dims`` blocks tile exactly (a view: nothing is copied)."""
+    """Pool a matrix that ``block_dims`` blocks tile exactly (read through a view: nothing the size of it is kept)."""
     (rows, cols), (bh, bw) = scores.shape, block_dims
     blocks = scores.reshape(rows // bh, bh, cols // bw, bw)
     if pooling == "MAX":
         return blocks.amax(dim=(1, 3))
     # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
     # the summation order, so the fused CPU kernel (lit_prune.backends.cpu.kernels.block_pool) gives the same.
+    # A band of block rows at a time, as the float64 copy is made of what is summed.
     wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
-    return (blocks.sum(dim=(1, 3), dtype=wide) / float(bh * bw)).to(torch.float32)
+    chunk = _WIDE_CHUNK["cpu" if scores.device.type == "cpu" else "other"]
+    band = max(1, chunk // max(1, bh * cols))
+    sums = [blocks[i : i + band].sum(dim=(1, 3), dtype=wide) for i in range(0, max(1, len(blocks)), band)]
+    return ((sums[0] if len(sums) == 1 else torch.cat(sums)) / float(bh * bw)).to(torch.float32)
 
 
 def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
