@@ -48,3 +48,16 @@ def test_gpu_benchmark_code_runs_on_cpu_at_smoke_size():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lit_prune 2:4 (N:M)" in result.stdout and "`torch.nn.utils.prune` reparametrisation" in result.stdout
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_runs_with_blocks_cut_by_the_shards():
+    # 2 processes, 2 x Linear(64, 64): 32 rows each, so 3-row blocks cut one block row per weight
+    cmd = [sys.executable, str(ROOT / "bench" / "sharded.py"), "--size", "64", "--layers", "2", "--updates", "2"]
+    result = subprocess.run([*cmd, "--blocks", "3x3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines()[3:]}
+    assert set(rows) == {"one process", "lit_prune, sharded", "gather, then prune"}, result.stdout
+    sharded = rows["lit_prune, sharded"]
+    # NaN check, maxima, counts, kept, and the cut block rows: 3 x 64 float32 per weight
+    assert sharded[4] == "5" and int(sharded[5].strip(" |")) > 2 * 3 * 64 * 4, result.stdout
