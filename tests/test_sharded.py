@@ -167,6 +167,10 @@ def _fsdp(model: nn.Module, mesh) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+def _on(mesh) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: _fsdp(model, mesh)
+
+
 def check_state_round_trip(whole: nn.Module, sharded: nn.Module) -> None:
     """A sharded engine's state (DTensors) and one process's (whole tensors) both load into a sharded engine."""
     spec = "prune_option=first_order_gradient,threshold_method=exact"
@@ -190,10 +194,13 @@ def _fsdp_worker(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     last = _fsdp(fsdp_net(), mesh)[6].weight
     assert local(last).numel() == (0 if rank == 1 else 8)  # the empty shard the specs below go through
-    run_specs(FSDP_SPECS, fsdp_net, lambda m: _fsdp(m, mesh))
+    run_specs(FSDP_SPECS, fsdp_net, _on(mesh))
     torch.manual_seed(0)
     whole = fsdp_net()
     check_state_round_trip(whole, _fsdp(copy.deepcopy(whole), mesh))
+    # a 1-row shard (rows 2 + 1) and a 5-row weight cut inside a block row (3 + 2)
+    small = lambda: nn.Sequential(nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 5))  # noqa: E731
+    run_specs(["block_height=2", {"block_dims_map": {".": "2x2"}, "block_pooling_function": "MAX"}], small, _on(mesh))
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))
