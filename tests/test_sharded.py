@@ -263,7 +263,7 @@ def _cuda_worker(rank: int, world: int) -> None:
     torch.cuda.set_device(rank)
     mesh = init_device_mesh("cuda", (world,))
     blocks, nm = {"block_dims_map": {"^2[.]": "4x4"}}, {"nm_sparsity_map": {"^4[.]": "2:4"}}
-    specs = [*ELEMENTWISE, blocks, nm, GRADIENT[0]]
+    specs = [*ELEMENTWISE, blocks, "block_height=2", nm, GRADIENT[0]]  # 2-row blocks: cut on 2 GPUs
     run_specs(specs, lambda: fsdp_net().cuda(), lambda m: _fsdp(m, mesh))
 
 
