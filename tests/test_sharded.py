@@ -8,6 +8,7 @@ bit for bit, that no process holds more than its shard, and how many collectives
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import socket
 from collections.abc import Callable
@@ -171,6 +172,24 @@ def _on(mesh) -> Callable[[nn.Module], nn.Module]:
     return lambda model: _fsdp(model, mesh)
 
 
+def gpt2() -> nn.Module:
+    """A tiny GPT-2 from its config (random init, nothing downloaded)."""
+    from lit_prune.cli.causal_lm import tiny_causal_lm
+
+    return tiny_causal_lm("GPT2Config", vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+
+
+def _fsdp_gpt2(mesh) -> Callable[[nn.Module], nn.Module]:
+    def shard(model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    return shard
+
+
 def check_state_round_trip(whole: nn.Module, sharded: nn.Module) -> None:
     """A sharded engine's state (DTensors) and one process's (whole tensors) both load into a sharded engine."""
     spec = "prune_option=first_order_gradient,threshold_method=exact"
@@ -201,6 +220,9 @@ def _fsdp_worker(rank: int, world: int) -> None:
     # a 1-row shard (rows 2 + 1) and a 5-row weight cut inside a block row (3 + 2)
     small = lambda: nn.Sequential(nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 5))  # noqa: E731
     run_specs(["block_height=2", {"block_dims_map": {".": "2x2"}, "block_pooling_function": "MAX"}], small, _on(mesh))
+    if importlib.util.find_spec("transformers"):  # HF Conv1D weights ([in, out]) sharded along their input features
+        nm = {"nm_sparsity_map": [r"\.(attn|mlp)\.:2:4"], "threshold_method": "exact"}
+        run_specs(["threshold_method=histogram", nm, "block_height=3", "global_ranking=true"], gpt2, _fsdp_gpt2(mesh))
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))
