@@ -276,6 +276,9 @@ def _mesh_2d_worker(rank: int, world: int) -> None:
     specs = ["threshold_method=histogram", "threshold_method=exact", ELEMENTWISE[4], ELEMENTWISE[5]]
     blocks = [{"block_dims_map": {"^0[.]": "4x4"}}, {"block_dims_map": {"^0[.]": "3x3", "^2[.]": "3x3"}}]  # 3: cut
     run_specs([*specs, *blocks, GRADIENT[0]], tp_net, lambda m: _fsdp_over_tp(m, mesh))
+    # HSDP: shards on one mesh dimension, replicated on the other (Replicate(), Shard(0))
+    hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    run_specs(["threshold_method=exact", "block_height=3", *GRADIENT], fsdp_net, _on(hsdp))
 
 
 # ----------------------------------------------------------------------------- CUDA (NCCL)
