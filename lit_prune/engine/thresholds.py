@@ -447,12 +447,13 @@ def _kth_smallest_in_band(
     below = int(cumulative[b - 1]) if b else 0
     low = bin_edge(m, b, nbins) if b else 0.0
     high = bin_edge(m, b + 1, nbins) if b + 1 < nbins else math.inf
+    chunks = lambda: (c for p in parts() for c in p.reshape(-1).split(_RADIX_CHUNK))  # noqa: E731 - small temporaries
     if b == 0:  # exact zeros first: they are the pruned weights
-        zeros = sum(int(torch.count_nonzero(p == 0)) for p in parts())
+        zeros = sum(int(torch.count_nonzero(c == 0)) for c in chunks())
         if rank <= zeros:
             return torch.zeros((), dtype=torch.float32)
         below, low = zeros, f32_from_bits(1)  # the smallest positive float32
-    band = torch.cat([p[(p >= low) & (p < high)] for p in parts()])
+    band = torch.cat([c[(c >= low) & (c < high)] for c in chunks()])
     return torch.kthvalue(band, rank - below).values
 
 
