@@ -93,29 +93,24 @@ def _block(k: int, step: int, size: int, dim: int) -> Strip:
     return Strip(dim, k * step, min(k * step + step, size))
 
 
-def _cut_strips(part: tuple[int, int], size: int, step: int, dim: int) -> list[Strip]:
-    """The blocks along ``dim`` whose rows (or columns) ``[start, stop)`` shares with another shard."""
+def _cut_ends(part: tuple[int, int], size: int, step: int, dim: int) -> tuple[Strip | None, Strip | None]:
+    """The first and the last block along ``dim`` that ``[start, stop)`` shares with another shard (``None``: whole)."""
     start, stop = part
     if start == stop:
-        return []
-    cut = [_block(start // step, step, size, dim)] if start % step else []
-    if stop % step and stop != size:
-        cut.append(_block(stop // step, step, size, dim))
-    return cut
+        return None, None
+    first = _block(start // step, step, size, dim) if start % step else None
+    last = _block(stop // step, step, size, dim) if stop % step and stop != size else None
+    return first, last
 
 
 def _pieces(part: tuple[int, int], size: int, step: int, dim: int) -> tuple[Piece, ...]:
     """The block runs ``[start, stop)`` touches along ``dim``: a cut first block, its own blocks, a cut last block."""
-    start, stop = part
-    if start == stop:
-        return ()
-    first = [_block(start // step, step, size, dim)] if start % step else []
-    last = [_block(stop // step, step, size, dim)] if stop % step and stop != size else []
-    own_start, own_stop = -(-start // step) * step, stop if not last else (stop // step) * step
-    own = [Piece(own_start, own_stop)] if own_start < own_stop else []
-    if first and last and first[0] == last[0]:
-        last = []  # the shard lies inside one block
-    return (*(Piece(s.start, s.stop, s) for s in first), *own, *(Piece(s.start, s.stop, s) for s in last))
+    first, last = _cut_ends(part, size, step, dim)
+    own = Piece(-(-part[0] // step) * step, part[1] if last is None else last.start)
+    pieces = [Piece(first.start, first.stop, first)] if first else []
+    pieces += [own] if own.start < own.stop else []
+    pieces += [Piece(last.start, last.stop, last)] if last and last != first else []  # equal: inside one block
+    return tuple(pieces)
 
 
 def shard_blocks_of(weight: Tensor, dims: tuple[int, int]) -> ShardBlocks:
@@ -141,7 +136,7 @@ def shard_layout(view: tuple[int, int], dims: tuple[int, int], region: Rect, rec
         >>> layout.strips, layout.skipped  # rows 16-17 are one block on both processes: the first counts it
         ((Strip(dim=0, start=16, stop=18),), (1, 0))
     """
-    cut = {s for rect in rects for d in (0, 1) for s in _cut_strips(rect[d], view[d], dims[d], d)}
+    cut = {s for rect in rects for d in (0, 1) for s in _cut_ends(rect[d], view[d], dims[d], d) if s is not None}
     empty = any(a == b for a, b in region)
     pieces = ((), ()) if empty else tuple(_pieces(region[d], view[d], dims[d], d) for d in (0, 1))
     skipped = tuple(int(not empty and region[d][0] % dims[d] != 0) for d in (0, 1))
