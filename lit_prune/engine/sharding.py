@@ -13,6 +13,7 @@ statistics can be summed over all processes in one collective, whatever the mesh
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -81,7 +82,8 @@ def every_region(t: Tensor) -> list[tuple[tuple[int, int], ...]]:
     """The distinct regions of ``t`` the processes hold (:func:`local_region` of each mesh coordinate).
 
     Known on every process without a collective, from the mesh's shape and the placements; a
-    replicated mesh dimension repeats a region, which is listed once.
+    replicated mesh dimension repeats a region, which is listed once.  Weights of one shape and
+    layout share the answer (a transformer's layers are worked out once).
 
     Example::
 
@@ -90,14 +92,18 @@ def every_region(t: Tensor) -> list[tuple[tuple[int, int], ...]]:
     """
     if not is_sharded(t):
         return [local_region(t)]
-    mesh_shape, placements = tuple(t.device_mesh.shape), t.placements
-    regions = []
-    for coordinate in itertools.product(*(range(n) for n in mesh_shape)):
-        shape, offset = _compute_local_shape_and_global_offset(t.shape, mesh_shape, list(coordinate), placements)
-        region = tuple((o, o + n) for o, n in zip(offset, shape, strict=True))
-        if region not in regions:
-            regions.append(region)
-    return regions
+    return list(_regions(tuple(t.shape), tuple(t.device_mesh.shape), tuple(t.placements)))
+
+
+@functools.lru_cache(maxsize=256)
+def _regions(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple) -> tuple:
+    """:func:`every_region` of a tensor of ``shape`` laid out by ``placements`` on a mesh of ``mesh_shape``."""
+    spans = [range(1) if p.is_replicate() else range(n) for n, p in zip(mesh_shape, placements, strict=True)]
+    regions: dict[tuple, None] = {}
+    for coordinate in itertools.product(*spans):
+        size, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
+        regions[tuple((o, o + n) for o, n in zip(offset, size, strict=True))] = None
+    return tuple(regions)
 
 
 def counted_here(t: Tensor) -> bool:
@@ -197,16 +203,22 @@ def _aligned(part: tuple[int, int], step: int) -> bool:
 
 
 def _tiles(rects: list[tuple[tuple[int, int], tuple[int, int]]], view: tuple[int, int]) -> bool:
-    """Whether ``rects`` cover the ``view`` matrix without overlap (each shard then is its rectangle).
+    """Whether ``rects`` are the grid of a partition of ``view``'s rows and one of its columns.
 
-    Torch gives a shard's first offset; a shard that were not one run of rows (or columns) would
-    overlap another's rectangle, so tiling proves each shard is the rectangle it is taken for.
+    Torch gives a shard's first offset; shards whose first rows (and columns) partition the
+    view, as runs, each hold exactly their run, so each shard then is the rectangle it is taken for.
+    Linear in the number of shards.
     """
-    area = lambda r: (r[0][1] - r[0][0]) * (r[1][1] - r[1][0])  # noqa: E731
-    full = [r for r in rects if area(r) > 0]
-    overlap = lambda a, b: all(max(x[0], y[0]) < min(x[1], y[1]) for x, y in zip(a, b, strict=True))  # noqa: E731
-    disjoint = all(not overlap(a, b) for a, b in itertools.combinations(full, 2))
-    return disjoint and sum(area(r) for r in full) == view[0] * view[1]
+    full = {r for r in rects if all(a < b for a, b in r)}
+    for d in (0, 1):
+        end = 0
+        for start, stop in sorted({r[d] for r in full}):
+            if start != end:
+                return False  # a gap or an overlap
+            end = stop
+        if end != view[d]:
+            return False
+    return len(full) == len({r[0] for r in full}) * len({r[1] for r in full})
 
 
 def matrix_region(t: Tensor, region: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], tuple[int, int]] | None:
