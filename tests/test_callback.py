@@ -297,17 +297,20 @@ def test_frozen_weights_are_left_alone(tmp_path):
     assert cb.pruning.weight_names == ["net.2.weight", "net.4.weight"]
 
 
-def test_unsupported_strategy_is_named():
-    class FSDPStrategy:  # stands in for Lightning's; the callback checks the class name
-        pass
-
-    class FakeTrainer:
-        strategy = FSDPStrategy()
-
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_unsupported_strategy_is_named_with_the_fsdp2_recipe(name):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    with pytest.raises(MisconfigurationException, match="does not support `FSDPStrategy`"):
+    fake = type(name, (), {})  # stands in for Lightning's; the callback checks the class name
+
+    class FakeTrainer:
+        strategy = fake()
+
+    with pytest.raises(MisconfigurationException, match=f"does not support `{name}`") as error:
         PruningCallback().setup(FakeTrainer(), Net(), "fit")
+    recipe = str(error.value).splitlines()[1:]
+    assert "ModelParallelStrategy()" in recipe[0] and "fully_shard(layer)" in recipe[2], recipe
+    assert recipe[3].strip() == "fully_shard(self)"
 
 
 class SaveMasks(Callback):

@@ -386,3 +386,14 @@ def test_structured_then_gradual_recipe_runs_briefly(tmp_path):
     masks = next(v for k, v in state["callbacks"].items() if k.startswith("PruningCallback"))["pruning"]["masks"]
     kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert 1 - kept == pytest.approx(0.7, abs=0.03)
+
+
+@pytest.mark.parametrize("name", ["ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharding_strategies_are_refused_before_training(name):
+    fake = type(name, (), {})  # stands in for Lightning's; the callback checks the class name
+
+    class FakeTrainer:
+        strategy = fake()
+
+    with pytest.raises(StructuredPruningError, match=f"does not support `{name}`.*then shard the smaller model"):
+        StructuredPruningCallback(percentage=50).setup(FakeTrainer(), None, "fit")

@@ -133,8 +133,13 @@ class PruningCallback(Callback):
         strategy = type(trainer.strategy).__name__
         if strategy in _UNSUPPORTED_STRATEGIES:
             raise MisconfigurationException(
-                f"`PruningCallback` does not support `{strategy}`: use `ModelParallelStrategy` with `fully_shard` "
-                "(FSDP2) in `configure_model` to shard the weights, or `strategy='ddp'` (or a single device)."
+                f"`PruningCallback` does not support `{strategy}` (its flat or partitioned parameters hide each "
+                "weight's shape): shard with FSDP2 under `ModelParallelStrategy` instead, or use `strategy='ddp'` "
+                "(or a single device):\n"
+                "    trainer = Trainer(strategy=ModelParallelStrategy(), callbacks=[PruningCallback(...)])\n"
+                "    def configure_model(self):  # in the LightningModule; fully_shard from torch.distributed.fsdp\n"
+                "        for layer in self.layers: fully_shard(layer)\n"
+                "        fully_shard(self)"
             )
         if strategy in _SHARDING_STRATEGIES:
             return  # the weights are sharded in configure_model, after this hook: bound at the first hook after it

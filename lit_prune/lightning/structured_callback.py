@@ -80,6 +80,10 @@ def _register(module: nn.Module) -> RemovableHandle:
     return handle
 
 
+#: Strategies that shard parameters (checked by class name, without importing them).
+_SHARDING_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
+
+
 class StructuredPruningCallback(Callback):
     """Iterative structured (kernel) pruning with the Taylor criterion, as a Lightning callback.
 
@@ -171,6 +175,13 @@ class StructuredPruningCallback(Callback):
     # ------------------------------------------------------------------ setup and teardown
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDING_STRATEGIES:
+            raise StructuredPruningError(
+                f"StructuredPruningCallback does not support `{strategy}`: it removes kernels from the modules, "
+                "which sharded parameters cannot follow. Prune structurally first, on one device or with "
+                "`strategy='ddp'`, then shard the smaller model (`PruningCallback` works under sharding)"
+            )
         hook = getattr(pl_module, _HOOK_ATTRIBUTE, None)
         if hook is not None:  # put there by `attach`: count only this run's loads
             hook.resized = []
