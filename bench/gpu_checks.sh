@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go (about 5 minutes on an H200):
 #   the CUDA tests (CUDA = CPU masks bit for bit, state that follows the model to CUDA, the 2:4
-#   export), FSDP2 over NCCL (tests/test_sharded.py -k cuda) and bench/sharded.py on CUDA, then bench/gpu.py; with OLD=<a tree holding an older lit_prune/ and bench/gpu.py>,
+#   export), FSDP2 on CUDA over NCCL and in 2 processes over gloo (tests/test_sharded.py -k cuda) and bench/sharded.py on CUDA, then bench/gpu.py; with OLD=<a tree holding an older lit_prune/ and bench/gpu.py>,
 #   the same benchmark of that tree, for a side-by-side table.  Logs go to $OUT (or /tmp/gpu_checks).
 #
 #   bash bench/gpu_checks.sh

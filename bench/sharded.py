@@ -2,7 +2,8 @@
 
     python bench/sharded.py                      # 2 CPU processes over gloo, 8 x Linear(2048, 2048)
     python bench/sharded.py --device cuda --backend nccl --world 1
-    python bench/sharded.py --device cuda --backend gloo --world 2   # 2 processes on one GPU
+    python bench/sharded.py --device cuda --backend gloo --world 2   # 2 processes on one GPU (no gather row:
+                                                                     # gloo cannot all-gather CUDA tensors)
     python bench/sharded.py --blocks 3x3         # 3-row blocks: shards of 1024 rows cut one block row each
 
 Each row runs in fresh processes:
@@ -181,7 +182,8 @@ def _free_port() -> int:
 def run(args) -> list[dict]:
     """One row per method: the largest per-process peak, the median update time, the collectives per update."""
     rows = []
-    for method in METHODS:
+    gloo_on_cuda = args.device == "cuda" and args.backend == "gloo"  # gloo cannot all-gather CUDA tensors
+    for method in [m for m in METHODS if not (gloo_on_cuda and m == "gather, then prune")]:
         world = 1 if method == "one process" else args.world
         with tempfile.TemporaryDirectory() as scratch:
             out = os.path.join(scratch, "out.json")

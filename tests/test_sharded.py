@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lit_prune import Pruning
-from lit_prune.engine.sharding import ProcessGroupReducer, is_sharded, local, local_region
+from lit_prune.engine.sharding import ProcessGroupReducer, counted_here, is_sharded, local, local_region
 
 try:
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -67,7 +67,15 @@ def _free_port() -> int:
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if is_sharded(t) else t
+    """The whole of ``t`` on every process, by an all-reduce (gloo has no all-gather of CUDA tensors)."""
+    if not is_sharded(t):
+        return t
+    wide = torch.float64 if t.dtype.is_floating_point else torch.int64  # holds float32 and bool exactly
+    whole = torch.zeros(t.shape, dtype=wide, device=local(t).device)
+    if counted_here(t):  # each shard once, whatever the replicas
+        whole[tuple(slice(a, b) for a, b in local_region(t))] = local(t).to(wide)
+    dist.all_reduce(whole)
+    return whole.to(t.dtype)
 
 
 def _collectives_per_update(group, hp) -> int:
@@ -281,11 +289,11 @@ def _mesh_2d_worker(rank: int, world: int) -> None:
     run_specs(["threshold_method=exact", "block_height=3", *GRADIENT], fsdp_net, _on(hsdp))
 
 
-# ----------------------------------------------------------------------------- CUDA (NCCL)
+# ----------------------------------------------------------------------------- CUDA (NCCL, or gloo on one GPU)
 def _cuda_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(rank % torch.cuda.device_count())  # gloo: two processes may share one GPU
     mesh = init_device_mesh("cuda", (world,))
     blocks, nm = {"block_dims_map": {"^2[.]": "4x4"}}, {"nm_sparsity_map": {"^4[.]": "2:4"}}
     specs = [*ELEMENTWISE, blocks, "block_height=2", nm, GRADIENT[0]]  # 2-row blocks: cut on 2 GPUs
@@ -293,9 +301,9 @@ def _cuda_worker(rank: int, world: int) -> None:
 
 
 # ----------------------------------------------------------------------------- launching
-def _entry(rank: int, world: int, port: int, done: str, worker: Callable[[int, int], None]) -> None:
+def _entry(rank: int, world: int, port: int, done: str, worker: Callable[[int, int], None], backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if worker is _cuda_worker else "gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         worker(rank, world)
         dist.barrier()  # neither process leaves while another still talks to it
@@ -304,9 +312,9 @@ def _entry(rank: int, world: int, port: int, done: str, worker: Callable[[int, i
         dist.destroy_process_group()
 
 
-def spawn(worker: Callable[[int, int], None], world: int, tmp_path: Path) -> None:
+def spawn(worker: Callable[[int, int], None], world: int, tmp_path: Path, backend: str = "gloo") -> None:
     try:
-        mp.spawn(_entry, args=(world, _free_port(), str(tmp_path), worker), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, _free_port(), str(tmp_path), worker, backend), nprocs=world, join=True)
     except mp.ProcessExitedException as error:
         # gloo sometimes aborts a process while the process group is torn down ("terminate called
         # without an active exception"), after every check has run: only that is let through.
@@ -331,7 +339,13 @@ def test_fsdp2_over_tensor_parallel_on_a_2d_mesh(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
 def test_fsdp2_on_cuda_over_nccl(tmp_path):
     # one process per GPU (NCCL refuses two on one GPU): a single GPU runs a 1-process mesh
-    spawn(_cuda_worker, min(2, torch.cuda.device_count()), tmp_path)
+    spawn(_cuda_worker, min(2, torch.cuda.device_count()), tmp_path, backend="nccl")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp2_on_cuda_in_two_processes_over_gloo(tmp_path):
+    # real shards of CUDA weights even on one GPU (both processes on it); gloo all-reduces CUDA tensors
+    spawn(_cuda_worker, 2, tmp_path, backend="gloo")
 
 
 def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_path):
