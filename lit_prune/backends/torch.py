@@ -34,7 +34,7 @@ from lit_prune.engine.thresholds import (
     histogram_threshold,
     kth_smallest_by_counts_of,
     kth_smallest_in_bands_of,
-    threshold_bin,
+    threshold_bins,
     topk_count,
 )
 
@@ -111,12 +111,15 @@ class TorchBackend(Backend):
             current = self._histogram_thresholds(group, stats, maxima, request)
         else:
             current = self._sorted_thresholds(group, stats, maxima, request)
+        smoothed = None
+        if current is not None:  # every unit's smoothed threshold and cut at once
+            previous = torch.stack([unit[0].threshold for unit in stats.units])
+            smoothed = smoothed_threshold_and_cut(current, maxima, previous, request.hparams.threshold_decay)
+        finite = begun.finite.all().reshape(1) if group.granularity == "global" else begun.finite  # type: ignore[union-attr]
         kept: list[Tensor] = []
         for u, unit in enumerate(stats.units):
-            ok = begun.finite if group.granularity == "global" else begun.finite[u : u + 1]  # type: ignore[index]
-            kept += self._write_unit(
-                group, unit, stats, maxima[u], None if current is None else current[u], ok.all(), request
-            )
+            pair = None if smoothed is None else (smoothed[0][u], smoothed[1][u])
+            kept += self._write_unit(group, unit, stats, pair, finite[u], request)
         if group.rule == "nm" and not group.reducer.local:  # the largest pruned score over all shards
             thresholds = group.reducer.max_(torch.stack([w.threshold for w in group.weights]))
             for w, threshold in zip(group.weights, thresholds.unbind(), strict=True):
@@ -146,7 +149,8 @@ class TorchBackend(Backend):
             numel = sum(ranked_numel(w) for w in unit)  # the whole weights' (or block grids') sizes
             targets.append(histogram_target_count(numel, request.sparsities[unit[0].name]))
         totals = group.reducer.sum_(torch.stack(counts))  # type: ignore[arg-type]
-        bins = torch.stack([threshold_bin(c, k) for c, k in zip(totals, targets, strict=True)])
+        wanted = torch.stack([torch.full((), k, dtype=torch.int64, device=maxima.device) for k in targets])  # fills
+        bins = threshold_bins(totals, wanted)
         thresholds = torch.div(bins, float(nbins)).mul_(maxima)  # K = 0 gives bin 0: threshold 0
         return torch.where(maxima > 0, thresholds, torch.zeros_like(thresholds))
 
@@ -204,21 +208,20 @@ class TorchBackend(Backend):
         group: Group,
         unit: list[WeightState],
         stats: _Statistics,
-        max_score: Tensor,
-        current: Tensor | None,
+        threshold_and_cut: tuple[Tensor, Tensor] | None,
         ok: Tensor,
         request: UpdateRequest,
     ) -> list[Tensor]:
-        """Masks, thresholds and zeros of one unit; where not ``ok`` (non-finite) the old ones stay."""
-        hp, rule = request.hparams, group.rule
-        if current is not None:
-            threshold, cut = smoothed_threshold_and_cut(current, max_score, unit[0].threshold, hp.threshold_decay)
+        """Masks, thresholds and zeros of one unit (``None``: N:M); where not ``ok`` (non-finite) the old ones stay."""
+        hp, rule, nm = request.hparams, group.rule, threshold_and_cut is None
+        if not nm:
+            threshold, cut = threshold_and_cut  # type: ignore[misc]
         kept = []
         for w in unit:
             mask = w.local_mask
             target = request.staging.take(mask.shape, mask.device) if request.deferred else mask
-            chunked = current is not None and _in_chunks(w, stats, request)
-            if current is None:
+            chunked = not nm and _in_chunks(w, stats, request)
+            if nm:
                 scores = scores_of(w, hp.prune_option, request.scores)
                 n, m = w.spec.nm  # type: ignore[misc]
                 pruned = nm_pruned_per_group(m, request.sparsities[w.name], n)

@@ -34,6 +34,7 @@ Scratches = tuple[Scratch, Scratch]
 __all__ = [
     "add_counts",
     "bin_counts",
+    "count_values",
     "decay_pair",
     "exact_threshold",
     "exact_threshold_of",
@@ -47,6 +48,7 @@ __all__ = [
     "kth_smallest_in_bands_of",
     "smooth_threshold",
     "threshold_bin",
+    "threshold_bins",
     "topk_count",
 ]
 
@@ -136,8 +138,8 @@ def histogram_bins(
     return out.copy_(ratio.mul_(float(nbins))).clamp_(0, nbins - 1)  # float -> int32 truncates
 
 
-def add_counts(counts: Tensor, values: Tensor) -> Tensor:
-    """``counts[v] += #{values == v}`` for integer ``values`` in ``[0, len(counts))``, in place; no host read.
+def count_values(values: Tensor, n: int) -> Tensor:
+    """``#{values == v}`` for each ``v`` in ``[0, n)``, int64, for integer ``values`` in that range; no host read.
 
     ``bincount`` on the CPU.  Elsewhere ``bincount`` reads its input's maximum back to the host,
     so: ``histc`` over unit-wide bins (float counts, exact below 2**24 per call; the bin index
@@ -147,16 +149,27 @@ def add_counts(counts: Tensor, values: Tensor) -> Tensor:
 
     Example::
 
+        >>> count_values(torch.tensor([0, 2, 2], dtype=torch.int32), 3).tolist()
+        [1, 0, 2]
+    """
+    if values.device.type == "cpu":
+        return torch.bincount(values, minlength=n)
+    if n * n < 1 << 24 and values.numel() <= 1 << 24 and not torch.are_deterministic_algorithms_enabled():
+        return torch.histc(values.to(torch.float32), bins=n, min=0, max=n).to(torch.int64)
+    ones = torch.ones((), dtype=torch.int64, device=values.device).expand(values.numel())
+    counts = torch.zeros(n, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(0, values.reshape(-1).to(torch.int64), ones)
+
+
+def add_counts(counts: Tensor, values: Tensor) -> Tensor:
+    """``counts[v] += #{values == v}`` for integer ``values`` in ``[0, len(counts))``, in place (:func:`count_values`).
+
+    Example::
+
         >>> add_counts(torch.zeros(3, dtype=torch.int64), torch.tensor([0, 2, 2], dtype=torch.int32)).tolist()
         [1, 0, 2]
     """
-    n = counts.numel()
-    if values.device.type == "cpu":
-        return counts.add_(torch.bincount(values, minlength=n))
-    if n * n < 1 << 24 and values.numel() <= 1 << 24 and not torch.are_deterministic_algorithms_enabled():
-        return counts.add_(torch.histc(values.to(torch.float32), bins=n, min=0, max=n).to(counts.dtype))
-    ones = torch.ones((), dtype=counts.dtype, device=counts.device).expand(values.numel())
-    return counts.scatter_add_(0, values.reshape(-1).to(torch.int64), ones)
+    return counts.add_(count_values(values, counts.numel()))
 
 
 def _chunk(device: torch.device) -> int:
@@ -184,16 +197,29 @@ def bin_counts(
     """
     flat = scores.reshape(-1)
     safe = torch.where(max_value > 0, max_value, torch.ones_like(max_value)).to(torch.float32)
-    counts = torch.zeros(nbins, dtype=torch.int64, device=flat.device)
     chunk = _chunk(flat.device)
     size = torch.Size([min(flat.numel(), chunk)])
     floats, bins = scratch or (Scratch(torch.float32), Scratch(torch.int32))
     ratios, bins = floats.take(size, flat.device), bins.take(size, flat.device)
-    for start in range(0, flat.numel(), chunk):
+    counts = None
+    for start in range(0, max(1, flat.numel()), chunk):  # an empty shard counts nothing
         part = flat[start : start + chunk]
         n = part.numel()
-        add_counts(counts, histogram_bins(part, safe, nbins, absolute=absolute, ratios=ratios[:n], out=bins[:n]))
+        binned = histogram_bins(part, safe, nbins, absolute=absolute, ratios=ratios[:n], out=bins[:n])
+        found = count_values(binned, nbins)
+        counts = found if counts is None else counts.add_(found)
     return counts
+
+
+def threshold_bins(counts: Tensor, targets: Tensor) -> Tensor:
+    """:func:`threshold_bin` of each row of ``counts`` (``units x nbins``) for its ``targets`` entry, at once.
+
+    Example::
+
+        >>> threshold_bins(torch.tensor([[2, 2, 0, 1], [1, 1, 1, 1]]), torch.tensor([3, 1])).tolist()
+        [1.0, 0.0]
+    """
+    return (counts.cumsum(1) < targets[:, None]).sum(1).to(torch.float32)
 
 
 def threshold_bin(counts: Tensor, target: int) -> Tensor:
