@@ -177,6 +177,10 @@ def _fsdp(model: nn.Module, mesh) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+def bf16_net() -> nn.Sequential:
+    return fsdp_net().to(torch.bfloat16)
+
+
 def _on(mesh) -> Callable[[nn.Module], nn.Module]:
     return lambda model: _fsdp(model, mesh)
 
@@ -229,6 +233,8 @@ def _fsdp_worker(rank: int, world: int) -> None:
     # a 1-row shard (rows 2 + 1) and a 5-row weight cut inside a block row (3 + 2)
     small = lambda: nn.Sequential(nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 5))  # noqa: E731
     run_specs(["block_height=2", {"block_dims_map": {".": "2x2"}, "block_pooling_function": "MAX"}], small, _on(mesh))
+    # bfloat16 weights (sharded as they are, without a float32 copy in FSDP2's mixed precision)
+    run_specs(["threshold_method=histogram", "threshold_method=exact", "block_height=2"], bf16_net, _on(mesh))
     # as on a GPU: the NaN check read back later, new masks staged and committed where finite
     own = Pruning.__dict__["_defer_checks"]
     Pruning._defer_checks = staticmethod(lambda param: True)
