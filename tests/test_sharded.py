@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import os
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lit_prune import Pruning
+from lit_prune import Pruning, save_compressed
 from lit_prune.engine.sharding import ProcessGroupReducer, counted_here, is_sharded, local, local_region
 
 try:
@@ -246,6 +247,12 @@ def _fsdp_worker(rank: int, world: int) -> None:
     if importlib.util.find_spec("transformers"):  # HF Conv1D weights ([in, out]) sharded along their input features
         nm = {"nm_sparsity_map": [r"\.(attn|mlp)\.:2:4"], "threshold_method": "exact"}
         run_specs(["threshold_method=histogram", nm, "block_height=3", "global_ranking=true"], gpt2, _fsdp_gpt2(mesh))
+    try:  # a compressed file holds whole tensors: a sharded model is refused, with the way to get them
+        save_compressed(_fsdp(fsdp_net(), mesh), Path(tempfile.mkdtemp()) / "model.safetensors")
+    except TypeError as error:
+        assert "is a DTensor" in str(error) and "strip_checkpoint" in str(error), error
+    else:
+        raise AssertionError("save_compressed wrote a sharded model")
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))

@@ -59,6 +59,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lit_prune.engine.sharding import is_sharded
+
 __all__ = ["FORMAT", "VERSION", "CompressedFileError", "load_compressed", "pack_bits", "save_compressed", "unpack_bits"]
 
 FORMAT = "lit_prune.compressed"
@@ -225,6 +227,11 @@ def _plain(name: str, value: object) -> Tensor:
     if dtype not in _DTYPES:
         raise TypeError(f"save_compressed: tensor {name!r} has dtype {value.dtype}, which safetensors cannot store; "
                         f"expected one of {sorted(_DTYPES)}")  # fmt: skip
+    if is_sharded(value):
+        raise TypeError(f"save_compressed: tensor {name!r} is a DTensor (sharded across processes); save whole "
+                        "tensors: the distributed checkpoint stripped in one process (`strip_checkpoint(directory, "
+                        "'model.pt')`, then `save_compressed(torch.load('model.pt'), path)`), or each weight's "
+                        "`full_tensor()` on one process")  # fmt: skip
     if value.is_meta or value.layout != torch.strided:
         raise TypeError(f"save_compressed: tensor {name!r} is {value.device} / {value.layout}; expected a dense tensor "
                         "with data (a meta or sparse tensor cannot be saved)")  # fmt: skip
@@ -260,7 +267,8 @@ def save_compressed(
         Each name's encoding: ``"dense"``, ``"bitmask"``, ``"nm N:M (axis)"`` or ``"alias of NAME"``.
 
     Raises:
-        TypeError: an entry is not a tensor, or has a dtype safetensors cannot store (named).
+        TypeError: an entry is not a tensor, is sharded (a ``DTensor``), or has a dtype safetensors
+            cannot store (named).
         ValueError: a stored part's name (``NAME.bitmask``, ...) is also a name in the ``state_dict``.
 
     Example::
