@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lit_prune import Pruning, save_compressed
+from lit_prune import Pruning, save_compressed, strip_pruning_vars
 from lit_prune.engine.sharding import ProcessGroupReducer, counted_here, is_sharded, local, local_region
 
 try:
@@ -221,6 +221,24 @@ def check_state_round_trip(whole: nn.Module, sharded: nn.Module) -> None:
                 assert torch.equal(_whole(fresh.state_dict()["saliency"][name][key]), value), (name, key)
 
 
+def check_strip_in_place(mesh) -> None:
+    """``strip_pruning_vars`` folds the masks into sharded weights in place; a copy is refused by name."""
+    model = _fsdp(fsdp_net(), mesh)
+    pruning = Pruning(model, "threshold_method=exact", sparsity=0.5)
+    pruning.mask_update(1)
+    try:
+        strip_pruning_vars(model, pruning)
+    except ValueError as error:
+        assert "inplace=True" in str(error) and "'0.weight'" in str(error), error
+    else:
+        raise AssertionError("strip_pruning_vars copied an FSDP2 model")
+    masks = {name: _whole(mask) for name, mask in pruning.get_masks().items()}
+    plain = strip_pruning_vars(model, pruning, inplace=True)
+    for name, weight in plain.named_parameters():
+        if name in masks:
+            assert is_sharded(weight) and bool((_whole(weight.detach())[~masks[name]] == 0).all()), name
+
+
 def _fsdp_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -253,6 +271,7 @@ def _fsdp_worker(rank: int, world: int) -> None:
         assert "is a DTensor" in str(error) and "strip_checkpoint" in str(error), error
     else:
         raise AssertionError("save_compressed wrote a sharded model")
+    check_strip_in_place(mesh)
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))

@@ -28,6 +28,7 @@ from lit_prune.engine.layers import MaskedModule
 from lit_prune.engine.layouts import is_hf_conv1d
 from lit_prune.engine.nm import is_nm_sparse
 from lit_prune.engine.pruning import Pruning
+from lit_prune.engine.sharding import is_sharded
 
 __all__ = ["semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
 
@@ -58,7 +59,8 @@ def strip_pruning_vars(
             with a warning that names them.
 
     Raises:
-        ValueError: an N:M weight of ``pruning`` is not N:M sparse (the schedule has not reached
+        ValueError: sharded (``DTensor``) weights without ``inplace`` (FSDP2 modules cannot be
+            copied); an N:M weight of ``pruning`` is not N:M sparse (the schedule has not reached
             it yet); with ``semi_structured``, no weight is eligible, or one cannot be converted
             (the message names it and why: device, GPU, dtype, pattern).
 
@@ -77,6 +79,13 @@ def strip_pruning_vars(
             raise ValueError("`pruning` must have been built on `model`")
         masks = {name: mask.detach().clone() for name, mask in pruning.get_masks().items()}
         pruning.check_nm()  # refuse to export an N:M weight that is not N:M
+    sharded = [name for name, p in model.named_parameters() if is_sharded(p)]
+    if sharded and not inplace:
+        raise ValueError(
+            f"strip_pruning_vars copies the model, and its weights {sharded[:3]}{'...' if len(sharded) > 3 else ''} "
+            "are sharded (FSDP2 modules cannot be deep-copied): pass `inplace=True` to fold the masks into the "
+            "sharded weights in place, or strip the distributed checkpoint in one process with `strip_checkpoint`"
+        )
     out = model if inplace else copy.deepcopy(model)
     params = dict(out.named_parameters())
     for name, mask in masks.items():
