@@ -77,13 +77,15 @@ def main(out: str) -> None:
     seed_everything(0)
     data = TensorDataset(torch.randn(256, 16), torch.randint(0, 8, (256,)))
     root = str(Path(out).parent)
-    callback = PruningCallback(SPEC, log_histograms=False)
+    export = Path(root, "exported.pt")
+    callback = PruningCallback(SPEC, log_histograms=False, export_path=export)
     trainer = trainer_for(callback, 10, root)
     model = Sharded()
     trainer.fit(model, DataLoader(data, batch_size=16))
     masks, sparsity = callback.get_masks(), callback.get_weight_sparsity()
     params = dict(model.named_parameters())
     whole = {name: p.full_tensor().detach() for name, p in params.items()}  # gathered, for the check only
+    exported = torch.load(export, weights_only=True) if trainer.global_rank == 0 else {}
     reference = Pruning(_whole_net(whole), SPEC)
     reference.mask_update(callback.pruning.last_update_step)
     result = {
@@ -104,6 +106,10 @@ def main(out: str) -> None:
     if trainer.global_rank == 0:
         with open(out, "w") as file:
             found = {"rank0": result, "last_update_step": callback.pruning.last_update_step, **resume}
+            found["export_equals_weights"] = sorted(exported) == sorted(whole) and all(
+                torch.equal(exported[name], whole[name]) for name in whole
+            )  # the pruned zeros are in the sharded weights: gathered to rank zero as they are
+            _whole_net(exported)  # loads into the unsharded model
             json.dump({**found, "tensor_parallel": tensor_parallel}, file)
 
 

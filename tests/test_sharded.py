@@ -403,6 +403,7 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     assert run.returncode == 0 or (teardown_abort and out.exists()), run.stderr[-3000:]  # as above
     result = json.loads(out.read_text())
     assert result["last_update_step"] == 10
+    assert result["export_equals_weights"]  # export_path under FSDP2: gathered to rank zero, loads unsharded
     for name, found in result["rank0"].items():
         assert found["dtensor"] and found["local_rows"] < found["rows"], (name, found)  # each process: its shard
         assert found["sparsity"] == 0.5 and found["pruned_are_zero"] and found["equals_one_process"], (name, found)

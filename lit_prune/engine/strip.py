@@ -30,7 +30,7 @@ from lit_prune.engine.nm import is_nm_sparse
 from lit_prune.engine.pruning import Pruning
 from lit_prune.engine.sharding import is_sharded
 
-__all__ = ["semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
+__all__ = ["masked_layer_buffers", "semi_structured_problem", "strip_pruning_vars", "to_semi_structured"]
 
 _MASKED_ATTRS = ("masked_weight_names", "_in_masked_forward")
 
@@ -40,6 +40,24 @@ def _plain_base(cls: type) -> type[nn.Module]:
         if issubclass(base, nn.Module) and not issubclass(base, MaskedModule):
             return base
     raise TypeError(f"{cls.__name__} has no plain nn.Module base")  # pragma: no cover - every masked layer has one
+
+
+def masked_layer_buffers(model: nn.Module) -> set[str]:
+    """The ``state_dict`` names of the masked layers' ``mask``/``threshold`` buffers (what stripping drops).
+
+    Example::
+
+        >>> from lit_prune import MaskedLinear
+        >>> sorted(masked_layer_buffers(torch.nn.Sequential(MaskedLinear(2, 2))))
+        ['0.mask', '0.threshold']
+    """
+    return {
+        f"{name}.{buffer}" if name else buffer
+        for name, module in model.named_modules()
+        if isinstance(module, MaskedModule)
+        for weight in module.masked_weight_names
+        for buffer in module.mask_buffer_names(weight)
+    }
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from lit_prune.config.hparams import PruningHParams
 from lit_prune.config.keywords import hparams_keywords, merge_keywords
 from lit_prune.engine.pruning import Pruning, SparsityFn
 from lit_prune.engine.sharding import is_sharded
-from lit_prune.engine.strip import strip_pruning_vars
+from lit_prune.engine.strip import masked_layer_buffers, strip_pruning_vars
 from lit_prune.lightning.sharded_checkpoint import (
     PREFIX,
     dcp_key,
@@ -67,7 +67,8 @@ class PruningCallback(Callback):
         sparsity: Overrides the schedule (a number or a callable of the step), as TF's
             ``Pruning(spec, sparsity=...)``.
         export_path: If set, ``on_train_end`` writes the stripped model's ``state_dict``
-            (masks folded in, loadable into the unpruned architecture) to this file.
+            (masks folded in, loadable into the unpruned architecture) to this file; sharded
+            weights are gathered to rank zero's CPU first.
         log_histograms: At each mask update, also write per-layer histograms of the kept weights
             and a per-layer sparsity histogram to a ``TensorBoardLogger``.
         **overrides: Hyperparameters given by keyword, applied over ``hparams`` (replaced at import
@@ -215,9 +216,15 @@ class PruningCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_path is not None and trainer.is_global_zero:
+        if self.export_path is None:
+            return
+        sharded = any(is_sharded(p) for p in pl_module.parameters())
+        if not (sharded or trainer.is_global_zero):
+            return
+        state = self.stripped_state_dict(pl_module)  # sharded: every process takes part in the gather
+        if trainer.is_global_zero:
             self.export_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.stripped_state_dict(pl_module), self.export_path)
+            torch.save(state, self.export_path)
             rank_zero_info(f"PruningCallback: stripped model written to {self.export_path}")
 
     # ------------------------------------------------------------------ summaries
@@ -380,8 +387,20 @@ class PruningCallback(Callback):
         return self._engine().get_weight_sparsity()
 
     def stripped_state_dict(self, pl_module: nn.Module) -> dict[str, Tensor]:
-        """The module's ``state_dict`` with masks folded in and masked-layer buffers dropped."""
-        return strip_pruning_vars(pl_module, self._engine()).state_dict()
+        """The module's ``state_dict`` with masks folded in and masked-layer buffers dropped (whole tensors).
+
+        With sharded weights (``ModelParallelStrategy``) every process must call it: the masks are
+        folded into the shards, which are gathered to rank zero's CPU (the other processes get
+        ``{}``); no process holds a whole weight on its accelerator.
+        """
+        if not any(is_sharded(p) for p in pl_module.parameters()):
+            return strip_pruning_vars(pl_module, self._engine()).state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self._engine().apply_mask()  # local: the pruned weights of every shard are zero
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(pl_module, options=options)
+        return {k: v for k, v in state.items() if k not in masked_layer_buffers(pl_module)}
 
 
 def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None = None) -> dict[str, Tensor]:
