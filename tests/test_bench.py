@@ -61,3 +61,15 @@ def test_sharded_benchmark_runs_with_blocks_cut_by_the_shards():
     sharded = rows["lit_prune, sharded"]
     # NaN check, maxima, counts, kept, and the cut block rows: 3 x 64 float32 per weight
     assert sharded[4] == "5" and int(sharded[5].strip(" |")) > 2 * 3 * 64 * 4, result.stdout
+
+
+@pytest.mark.slow
+def test_torch_path_benchmark_prints_its_two_tables():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "torch_path.py"), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 2 * (1 + 5), result.stdout  # a header and five specs, twice
+    ops = [int(r.split("|")[3]) for r in rows[7:]]
+    assert all(n > 0 for n in ops), result.stdout
