@@ -39,12 +39,26 @@ __all__ = [
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import (
-        _compute_local_shape_and_global_offset,
-        compute_local_shape_and_global_offset,
-    )
 except ImportError:  # pragma: no cover - older torch: nothing is sharded
     DTensor = None  # type: ignore[assignment,misc]
+
+try:  # where a mesh coordinate's shard lies: torch's own rule (uneven, empty and strided shards)
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as _torch_shard_of
+except ImportError:  # pragma: no cover - a torch that moved it: sharded weights are refused, never mis-sliced
+    _torch_shard_of = None
+
+
+def _shard_region(
+    shape: tuple[int, ...], mesh_shape: tuple[int, ...], coordinate: list[int], placements: tuple
+) -> tuple[tuple[int, int], ...]:
+    """The ``[start, stop)`` along each dim of the shard at mesh ``coordinate``."""
+    if _torch_shard_of is None:  # pragma: no cover - depends on the torch version
+        raise NotImplementedError(
+            "this torch has no torch.distributed.tensor._utils._compute_local_shape_and_global_offset, which "
+            "lit_prune uses to place each shard of a DTensor; prune sharded weights with torch 2.4 to 2.13"
+        )
+    size, offset = _torch_shard_of(shape, mesh_shape, list(coordinate), placements)
+    return tuple((o, o + n) for o, n in zip(offset, size, strict=True))
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -74,8 +88,8 @@ def local_region(t: Tensor) -> tuple[tuple[int, int], ...]:
     """
     if not is_sharded(t):
         return tuple((0, n) for n in t.shape)
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return tuple((o, o + n) for o, n in zip(offset, shape, strict=True))
+    mesh = t.device_mesh
+    return _shard_region(tuple(t.shape), tuple(mesh.shape), mesh.get_coordinate(), tuple(t.placements))
 
 
 def every_region(t: Tensor) -> list[tuple[tuple[int, int], ...]]:
@@ -101,8 +115,7 @@ def _regions(shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tu
     spans = [range(1) if p.is_replicate() else range(n) for n, p in zip(mesh_shape, placements, strict=True)]
     regions: dict[tuple, None] = {}
     for coordinate in itertools.product(*spans):
-        size, offset = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
-        regions[tuple((o, o + n) for o, n in zip(offset, size, strict=True))] = None
+        regions[_shard_region(shape, mesh_shape, list(coordinate), placements)] = None
     return tuple(regions)
 
 
