@@ -400,7 +400,8 @@ class PruningCallback(Callback):
         self._engine().apply_mask()  # local: the pruned weights of every shard are zero
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(pl_module, options=options)
-        return {k: v for k, v in state.items() if k not in masked_layer_buffers(pl_module)}
+        dropped = masked_layer_buffers(pl_module)
+        return {k: v for k, v in state.items() if k not in dropped}
 
 
 def strip_checkpoint(checkpoint_path: str | Path, output_path: str | Path | None = None) -> dict[str, Tensor]:

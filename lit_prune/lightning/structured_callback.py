@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lit_prune.lightning.pruning_callback import PruningCallback
+from lit_prune.lightning.pruning_callback import _SHARDING_STRATEGIES, _UNSUPPORTED_STRATEGIES, PruningCallback
 from lit_prune.oracle.handle import RANKINGS
 from lit_prune.oracle.scores import TaylorScores, l1_scores, l2_normalize_per_group, random_scores, select_removals
 from lit_prune.oracle.surgery import (
@@ -78,10 +78,6 @@ def _register(module: nn.Module) -> RemovableHandle:
     handle = module.register_load_state_dict_pre_hook(hook)
     setattr(module, _HOOK_ATTRIBUTE, hook)
     return handle
-
-
-#: Strategies that shard parameters (checked by class name, without importing them).
-_SHARDING_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
 
 
 class StructuredPruningCallback(Callback):
@@ -176,7 +172,7 @@ class StructuredPruningCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDING_STRATEGIES:
+        if strategy in _UNSUPPORTED_STRATEGIES + _SHARDING_STRATEGIES:  # every strategy that shards parameters
             raise StructuredPruningError(
                 f"StructuredPruningCallback does not support `{strategy}`: it removes kernels from the modules, "
                 "which sharded parameters cannot follow. Prune structurally first, on one device or with "
