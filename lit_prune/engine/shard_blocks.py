@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lit_prune.engine.blocks import block_pool, block_view_shape
-from lit_prune.engine.sharding import every_region, local_region, matrix_region
+from lit_prune.engine.sharding import block_view_rects, local_region, matrix_region
 
 __all__ = [
     "Piece",
@@ -119,10 +119,9 @@ def shard_blocks_of(weight: Tensor, dims: tuple[int, int]) -> ShardBlocks:
     Every process's shard must be a rectangle of the block view (checked at binding by
     :func:`~lit_prune.engine.sharding.check_supported`).
     """
-    view = block_view_shape(weight.shape)
+    view, rects = block_view_shape(weight.shape), block_view_rects(weight)
     region = matrix_region(weight, local_region(weight))
-    rects = [matrix_region(weight, r) for r in every_region(weight)]
-    if view is None or region is None or any(r is None for r in rects):
+    if view is None or region is None or rects is None:
         raise ValueError(f"a shard of shape {tuple(weight.shape)} is not a rectangle of its block view")
     return shard_layout(view, dims, region, rects)  # type: ignore[arg-type]
 

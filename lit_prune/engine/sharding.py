@@ -26,6 +26,7 @@ from lit_prune.engine.reduce import Reducer
 
 __all__ = [
     "ProcessGroupReducer",
+    "block_view_rects",
     "check_supported",
     "counted_here",
     "every_region",
@@ -245,6 +246,18 @@ def matrix_region(t: Tensor, region: tuple[tuple[int, int], ...]) -> tuple[tuple
     return _matrix_region(tuple(t.shape), region)
 
 
+def block_view_rects(t: Tensor) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+    """Every process's rectangle of ``t``'s block view (:func:`every_region`); ``None`` if one is not a rectangle.
+
+    Example::
+
+        >>> block_view_rects(torch.zeros(6, 2, 3))
+        [((0, 6), (0, 6))]
+    """
+    rects = [_matrix_region(tuple(t.shape), r) for r in every_region(t)]
+    return None if any(r is None for r in rects) else rects  # type: ignore[return-value]
+
+
 def check_supported(
     name: str,
     weight: Tensor,
@@ -263,11 +276,10 @@ def check_supported(
         return
     shape, regions = tuple(weight.shape), every_region(weight)
     if block_dims is not None:
-        rects = [_matrix_region(shape, r) for r in regions]
-        view = block_view_shape(shape)
-        if all(r is not None for r in rects) and _tiles(rects, view):  # type: ignore[arg-type]
+        rects, view = block_view_rects(weight), block_view_shape(shape)
+        if rects is not None and _tiles(rects, view):  # type: ignore[arg-type]
             return
-        bad = next((r for r, m in zip(regions, rects, strict=True) if m is None), regions[0])
+        bad = next((r for r in regions if _matrix_region(shape, r) is None), regions[0])
         what = (
             f"{block_dims[0]}x{block_dims[1]} blocks: its shards must be rectangles of the weight's "
             f"{view[0]}x{view[1]} block view (a run of rows or of columns)"  # type: ignore[index]
