@@ -139,7 +139,7 @@ def _worker(rank: int, world: int, port: int, args, method: str, out: str) -> No
     mesh = init_device_mesh(device.type, (world,)) if sharded else None
     model = _model(args, device, mesh)
     spec = f"threshold_method={args.rule}"
-    blocks = _blocks(args.blocks)
+    blocks = args.blocks
     if blocks is not None:
         spec += f",block_height={blocks[0]},block_width={blocks[1]}"
     reducer = Counting.for_weight(model[0].weight) if sharded else None
@@ -168,9 +168,12 @@ def _worker(rank: int, world: int, port: int, args, method: str, out: str) -> No
     dist.destroy_process_group()
 
 
-def _blocks(text: str | None) -> tuple[int, int] | None:
-    """``"3x3"`` as ``(3, 3)``; ``None``: element-wise."""
-    return None if text is None else tuple(int(n) for n in text.lower().split("x"))  # type: ignore[return-value]
+def _blocks(text: str) -> tuple[int, int]:
+    """``--blocks``: ``"3x3"`` as ``(3, 3)``, or an error that says what is accepted."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--blocks must be HxW with positive integers (e.g. 3x3), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _free_port() -> int:
@@ -217,13 +220,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--rule", default="histogram", choices=["histogram", "exact"])
-    parser.add_argument("--blocks", default=None, help="block pruning, HxW (e.g. 3x3: blocks cut by the shards)")
+    parser.add_argument(
+        "--blocks", type=_blocks, default=None, help="block pruning, HxW (e.g. 3x3: blocks cut by the shards)"
+    )
     args = parser.parse_args()
     weights_mib = args.layers * args.size**2 * 4 / 2**20
+    granularity = f"{args.blocks[0]}x{args.blocks[1]} blocks" if args.blocks else "element-wise"
     print(
         f"{args.layers} x Linear({args.size}, {args.size}): {weights_mib:.0f} MiB of float32 weights, "
-        f"{args.rule} rule, {args.blocks or 'element-wise'}, {args.device} ({args.backend}), "
-        f"{args.world} processes sharded"
+        f"{args.rule} rule, {granularity}, {args.device} ({args.backend}), {args.world} processes sharded"
     )
     header = ["method", "processes", "peak memory per process (MiB)", "update (ms)", "collectives per update"]
     print("| " + " | ".join([*header, "bytes all-reduced"]) + " |")
