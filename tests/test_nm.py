@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,6 +22,7 @@ from lit_prune import (
     strip_pruning_vars,
     to_semi_structured,
 )
+from lit_prune.engine import nm
 from lit_prune.engine.nm import nm_mask, nm_pruned_per_group
 
 CUDA = torch.cuda.is_available()
@@ -74,6 +78,38 @@ def test_nm_mask_keeps_the_highest_of_each_group(rows, nm, groups_per_row, data)
         if pruned and m - pruned:
             assert g[k].min() >= g[~k].max()
     assert is_nm_sparse(scores * mask, m - pruned, m)
+
+
+def _kept_by_definition(groups: torch.Tensor, kept: int) -> torch.Tensor:
+    """``[G, M]``: element i keeps if fewer than ``kept`` elements beat it (higher, or equal and earlier)."""
+    me, other = groups[:, :, None], groups[:, None, :]  # [g, i, j]
+    earlier = torch.arange(groups.shape[1])[None, :] < torch.arange(groups.shape[1])[:, None]  # j < i
+    return ((other > me) | ((other == me) & earlier)).sum(2) < kept
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from([2, 4, 8]),
+    st.sampled_from(["last", "first", "middle"]),
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 64),
+    st.data(),
+)
+def test_nm_mask_ranks_by_its_definition_wherever_the_input_dim_lies(m, where, groups, other, chunk, data):
+    # Chunks of a few groups, the input dim first (HF Conv1D), last or in the middle: read in place,
+    # ranked chunk by chunk; NaN beats nothing and is beaten by nothing (kept), as the compares give.
+    shape, dim = {"last": ((other, m * groups), 1), "first": ((m * groups, other), 0)}.get(
+        where, ((2, m * groups, other), 1)
+    )
+    pool = torch.tensor([0.0, 1.0, 2.0, 3.0] + ([float("nan")] if data.draw(st.booleans()) else []))  # many ties
+    picks = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=math.prod(shape), max_size=math.prod(shape)))
+    scores = pool[torch.tensor(picks)].reshape(shape)
+    pruned = data.draw(st.integers(0, m))
+    with mock.patch.object(nm, "_chunk_elements", lambda device: chunk):
+        mask = nm_mask(scores, m, pruned, input_dims=dim)
+    groups_view = scores.movedim(dim, -1).reshape(-1, m)
+    assert torch.equal(mask.movedim(dim, -1).reshape(-1, m), _kept_by_definition(groups_view, m - pruned))
 
 
 def test_pruned_per_group_follows_floor_m_s_up_to_the_target():

@@ -226,7 +226,7 @@ class TorchBackend(Backend):
                 n, m = w.spec.nm  # type: ignore[misc]
                 pruned = nm_pruned_per_group(m, request.sparsities[w.name], n)
                 nm_mask(scores, m, pruned, out=target, input_dims=w.spec.input_dims)
-                threshold = abs_maxima([torch.where(target, 0.0, scores)])[0]  # the largest pruned score
+                threshold = abs_maxima([scores.masked_fill_(target, 0.0)])[0]  # the largest pruned score (scratch)
             elif chunked:
                 _mask_and_zero_in_chunks(w, cut, rule, request.scores)  # one read of the weight, cached passes
             elif w.name in stats.pooled:  # every block this shard touches, counted here or not

@@ -120,8 +120,10 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None, inpu
 
     ``scores`` has the weight's shape; groups follow :func:`nm_group_view` along ``input_dims``
     (default: dims 1 and up).  Each element's rank in its group counts the elements that beat it
-    (a higher score, or an equal one earlier in the group): ``M`` elementwise passes, no sort,
-    identical on every device.
+    (a higher score, or an equal one earlier in the group): elementwise compares, no sort,
+    identical on every device.  Groups are ranked a chunk at a time, so the temporaries stay
+    small whatever the weight's size; a weight whose input dims are consecutive (every layout
+    lit_prune knows) is read in place, whether they come first or last.
 
     Example::
 
@@ -133,8 +135,7 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None, inpu
                 [1, 0],
                 [0, 0]], dtype=torch.int32)
     """
-    view = nm_group_view(scores.shape, m, input_dims)
-    if view is None:
+    if nm_group_view(scores.shape, m, input_dims) is None:
         raise ValueError(
             f"N:M needs a weight of 2 or more dims whose in*kh*kw divides by M={m}; got {tuple(scores.shape)}"
         )
@@ -142,26 +143,45 @@ def nm_mask(scores: Tensor, m: int, pruned: int, out: Tensor | None = None, inpu
         out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if pruned == 0:
         return out.fill_(True)
-    if not in_memory_order(scores.dim(), input_dims):  # ranked on a copy with the input dims last
-        dims = _dims(scores.dim(), input_dims)
+    dims = _dims(scores.dim(), input_dims)
+    if dims != tuple(range(dims[0], dims[0] + len(dims))):  # input dims apart: ranked on a copy, moved
         order = [d for d in range(scores.dim()) if d not in dims] + list(dims)
-        moved = nm_mask(
-            scores.permute(order).contiguous(),
-            m,
-            pruned,
-            input_dims=tuple(range(scores.dim() - len(dims), scores.dim())),
-        )
+        moved = nm_mask(scores.permute(order).contiguous(), m, pruned, input_dims=tuple(range(-len(dims), 0)))
         return out.copy_(moved.permute([order.index(d) for d in range(scores.dim())]))
-    groups = scores.reshape(view)
-    rank = torch.zeros(view, dtype=torch.uint8, device=scores.device)
-    position = torch.arange(m, device=scores.device)
+    shape = _positions_view(scores.shape, dims, m)
+    keep = out.view(shape) if out.is_contiguous() else torch.empty(shape, dtype=torch.bool, device=out.device)
+    groups = scores.reshape(shape)
+    rows = max(1, _chunk_elements(scores.device) // (m * shape[2]))
+    for start in range(0, shape[0], rows):
+        _keep_highest(groups[start : start + rows], m - pruned, keep[start : start + rows])
+    return out if keep.data_ptr() == out.data_ptr() else out.copy_(keep.view(out.shape))
+
+
+def _positions_view(shape: torch.Size, dims: tuple[int, ...], m: int) -> tuple[int, int, int]:
+    """``(outer, M, inner)``: a tensor of ``shape`` with its groups along the middle dim (``dims`` consecutive)."""
+    before = math.prod(shape[: dims[0]]) * math.prod(shape[d] for d in dims)
+    return before // m, m, math.prod(shape[dims[-1] + 1 :])
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """Scores ranked at a time: a MiB of them on the CPU (in cache), 64 MiB on an accelerator (few launches)."""
+    return 1 << 18 if device.type == "cpu" else 1 << 24
+
+
+def _keep_highest(groups: Tensor, kept: int, out: Tensor) -> None:
+    """``out[g, i, c]``: whether ``groups[g, i, c]`` ranks among the ``kept`` highest of ``groups[g, :, c]``.
+
+    Element ``i`` is beaten by a higher element, or by an equal one before it (``j < i``).
+    """
+    m = groups.shape[1]
+    rank = torch.zeros(groups.shape, dtype=torch.uint8, device=groups.device)
     for j in range(m):
         other = groups[:, j : j + 1]
-        beats = torch.gt(other, groups)
-        beats |= torch.eq(other, groups) & (position > j)  # ties: the earlier element ranks higher
-        rank += beats
-    torch.lt(rank, m - pruned, out=out.view(view))
-    return out
+        if j:
+            rank[:, :j] += torch.gt(other, groups[:, :j])
+        if j + 1 < m:
+            rank[:, j + 1 :] += torch.ge(other, groups[:, j + 1 :])
+    torch.lt(rank, kept, out=out)
 
 
 def _nonzeros_per_group(t: Tensor, m: int, input_dims: Dims = None) -> Tensor | None:
