@@ -11,7 +11,14 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["block_grid", "block_pool", "block_view_shape", "expand_blocks", "resolve_block_dims"]
+__all__ = [
+    "block_grid",
+    "block_pool",
+    "block_view_shape",
+    "expand_blocks",
+    "expand_blocks_into",
+    "resolve_block_dims",
+]
 
 
 def block_view_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
@@ -63,7 +70,8 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     that the shape cuts short is the average of what is there (summed in float64 on CPU and CUDA,
     rounded to float32 once); ``MAX`` takes the largest score.
     The output has ``ceil(H / bh) x ceil(W / bw)`` entries.  The scores are read in place (views,
-    no padded copy): whole blocks, then the edge blocks the shape cuts short.
+    no padded copy) and pooled straight into the output: whole blocks, then the edge blocks the
+    shape cuts short.
 
     Example::
 
@@ -74,17 +82,11 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
     (rows, cols), (bh, bw) = scores.shape, block_dims
-    whole_rows, whole_cols = rows - rows % bh, cols - cols % bw
-    row_runs = [(0, whole_rows, bh), (whole_rows, rows, rows - whole_rows)]  # whole block rows, the short one
-    col_runs = [(0, whole_cols, bw), (whole_cols, cols, cols - whole_cols)]
-    pooled = [
-        [_pool_even(scores[r0:r1, c0:c1], (h, w), pooling) for c0, c1, w in col_runs if w]
-        for r0, r1, h in row_runs
-        if h
-    ]
-    if len(pooled) == 1 and len(pooled[0]) == 1:  # the blocks tile the matrix
-        return pooled[0][0]
-    return torch.cat([torch.cat(row, dim=1) for row in pooled], dim=0)
+    pooled = torch.empty(block_grid((rows, cols), block_dims), dtype=torch.float32, device=scores.device)
+    for r0, r1, _, h in _runs(rows, bh, 0):  # whole block rows, then the one the shape cuts short
+        for c0, c1, _, w in _runs(cols, bw, 0):
+            _pool_even(scores[r0:r1, c0:c1], (h, w), pooling, pooled[r0 // bh : -(-r1 // bh), c0 // bw : -(-c1 // bw)])
+    return pooled
 
 
 #: Elements summed in float64 at a time (CPU, accelerators): ``sum(dtype=float64)`` of a contiguous
@@ -93,20 +95,21 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
 _WIDE_CHUNK = {"cpu": 1 << 16, "other": 1 << 22}
 
 
-def _pool_even(scores: Tensor, block_dims: tuple[int, int], pooling: str) -> Tensor:
-    """Pool a matrix that ``block_dims`` blocks tile exactly (read through a view: nothing the size of it is kept)."""
+def _pool_even(scores: Tensor, block_dims: tuple[int, int], pooling: str, out: Tensor) -> None:
+    """Pool a matrix that ``block_dims`` blocks tile exactly into ``out`` (read through a view, nothing kept)."""
     (rows, cols), (bh, bw) = scores.shape, block_dims
     blocks = scores.reshape(rows // bh, bh, cols // bw, bw)
     if pooling == "MAX":
-        return blocks.amax(dim=(1, 3))
+        torch.amax(blocks, dim=(1, 3), out=out)
+        return
     # float64 sums where the device has them: the mean is then correctly rounded to float32 whatever
     # the summation order, so the fused CPU kernel (lit_prune.backends.cpu.kernels.block_pool) gives the same.
     # A band of block rows at a time, as the float64 copy is made of what is summed.
     wide = torch.float64 if scores.device.type in ("cpu", "cuda") else torch.float32
     chunk = _WIDE_CHUNK["cpu" if scores.device.type == "cpu" else "other"]
     band = max(1, chunk // max(1, bh * cols))
-    sums = [blocks[i : i + band].sum(dim=(1, 3), dtype=wide) for i in range(0, max(1, len(blocks)), band)]
-    return ((sums[0] if len(sums) == 1 else torch.cat(sums)) / float(bh * bw)).to(torch.float32)
+    for i in range(0, len(blocks), band):  # each mean rounded to float32 once, as it is written
+        torch.div(blocks[i : i + band].sum(dim=(1, 3), dtype=wide), float(bh * bw), out=out[i : i + band])
 
 
 def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[int, ...]) -> Tensor:
@@ -119,8 +122,53 @@ def expand_blocks(block_mask: Tensor, block_dims: tuple[int, int], shape: tuple[
                 [1, 1],
                 [0, 0]], dtype=torch.int32)
     """
-    hb, wb = block_mask.shape
-    bh, bw = block_dims
+    out = torch.empty(shape, dtype=block_mask.dtype, device=block_mask.device)
     rows, cols = block_view_shape(shape) or (math.prod(shape), 1)
-    full = block_mask[:, None, :, None].expand(hb, bh, wb, bw).reshape(hb * bh, wb * bw)
-    return full[:rows, :cols].reshape(shape)
+    expand_blocks_into(block_mask, block_dims, out.view(rows, cols))
+    return out
+
+
+def expand_blocks_into(
+    block_mask: Tensor, block_dims: tuple[int, int], out: Tensor, offset: tuple[int, int] = (0, 0)
+) -> Tensor:
+    """Write each block's value over its cells of the 2-D ``out``, in place: nothing the size of ``out`` is made.
+
+    ``out[0, 0]`` lies ``offset`` rows and columns into block ``block_mask[0, 0]`` (a shard that
+    starts inside a block); blocks that ``out``'s edges cut are written in part.  At most nine
+    broadcast copies: the cut first, whole and cut last blocks of each dim.
+
+    Example::
+
+        >>> out = torch.zeros(3, 3, dtype=torch.int64)
+        >>> expand_blocks_into(torch.tensor([[1, 2], [3, 4]]), (2, 2), out, offset=(1, 0))
+        tensor([[1, 1, 2],
+                [3, 3, 4],
+                [3, 3, 4]])
+    """
+    row_runs = _runs(out.shape[0], block_dims[0], offset[0])
+    col_runs = _runs(out.shape[1], block_dims[1], offset[1])
+    for r0, r1, first_row, h in row_runs:
+        for c0, c1, first_col, w in col_runs:
+            nr, nc = (r1 - r0) // h, (c1 - c0) // w
+            values = block_mask[first_row : first_row + nr, first_col : first_col + nc]
+            out[r0:r1, c0:c1].view(nr, h, nc, w).copy_(values[:, None, :, None].expand(nr, h, nc, w))
+    return out
+
+
+def _runs(size: int, step: int, offset: int) -> list[tuple[int, int, int, int]]:
+    """``(start, stop, first block, height)`` runs of ``size`` cells that start ``offset`` into a block.
+
+    A cut first block, the whole blocks, a cut last block; runs that would be empty are left out.
+    """
+    runs, start, block = [], 0, 0
+    if offset:
+        height = min(step - offset, size)
+        runs.append((0, height, 0, height))
+        start, block = height, 1
+    whole = (size - start) // step
+    if whole:
+        runs.append((start, start + whole * step, block, step))
+        start, block = start + whole * step, block + whole
+    if start < size:
+        runs.append((start, size, block, size - start))
+    return runs

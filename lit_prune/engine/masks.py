@@ -9,10 +9,18 @@ backend is tested against.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from lit_prune.engine.blocks import block_pool, block_view_shape, expand_blocks, resolve_block_dims
+from lit_prune.engine.blocks import (
+    block_pool,
+    block_view_shape,
+    expand_blocks,
+    expand_blocks_into,
+    resolve_block_dims,
+)
 from lit_prune.engine.thresholds import exact_threshold, histogram_threshold, smooth_threshold
 
 __all__ = ["compare_for", "compute_mask", "smoothed_threshold_and_cut", "write_mask", "zero_pruned"]
@@ -50,7 +58,11 @@ def write_mask(
     compare = compare_for(rule)
     if block_dims is None:
         return compare(ranked, cut, out=out.view(ranked.shape)).view(shape)
-    return out.copy_(expand_blocks(compare(ranked, cut), block_dims, tuple(shape)))
+    if not out.is_contiguous():
+        return out.copy_(expand_blocks(compare(ranked, cut), block_dims, tuple(shape)))
+    rows, cols = block_view_shape(shape) or (math.prod(shape), 1)
+    expand_blocks_into(compare(ranked, cut), block_dims, out.view(rows, cols))
+    return out
 
 
 #: Elements zeroed at a time on the CPU, where ``w *= uint8 mask`` first casts the mask to ``w``'s

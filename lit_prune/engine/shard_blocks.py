@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_prune.engine.blocks import block_pool, block_view_shape
+from lit_prune.engine.blocks import block_pool, block_view_shape, expand_blocks_into
 from lit_prune.engine.sharding import block_view_rects, local_region, matrix_region
 
 __all__ = [
@@ -253,8 +253,6 @@ def write_shard_mask(keep: Tensor, layout: ShardBlocks, out: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     (r0, r1), (c0, c1) = layout.region
-    top, left = layout.pieces[0][0].start, layout.pieces[1][0].start
-    (hb, wb), (bh, bw) = keep.shape, layout.dims
-    full = keep[:, None, :, None].expand(hb, bh, wb, bw).reshape(hb * bh, wb * bw)
-    out.view(r1 - r0, c1 - c0).copy_(full[r0 - top : r1 - top, c0 - left : c1 - left])
+    top, left = layout.pieces[0][0].start, layout.pieces[1][0].start  # the first block's first row and column
+    expand_blocks_into(keep, layout.dims, out.view(r1 - r0, c1 - c0), offset=(r0 - top, c0 - left))
     return out
