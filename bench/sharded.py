@@ -17,11 +17,11 @@ Each row runs in fresh processes:
 
 The last column is what one update all-reduces, in bytes, summed over its collectives.
 
-Each process gets its share of the CPU cores for its intra-op threads.  Peak memory is the rise
-above what the process held before its second update (the first allocates the buffers it keeps,
-and runs the process group's first collective: peak RSS, reset through ``clear_refs``, on
-the CPU; ``max_memory_allocated`` on CUDA), the largest over the processes; time is the median
-update.
+Each process gets its share of the CPU cores for its intra-op threads.  Time is the median of
+the timed updates, after a warm-up update that allocates the buffers the pruner keeps and runs the
+process group's first collective.  Peak memory is what one more update, after the timed ones,
+adds to the process's peak (``bench/peak_memory.py``: resident memory with every large block
+mapped fresh on the CPU, ``max_memory_allocated`` on CUDA), the largest over the processes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from peak_memory import peak_rise_mib
 from torch import nn
 
 from lit_prune import Pruning
@@ -65,30 +65,6 @@ class Counting(ProcessGroupReducer):
     def sum_(self, values):  # noqa: D102
         self.count(values)
         return super().sum_(values)
-
-
-def _rss_peak_mib() -> float:
-    """The process's peak resident memory (``VmHWM``), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_mib(device: torch.device, baseline: float) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    return _rss_peak_mib() - baseline
-
-
-def _baseline(device: torch.device) -> float:
-    """What the process holds now, with its peak reset to it (Linux: ``clear_refs``)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS back to the current RSS
-    return _rss_peak_mib()
 
 
 def _gather_then_prune(model: nn.Module, sparsity: float, blocks: tuple[int, int] | None) -> None:
@@ -145,7 +121,7 @@ def _worker(rank: int, world: int, port: int, args, method: str, out: str) -> No
     reducer = Counting.for_weight(model[0].weight) if sharded else None
     pruning = None if method == "gather, then prune" else Pruning(model, spec, sparsity=0.5, reducer=reducer)
     _update(model, pruning, 1, blocks)  # warm-up: scratch buffers, the process group's first collective
-    baseline, times = _baseline(device), []
+    times = []
     for step in range(2, args.updates + 2):
         Counting.calls = Counting.bytes = 0
         dist.barrier()
@@ -154,8 +130,11 @@ def _worker(rank: int, world: int, port: int, args, method: str, out: str) -> No
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+    dist.barrier()
+    Counting.calls = Counting.bytes = 0
+    peak = peak_rise_mib(lambda: _update(model, pruning, args.updates + 2, blocks), device)  # after the timing
     found = {
-        "peak_mib": _peak_mib(device, baseline),
+        "peak_mib": peak,
         "ms": 1e3 * statistics.median(times),
         "calls": Counting.calls,
         "bytes": Counting.bytes,

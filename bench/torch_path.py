@@ -5,9 +5,10 @@
 
 Two tables, each row in a fresh process (``LIT_PRUNE_NATIVE=0``: the torch backend on the CPU):
 
-- **large weights**: the rise of resident memory over one update (``VmHWM``, reset through
-  ``clear_refs`` after a first update allocated what the engine keeps) and the median update
-  time; a temporary the size of a weight shows here.
+- **large weights**: the median update time, after a first update allocated what the engine
+  keeps, and then what one more update adds to the process's peak memory
+  (``bench/peak_memory.py``: resident memory, every large block mapped fresh); a temporary the
+  size of a weight shows here.
 - **many small weights**: the median update time, which is host work (dispatch, Python) rather
   than arithmetic, and the top-level aten ops of one update (the torch profiler): on an
   accelerator each is at least one kernel launch.
@@ -22,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 SPECS = {
     "histogram": "threshold_method=histogram",
@@ -33,16 +33,10 @@ SPECS = {
 }
 
 
-def _rss_peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def measure(spec: str, layers: int, size: int, updates: int, count_ops: bool) -> dict:
-    """One row, in this process: peak rise and median time of ``updates`` updates (and the ops of one)."""
+    """One row, in this process: median time of ``updates`` updates, then the peak rise of one (and its ops)."""
     import torch
+    from peak_memory import peak_rise_mib
 
     from lit_prune import Pruning
 
@@ -51,15 +45,12 @@ def measure(spec: str, layers: int, size: int, updates: int, count_ops: bool) ->
     model = torch.nn.Sequential(*[torch.nn.Linear(size, size, bias=False) for _ in range(layers)])
     pruning = Pruning(model, spec, sparsity=0.5)
     pruning.mask_update(1)  # allocates what the engine keeps (scratch buffers)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak back to the current resident memory
-    baseline = _rss_peak_mib()
-    pruning.mask_update(2)
-    rise = max(0.0, _rss_peak_mib() - baseline)  # reset to the current size: it cannot fall below
     times = []
-    for step in range(3, 3 + updates):
+    for step in range(2, 2 + updates):
         start = time.perf_counter()
         pruning.mask_update(step)
         times.append(time.perf_counter() - start)
+    rise = peak_rise_mib(lambda: pruning.mask_update(2 + updates), torch.device("cpu"))  # after the timing
     ops = None
     if count_ops:
         from torch.profiler import ProfilerActivity, profile
