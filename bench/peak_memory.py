@@ -1,41 +1,34 @@
-"""The peak memory one call adds, measured alike in every benchmark that reports it.
+"""The peak memory one call adds, measured alike in every benchmark that reports it: tensor memory.
 
 On CUDA: ``max_memory_allocated`` over the call, above what was allocated before it.
 
-On the CPU (Linux, glibc): the rise of peak resident memory (``VmHWM``) over the call.  Resident
-memory only counts a page the first time it is touched, and by default glibc keeps freed memory
-for reuse and raises its ``mmap`` threshold as large blocks are freed, so a temporary that reuses
-memory freed by an earlier call would not show.  Before the call, therefore, the ``mmap``
-threshold is fixed at 64 KiB (each larger block is mapped fresh and unmapped when freed), the
-heap's free pages are handed back (``malloc_trim``), and the peak is reset to the current size
-(``clear_refs``).  Fixing the threshold slows later allocations: measure memory after timing.
-Linux updates the resident counts in steps of 64 pages per thread, so figures are good to about
-a quarter of a MiB.
+On the CPU: the same quantity, from the torch profiler's record of every tensor allocation and
+free during the call (``profile_memory``): the highest the running total gets above its start.
+It counts what torch's allocator hands out, as CUDA's figure does; memory that C code allocates
+for itself (lit_prune's native kernels' small per-call tables, gloo's transport buffers) is not
+in it.  The process's peak resident memory (``VmHWM``) was tried first and dropped: glibc
+reuses freed heap pages, so the same update read from 16 to 71 MiB from run to run.
 
     >>> from peak_memory import peak_rise_mib
     >>> import torch
-    >>> make = lambda: torch.ones(2**20).sum()  # a 4 MiB temporary
-    >>> _ = make()  # a first call also sets up what torch keeps (thread pools, kernels)
-    >>> round(peak_rise_mib(make, torch.device("cpu")))
+    >>> round(peak_rise_mib(lambda: torch.ones(2**20).sum(), torch.device("cpu")))  # a 4 MiB temporary
     4
 """
 
 from __future__ import annotations
 
-import ctypes
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 __all__ = ["peak_rise_mib"]
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD = 64 * 1024
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler prints no "profiler_start" lines to stdout
 
 
 def peak_rise_mib(call: Callable[[], object], device: torch.device) -> float:
-    """MiB by which ``call()`` raises the process's peak memory on ``device`` (never below 0)."""
+    """MiB by which ``call()`` raises the tensor memory allocated on ``device`` at its peak (never below 0)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -43,25 +36,24 @@ def peak_rise_mib(call: Callable[[], object], device: torch.device) -> float:
         call()
         torch.cuda.synchronize(device)
         return max(0.0, (torch.cuda.max_memory_allocated(device) - before) / 2**20)
-    _fresh_pages_for_every_large_block()
-    Path("/proc/self/clear_refs").write_text("5")  # the peak back to the current resident size
-    before = _resident_peak_mib()
-    call()
-    return max(0.0, _resident_peak_mib() - before)
+    return _profiled_peak_bytes(call) / 2**20
 
 
-def _fresh_pages_for_every_large_block() -> None:
-    """glibc: blocks over 64 KiB mapped fresh, and the heap's free pages handed back."""
+def _profiled_peak_bytes(call: Callable[[], object]) -> int:
+    """The highest running total of CPU tensor bytes allocated minus freed while ``call()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError as error:
-        raise RuntimeError("peak memory on the CPU is measured with glibc (Linux); libc.so.6 was not found") from error
-    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    libc.malloc_trim(0)
-
-
-def _resident_peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak memory on the CPU is measured on Linux")
+        events = prof.profiler.kineto_results.events()
+    except AttributeError as error:  # a private record: say so if a torch release moves it
+        raise RuntimeError("this torch's profiler keeps no kineto_results: CPU peak memory cannot be read") from error
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"
+    )
+    running = peak = 0
+    for _, nbytes in changes:
+        running += nbytes
+        peak = max(peak, running)
+    return peak

@@ -63,7 +63,7 @@ def measure(spec: str, layers: int, size: int, updates: int, count_ops: bool) ->
 
 def _row(spec: str, layers: int, size: int, updates: int, count_ops: bool) -> dict:
     """:func:`measure` in a fresh process (memory and caches of its own)."""
-    env = {**os.environ, "LIT_PRUNE_NATIVE": "0"}
+    env = {**os.environ, "LIT_PRUNE_NATIVE": "0", "KINETO_LOG_LEVEL": "5"}  # no profiler chatter on stdout
     args = [sys.executable, __file__, "--row", json.dumps([spec, layers, size, updates, count_ops])]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -63,15 +63,15 @@ def block_grid(shape: tuple[int, ...] | torch.Size, dims: tuple[int, int]) -> tu
 
 
 @torch.no_grad()
-def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG") -> Tensor:
+def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG", out: Tensor | None = None) -> Tensor:
     """Pool a 2-D score matrix over ``block_dims`` blocks that start at row and column 0.
 
     ``AVG`` divides each block's sum by the number of real elements it holds, so an edge block
     that the shape cuts short is the average of what is there (summed in float64 on CPU and CUDA,
     rounded to float32 once); ``MAX`` takes the largest score.
     The output has ``ceil(H / bh) x ceil(W / bw)`` entries.  The scores are read in place (views,
-    no padded copy) and pooled straight into the output: whole blocks, then the edge blocks the
-    shape cuts short.
+    no padded copy) and pooled straight into the output (``out`` if given, a float32 tensor of the
+    grid's shape, which may be a view): whole blocks, then the edge blocks the shape cuts short.
 
     Example::
 
@@ -82,7 +82,8 @@ def block_pool(scores: Tensor, block_dims: tuple[int, int], pooling: str = "AVG"
     if pooling not in ("AVG", "MAX"):
         raise ValueError(f"`block_pooling_function` must be one of ['AVG', 'MAX'], got {pooling!r}")
     (rows, cols), (bh, bw) = scores.shape, block_dims
-    pooled = torch.empty(block_grid((rows, cols), block_dims), dtype=torch.float32, device=scores.device)
+    grid = block_grid((rows, cols), block_dims)
+    pooled = torch.empty(grid, dtype=torch.float32, device=scores.device) if out is None else out
     for r0, r1, _, h in _runs(rows, bh, 0):  # whole block rows, then the one the shape cuts short
         for c0, c1, _, w in _runs(cols, bw, 0):
             _pool_even(scores[r0:r1, c0:c1], (h, w), pooling, pooled[r0 // bh : -(-r1 // bh), c0 // bw : -(-c1 // bw)])
@@ -150,8 +151,8 @@ def expand_blocks_into(
     for r0, r1, first_row, h in row_runs:
         for c0, c1, first_col, w in col_runs:
             nr, nc = (r1 - r0) // h, (c1 - c0) // w
-            values = block_mask[first_row : first_row + nr, first_col : first_col + nc]
-            out[r0:r1, c0:c1].view(nr, h, nc, w).copy_(values[:, None, :, None].expand(nr, h, nc, w))
+            values = block_mask[first_row : first_row + nr, first_col : first_col + nc].view(nr, 1, nc, 1)
+            out[r0:r1, c0:c1].view(nr, h, nc, w).copy_(values.expand(nr, h, nc, w))
     return out
 
 

@@ -177,26 +177,31 @@ def _source(row: Piece, col: Piece, layout: ShardBlocks, scores: Tensor | None, 
 
 
 def _pool_pieces(
-    layout: ShardBlocks, pooling: str, scores: Tensor | None, strips: dict[Strip, Tensor]
-) -> dict[tuple[int, int], Tensor]:
-    """Pool the pieces whose elements are at hand: this process's own (``scores``), else the cut ones (``strips``)."""
-    pooled = {}
-    for i, row in enumerate(layout.pieces[0]):
-        for j, col in enumerate(layout.pieces[1]):
+    layout: ShardBlocks, pooling: str, scores: Tensor | None, strips: dict[Strip, Tensor], out: Tensor
+) -> None:
+    """Pool into ``out`` the pieces whose elements are at hand: this process's own (``scores``), else the cut ones."""
+    rows, cols = _piece_slices(layout)
+    for row, row_slice in zip(layout.pieces[0], rows, strict=True):
+        for col, col_slice in zip(layout.pieces[1], cols, strict=True):
             own = row.strip is None and col.strip is None
             if own == (scores is not None):
-                pooled[i, j] = block_pool(_source(row, col, layout, scores, strips), layout.dims, pooling)
-    return pooled
+                source = _source(row, col, layout, scores, strips)
+                block_pool(source, layout.dims, pooling, out=out[row_slice, col_slice])
 
 
-def _assemble(layout: ShardBlocks, pooled: dict[tuple[int, int], Tensor], device: torch.device) -> Tensor:
-    """The pooled pieces put together: one score per block this process touches."""
-    rows, cols = len(layout.pieces[0]), len(layout.pieces[1])
-    if not rows or not cols:
-        return torch.zeros((0, 0), dtype=torch.float32, device=device)
-    if rows == cols == 1:
-        return pooled[0, 0]
-    return torch.cat([torch.cat([pooled[i, j] for j in range(cols)], dim=1) for i in range(rows)], dim=0)
+def _piece_slices(layout: ShardBlocks) -> tuple[list[slice], list[slice]]:
+    """Where each block row piece and block column piece lands among the blocks this process touches."""
+    found = []
+    for pieces, step in zip(layout.pieces, layout.dims, strict=True):
+        ends = list(itertools.accumulate(-(-(p.stop - p.start) // step) for p in pieces))
+        found.append([slice(a, b) for a, b in zip([0, *ends], ends, strict=False)])
+    return found[0], found[1]
+
+
+def _touched_grid(layout: ShardBlocks) -> tuple[int, int]:
+    """How many block rows and block columns this process touches (its own and the cut ones)."""
+    rows, cols = _piece_slices(layout)
+    return (rows[-1].stop if rows else 0), (cols[-1].stop if cols else 0)
 
 
 def pool_blocks(
@@ -212,10 +217,11 @@ def pool_blocks(
     result may live in a buffer that the next call reuses).  ``counted``: whether this process's
     copy of a shard is the counted one (a shard's replicas write its strips once).
     ``reduce_sum``: the sum over the processes, called only when some shard cuts a block.
+    Every piece is pooled straight into its place in the weight's result: nothing is assembled.
     """
     bounds = list(itertools.accumulate((layout.strip_numel for layout in layouts.values()), initial=0))
     exchange: Tensor | None = None
-    own, strips = {}, {}
+    pooled, strips = {}, {}
     for (name, layout), start, stop in zip(layouts.items(), bounds, bounds[1:], strict=False):
         scores = scores_of(name)
         if exchange is None:  # zeros: each element of a strip is written by the one process that counts it
@@ -225,13 +231,13 @@ def pool_blocks(
         strips[name] = _split_strips(layout, exchange[start:stop])
         if counted[name]:
             _write_strips(scores, layout, strips[name])
-        own[name] = _pool_pieces(layout, pooling, scores, {})
+        pooled[name] = torch.empty(_touched_grid(layout), dtype=torch.float32, device=scores.device)
+        _pool_pieces(layout, pooling, scores, {}, pooled[name])
     if exchange is not None and exchange.numel():
         reduce_sum(exchange)  # type: ignore[misc]
-    return {
-        name: _assemble(layout, {**own[name], **_pool_pieces(layout, pooling, None, strips[name])}, exchange.device)  # type: ignore[union-attr]
-        for name, layout in layouts.items()
-    }
+    for name, layout in layouts.items():
+        _pool_pieces(layout, pooling, None, strips[name], pooled[name])
+    return pooled
 
 
 def counted_blocks(pooled: Tensor, layout: ShardBlocks) -> Tensor:
