@@ -20,8 +20,9 @@ The last column is what one update all-reduces, in bytes, summed over its collec
 Each process gets its share of the CPU cores for its intra-op threads.  Time is the median of
 the timed updates, after a warm-up update that allocates the buffers the pruner keeps and runs the
 process group's first collective.  Peak memory is what one more update, after the timed ones,
-adds to the process's peak (``bench/peak_memory.py``: resident memory with every large block
-mapped fresh on the CPU, ``max_memory_allocated`` on CUDA), the largest over the processes.
+adds to the process's peak tensor memory (``bench/peak_memory.py``: the torch profiler's record
+of tensor allocations on the CPU, ``max_memory_allocated`` on CUDA), the largest over the
+processes.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
 Two tables, each row in a fresh process (``LIT_PRUNE_NATIVE=0``: the torch backend on the CPU):
 
 - **large weights**: the median update time, after a first update allocated what the engine
-  keeps, and then what one more update adds to the process's peak memory
-  (``bench/peak_memory.py``: resident memory, every large block mapped fresh); a temporary the
-  size of a weight shows here.
+  keeps, and then what one more update adds to the peak of tensor memory
+  (``bench/peak_memory.py``: the torch profiler's record of allocations); a temporary the size
+  of a weight shows here.
 - **many small weights**: the median update time, which is host work (dispatch, Python) rather
   than arithmetic, and the top-level aten ops of one update (the torch profiler): on an
   accelerator each is at least one kernel launch.
