@@ -6,7 +6,9 @@ Lightning launches the second process by running this script again.  Rank 0 writ
 checks: each mask's sparsity, whether it is a DTensor, its local and global shapes, whether every
 pruned weight is zero, and the masks one process computes from the gathered weights; then whether a
 run stopped at step 8 and resumed from its distributed checkpoint ends with the masks, thresholds,
-saliency state and weights of an uninterrupted run, and the checkpoint directory stripped.
+saliency state and weights of an uninterrupted run; that the same checkpoint read by tensor
+parallelism (the second layer split by columns, not rows) starts from the same masks, thresholds
+and saliency state; and the checkpoint directory stripped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -52,20 +54,51 @@ class Sharded(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def trainer_for(callback: PruningCallback, max_steps: int, root: str, every_epoch: bool = False) -> Trainer:
-    """Two CPU processes, FSDP2 through ``ModelParallelStrategy``; a distributed checkpoint at the end or each epoch.
+class ShardedAsTensorParallel(Sharded):
+    """The same layers laid out anew: ``net.0`` whole on each process, ``net.2`` split by its 33 columns (17 + 16).
 
-    With ``every_epoch`` the run ends after ``max_steps // 4`` epochs of 4 steps (not at ``max_steps``:
-    Lightning 2.6 resumes an epoch-end checkpoint of a ``max_steps`` run one batch off).
+    Under FSDP2 both were split by rows.  (``net.0`` stays whole: torch's column-wise layer cannot
+    hand 33 uneven features on to the next one.)
+    """
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        plan = {"2": RowwiseParallel(input_layouts=Replicate())}
+        parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+
+
+class StateAtStart(Callback):
+    """The pruning state and weights a run starts from (after a resume: what it read), gathered."""
+
+    def __init__(self, pruning: PruningCallback) -> None:
+        self.pruning, self.found, self.placements = pruning, {}, {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.found = _state(self.pruning, pl_module)
+        masks = self.pruning.get_masks().items()
+        self.placements = {n: str(m.placements) if hasattr(m, "placements") else "whole" for n, m in masks}
+
+
+def trainer_for(
+    callbacks: list[Callback], max_steps: int, root: str, every_epoch: bool = False, tensor_parallel: bool = False
+) -> Trainer:
+    """Two CPU processes, FSDP2 (or tensor parallelism) through ``ModelParallelStrategy``; a distributed checkpoint.
+
+    The checkpoint is written at the end, or with ``every_epoch`` at each epoch: the run then ends
+    after ``max_steps // 4`` epochs of 4 steps (not at ``max_steps``: Lightning 2.6 resumes an
+    epoch-end checkpoint of a ``max_steps`` run one batch off).
     """
     saving = [ModelCheckpoint(dirpath=f"{root}/epochs", save_top_k=-1, every_n_epochs=1)] if every_epoch else []
+    dp, tp = (1, 2) if tensor_parallel else (2, 1)
     return Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp),
         max_steps=-1 if every_epoch else max_steps,
         max_epochs=max_steps // 4 if every_epoch else None,
-        callbacks=[callback, *saving],
+        callbacks=[*callbacks, *saving],
         logger=False,
         default_root_dir=root,
         enable_progress_bar=False,
@@ -79,7 +112,7 @@ def main(out: str) -> None:
     root = str(Path(out).parent)
     export = Path(root, "exported.pt")
     callback = PruningCallback(SPEC, log_histograms=False, export_path=export)
-    trainer = trainer_for(callback, 10, root)
+    trainer = trainer_for([callback], 10, root)
     model = Sharded()
     trainer.fit(model, DataLoader(data, batch_size=16))
     masks, sparsity = callback.get_masks(), callback.get_weight_sparsity()
@@ -180,12 +213,16 @@ def _scalar_tags(event_file: Path) -> list[str]:
 def _state(callback: PruningCallback, model: Sharded) -> dict[str, torch.Tensor]:
     """Every mask, threshold, saliency tensor and weight, gathered (for the comparison only)."""
     state = callback.pruning.state_dict()
-    found = {f"mask/{n}": m.full_tensor() for n, m in state["masks"].items()}
+    found = {f"mask/{n}": _whole(m) for n, m in state["masks"].items()}
     found.update({f"threshold/{n}": t for n, t in state["thresholds"].items()})
     for name, tensors in state["saliency"].items():
-        found.update({f"saliency/{name}/{k}": t.full_tensor() for k, t in tensors.items()})
-    found.update({f"weight/{n}": p.full_tensor().detach() for n, p in model.named_parameters()})
+        found.update({f"saliency/{name}/{k}": _whole(t) for k, t in tensors.items()})
+    found.update({f"weight/{n}": _whole(p).detach() for n, p in model.named_parameters()})
     return found
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _resume_equals_uninterrupted(data: TensorDataset, root: str) -> dict:
@@ -197,14 +234,22 @@ def _resume_equals_uninterrupted(data: TensorDataset, root: str) -> dict:
     loader = DataLoader(TensorDataset(*data[:128]), batch_size=16)  # 4 steps an epoch in each process
     seed_everything(0)
     straight, model = PruningCallback(RESUME_SPEC, log_histograms=False), Sharded()
-    trainer = trainer_for(straight, 16, f"{root}/straight", every_epoch=True)
+    trainer = trainer_for([straight], 16, f"{root}/straight", every_epoch=True)
     trainer.fit(model, loader)
     expected = _state(straight, model)
     checkpoint = f"{root}/straight/epochs/epoch=1-step=8.ckpt"
     resumed, model = PruningCallback(RESUME_SPEC, log_histograms=False), Sharded()
-    trainer_for(resumed, 16, f"{root}/resumed", every_epoch=True).fit(model, loader, ckpt_path=checkpoint)
+    start = StateAtStart(resumed)
+    trainer_for([resumed, start], 16, f"{root}/resumed", every_epoch=True).fit(model, loader, ckpt_path=checkpoint)
     found = _state(resumed, model)
     different = sorted(k for k in expected if not torch.equal(expected[k], found[k]))
+    # the same checkpoint read by tensor parallelism: each mask and saliency tensor resharded to its new layout
+    as_tp = PruningCallback(RESUME_SPEC, log_histograms=False)
+    tp_start = StateAtStart(as_tp)
+    tp_trainer = trainer_for([as_tp, tp_start], 12, f"{root}/as_tp", every_epoch=True, tensor_parallel=True)
+    tp_trainer.fit(ShardedAsTensorParallel(), loader, ckpt_path=checkpoint)
+    pruning_state = [k for k in start.found if not k.startswith("weight/")]  # the weights are Lightning's to load
+    resharded_differs = sorted(k for k in pruning_state if not torch.equal(start.found[k], tp_start.found[k]))
     stripped = strip_checkpoint(checkpoint) if trainer.global_rank == 0 else {}
     net = _whole_net(dict(stripped)) if stripped else None
     return {
@@ -213,6 +258,10 @@ def _resume_equals_uninterrupted(data: TensorDataset, root: str) -> dict:
         "straight_update_step": straight.pruning.last_update_step,
         "resume_differs": different,
         "compared": len(expected),
+        "resharded_differs": resharded_differs,
+        "resharded_compared": len(pruning_state),
+        "placements_before": start.placements,
+        "placements_resharded": tp_start.placements,
         "stripped_loads": net is not None,
         "stripped_sparsity": [float((p == 0).float().mean()) for n, p in net.named_parameters() if "weight" in n]
         if net is not None

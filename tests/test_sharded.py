@@ -411,6 +411,10 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     assert result["checkpoint_is_directory"] and result["compared"] > 8
     assert result["resumed_update_step"] == result["straight_update_step"] == 15  # updates at 3, 6, ..., 15
     assert result["resume_differs"] == [], result["resume_differs"]
+    # read back under another layout (FSDP2's rows -> net.0 whole, net.2 split by columns): resharded
+    assert set(result["placements_before"].values()) == {"(Shard(dim=0),)"}
+    assert result["placements_resharded"] == {"net.0.weight": "whole", "net.2.weight": "(Shard(dim=1),)"}
+    assert result["resharded_compared"] == 8 and result["resharded_differs"] == [], result["resharded_differs"]
     assert result["stripped_loads"] and all(s > 0.3 for s in result["stripped_sparsity"]), result
     # tensor parallelism: Shard(0) and Shard(1) masks, one process's masks, summaries from rank zero only
     tp = result["tensor_parallel"]
