@@ -1,6 +1,7 @@
 """A 2-process ``ModelParallelStrategy`` fit on the CPU with FSDP2 and ``PruningCallback``; run by ``test_sharded.py``.
 
     python tests/sharded_fit.py OUT.json
+    python tests/sharded_fit.py OUT2.json --resume-on-one-process   # then: its checkpoint read by one process
 
 Lightning launches the second process by running this script again.  Rank 0 writes what the test
 checks: each mask's sparsity, whether it is a DTensor, its local and global shapes, whether every
@@ -82,19 +83,24 @@ class StateAtStart(Callback):
 
 
 def trainer_for(
-    callbacks: list[Callback], max_steps: int, root: str, every_epoch: bool = False, tensor_parallel: bool = False
+    callbacks: list[Callback],
+    max_steps: int,
+    root: str,
+    every_epoch: bool = False,
+    tensor_parallel: bool = False,
+    devices: int = 2,
 ) -> Trainer:
-    """Two CPU processes, FSDP2 (or tensor parallelism) through ``ModelParallelStrategy``; a distributed checkpoint.
+    """CPU processes (two), FSDP2 (or tensor parallelism) through ``ModelParallelStrategy``; a distributed checkpoint.
 
     The checkpoint is written at the end, or with ``every_epoch`` at each epoch: the run then ends
     after ``max_steps // 4`` epochs of 4 steps (not at ``max_steps``: Lightning 2.6 resumes an
     epoch-end checkpoint of a ``max_steps`` run one batch off).
     """
     saving = [ModelCheckpoint(dirpath=f"{root}/epochs", save_top_k=-1, every_n_epochs=1)] if every_epoch else []
-    dp, tp = (1, 2) if tensor_parallel else (2, 1)
+    dp, tp = (1, devices) if tensor_parallel else (devices, 1)
     return Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=devices,
         strategy=ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp),
         max_steps=-1 if every_epoch else max_steps,
         max_epochs=max_steps // 4 if every_epoch else None,
@@ -250,6 +256,8 @@ def _resume_equals_uninterrupted(data: TensorDataset, root: str) -> dict:
     tp_trainer.fit(ShardedAsTensorParallel(), loader, ckpt_path=checkpoint)
     pruning_state = [k for k in start.found if not k.startswith("weight/")]  # the weights are Lightning's to load
     resharded_differs = sorted(k for k in pruning_state if not torch.equal(start.found[k], tp_start.found[k]))
+    if trainer.global_rank == 0:  # for the run on one process (resume_on_one_process) to compare with
+        torch.save({k: start.found[k] for k in pruning_state}, f"{root}/state_at_step_8.pt")
     stripped = strip_checkpoint(checkpoint) if trainer.global_rank == 0 else {}
     net = _whole_net(dict(stripped)) if stripped else None
     return {
@@ -275,7 +283,24 @@ def _whole_net(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return net
 
 
+def resume_on_one_process(out: str) -> None:
+    """The 2-process run's step-8 checkpoint resumed by one process: each mask and saliency tensor read whole."""
+    root = str(Path(out).parent)
+    data = TensorDataset(torch.randn(128, 16), torch.randint(0, 8, (128,)))
+    callback = PruningCallback(RESUME_SPEC, log_histograms=False)
+    start = StateAtStart(callback)
+    trainer = trainer_for([callback, start], 12, f"{root}/one", every_epoch=True, devices=1)
+    trainer.fit(Sharded(), DataLoader(data, batch_size=16), ckpt_path=f"{root}/straight/epochs/epoch=1-step=8.ckpt")
+    expected = torch.load(f"{root}/state_at_step_8.pt", weights_only=True)
+    different = sorted(k for k in expected if not torch.equal(expected[k], start.found[k]))
+    with open(out, "w") as file:
+        json.dump({"compared": len(expected), "differs": different, "placements": start.placements}, file)
+
+
 if __name__ == "__main__":
+    if sys.argv[2:] == ["--resume-on-one-process"]:
+        resume_on_one_process(sys.argv[1])
+        sys.exit(0)
     main(sys.argv[1])
     # Lightning leaves the process group up; torn down by the interpreter's exit, gloo's threads can
     # abort ("terminate called without an active exception") while the other process still talks.

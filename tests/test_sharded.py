@@ -398,7 +398,8 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
 
     out = tmp_path / "result.json"
     script = Path(__file__).with_name("sharded_fit.py")
-    run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300)
+    how = {"capture_output": True, "text": True, "timeout": 300}
+    run = subprocess.run([sys.executable, str(script), str(out)], **how)
     teardown_abort = run.returncode == -6 and run.stderr.rstrip().endswith("without an active exception")
     assert run.returncode == 0 or (teardown_abort and out.exists()), run.stderr[-3000:]  # as above
     result = json.loads(out.read_text())
@@ -415,6 +416,13 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     assert set(result["placements_before"].values()) == {"(Shard(dim=0),)"}
     assert result["placements_resharded"] == {"net.0.weight": "whole", "net.2.weight": "(Shard(dim=1),)"}
     assert result["resharded_compared"] == 8 and result["resharded_differs"] == [], result["resharded_differs"]
+    # ... and by one process (fewer processes than wrote it): each tensor read whole, the same state
+    one = tmp_path / "one.json"
+    run = subprocess.run([sys.executable, str(script), str(one), "--resume-on-one-process"], **how)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads(one.read_text())
+    assert one["placements"] == {"net.0.weight": "(Shard(dim=0),)", "net.2.weight": "(Shard(dim=0),)"}, one
+    assert one["compared"] == 8 and one["differs"] == [], one
     assert result["stripped_loads"] and all(s > 0.3 for s in result["stripped_sparsity"]), result
     # tensor parallelism: Shard(0) and Shard(1) masks, one process's masks, summaries from rank zero only
     tp = result["tensor_parallel"]
