@@ -239,6 +239,44 @@ def check_strip_in_place(mesh) -> None:
             assert is_sharded(weight) and bool((_whole(weight.detach())[~masks[name]] == 0).all()), name
 
 
+def check_after_a_forward_without_backward(mesh) -> None:
+    """A ``no_grad`` forward (validation) leaves the root's own parameters unsharded: pruning still sees the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    whole = fsdp_net()
+    model = copy.deepcopy(whole)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)  # layers 0, 4 and 6 belong to the root, which keeps them unsharded after forward
+    spec, x = "threshold_method=exact", torch.randn(4, 16)
+    pruning, reference = Pruning(model, spec, sparsity=0.5), Pruning(whole, spec, sparsity=0.5)
+    with torch.no_grad():
+        model(x)
+    assert not is_sharded(model[0].weight)  # the case itself: FSDP2 left the whole weight registered
+    pruning.mask_update(1)
+    reference.mask_update(1)
+    with torch.no_grad():
+        model(x)
+    pruning.apply_mask()  # the native kernel (whole CPU weights) must not take the unsharded weight
+    for name, mask in reference.get_masks().items():
+        assert is_sharded(pruning.get_masks()[name]) and is_sharded(dict(model.named_parameters())[name]), name
+        assert torch.equal(_whole(pruning.get_masks()[name]), mask), name
+        assert torch.equal(_whole(dict(model.named_parameters())[name]).detach(), dict(whole.named_parameters())[name])
+
+
+def check_masked_layers_refused(mesh) -> None:
+    """A masked layer keeps a whole mask buffer that FSDP2 does not shard: refused, naming the weight."""
+    from lit_prune import MaskedLinear
+
+    model = _fsdp(nn.Sequential(MaskedLinear(16, 8)), mesh)
+    try:
+        Pruning(model, "threshold_method=exact")
+    except ValueError as error:
+        assert "'0.weight' is sharded" in str(error) and "MaskedLinear" in str(error), error
+    else:
+        raise AssertionError("a sharded masked layer was not refused")
+
+
 def _fsdp_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -272,6 +310,8 @@ def _fsdp_worker(rank: int, world: int) -> None:
     else:
         raise AssertionError("save_compressed wrote a sharded model")
     check_strip_in_place(mesh)
+    check_after_a_forward_without_backward(mesh)
+    check_masked_layers_refused(mesh)
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))

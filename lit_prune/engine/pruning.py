@@ -30,6 +30,7 @@ from lit_prune.backends.cpu import kernels
 from lit_prune.config.hparams import HParamsError, PruningHParams
 from lit_prune.engine.binding import ModelWatch, bind_weights, default_reducer, joint_names
 from lit_prune.engine.checks import DeferredCheck, check_finite, nonfinite_error, record_kept
+from lit_prune.engine.fsdp2 import fsdp2_modules, reshard
 from lit_prune.engine.nm import check_nm_sparse
 from lit_prune.engine.plan import Plan, UpdateRequest, build_plan, tensors_key
 from lit_prune.engine.reduce import Reducer
@@ -102,6 +103,8 @@ class Pruning:
         self.model = model
         self.sparsity_override = sparsity
         self.last_update_step = 0
+        self._fsdp2 = fsdp2_modules(model)
+        reshard(self._fsdp2)  # bound to the sharded parameters, even after a forward left them unsharded
         self._states = bind_weights(model, self.hparams)
         self.reducer: Reducer = reducer or default_reducer(self._states)
         if sparsity is not None:  # an external sparsity scales per own target: checked now, not at step 1
@@ -229,6 +232,7 @@ class Pruning:
 
     def _follow_model(self, check: bool) -> None:
         """The state follows its weights (masked layers' buffers, device moves); ``check``: check the model too."""
+        reshard(self._fsdp2)  # FSDP2: the sharded parameters, as bound (a validation forward may have swapped them)
         for s in self._states.values():
             s.follow()
         if check:

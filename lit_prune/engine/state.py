@@ -64,6 +64,13 @@ class WeightState:
         param = getattr(module, param_name)
         saliency = init_saliency_state(local(param).detach(), prune_option)
         if isinstance(module, MaskedModule) and param_name in module.masked_weight_names:
+            if is_sharded(param):
+                raise ValueError(
+                    f"pruned weight {spec.name!r} is sharded (a DTensor) but its {type(module).__name__} keeps a whole "
+                    "mask as a buffer, which FSDP2 and tensor parallelism do not shard: shard plain layers instead "
+                    "(nn.Linear, nn.Conv2d, ...; lit_prune keeps their masks sharded like the weights), e.g. "
+                    "digits_cnn(masked=False)"
+                )
             names = module.mask_buffer_names(param_name)
             mask, threshold = module._buffers[names[0]], module._buffers[names[1]]
             return cls(spec, module, param_name, mask, threshold, saliency, names, dense=False)  # type: ignore[arg-type]

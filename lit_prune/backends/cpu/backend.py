@@ -78,7 +78,7 @@ class NativeCpuBackend(Backend):
     def refuses_apply(state: WeightState) -> str | None:
         """Why ``apply_mask``'s kernel cannot take this weight (``None``: it can)."""
         param, mask = state.param, state.mask
-        if is_sharded(param):
+        if is_sharded(param) or is_sharded(mask):
             return "a sharded weight"
         if not (kernels.fits(param) and mask.dtype == torch.bool and mask.is_contiguous()):
             return "not a contiguous float32 CPU weight with a contiguous bool mask"
