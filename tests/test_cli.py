@@ -188,6 +188,43 @@ def test_recipes_run_briefly(tmp_path, name):
 
 
 @pytest.mark.slow
+def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_path):
+    pytest.importorskip("transformers")
+    short = ["trainer.max_epochs=4", "pruning.begin_pruning_step=8", "pruning.end_pruning_step=24",
+             "pruning.sparsity_function_begin_step=8", "pruning.sparsity_function_end_step=24",
+             "pruning.pruning_frequency=4"]  # fmt: skip
+    result = run_cli("--config-dir", str(RECIPES), "--config-name", "fsdp2_gpt2", *short, "dense_baseline=false",
+                     "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())  # written once, by rank zero
+    assert summary["model_sparsity"] == pytest.approx(0.5, abs=0.01) and summary["last_mask_update_step"] == 24
+    assert (run / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint: each process its part
+    from lit_prune.cli.causal_lm import tiny_causal_lm
+
+    config = {"vocab_size": 64, "n_positions": 32, "n_embd": 64, "n_layer": 2, "n_head": 2}
+    net = tiny_causal_lm("GPT2Config", **config)
+    exported = torch.load(run / "model_stripped.pt", weights_only=True)  # gathered to rank zero, whole
+    net.load_state_dict({k.removeprefix("net."): v for k, v in exported.items()})
+    for name, value in summary["weight_sparsity"].items():
+        weight = exported[name]
+        assert float((weight == 0).float().mean()) == pytest.approx(value, abs=1e-3), name
+
+
+def test_fully_shard_net_refuses_a_tensor_parallel_mesh_it_has_no_plan_for():
+    from lit_prune.cli.fully_shard import fully_shard_net
+
+    class Mesh:  # the shape of a DeviceMesh with a tensor-parallel dimension of 2
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return type("Sub", (), {"size": lambda self: 2})()
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1 \\(got 2\\)"):
+        fully_shard_net(torch.nn.Sequential(torch.nn.Linear(2, 2)), Mesh())
+
+
+@pytest.mark.slow
 def test_sweep_recipe_two_points_writes_runs_and_plot(tmp_path):
     result = run_cli(
         "--config-dir", str(RECIPES), "--config-name", "sparsity_sweep", *SHORT, "dense_baseline=false",

@@ -128,7 +128,9 @@ def train(cfg: DictConfig) -> float:
             summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in callback.get_weight_sparsity().items()}
             summary["weight_targets"] = callback.pruning.weight_targets()
             summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in callback.pruning.nm_weights().items()}
-    if trainer.is_global_zero and (exported := export_compressed(cfg, out_dir, model, callbacks)):
+    if not trainer.is_global_zero:  # each process of a launched strategy runs this far; rank zero reports
+        return pruned_acc
+    if exported := export_compressed(cfg, out_dir, model, callbacks):
         summary["compressed_export"] = exported
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(summary))

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from lit_prune.cli.demos import TensorDataModule
+from lit_prune.cli.fully_shard import FullyShardsNet
 
 __all__ = ["CausalLM", "TokenDataModule", "tiny_causal_lm"]
 
@@ -62,7 +63,7 @@ def tiny_causal_lm(config_class: str = "GPT2Config", seed: int = 0, **config: An
         return transformers.AutoModelForCausalLM.from_config(cls(**config))
 
 
-class CausalLM(LightningModule):
+class CausalLM(FullyShardsNet, LightningModule):
     """Next-token training of a HF causal LM ``net`` (batches of ``input_ids``); logs loss and accuracy.
 
     Example::

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_prune.cli.digits import digits_cnn, load_digits_split, mlp
+from lit_prune.cli.fully_shard import FullyShardsNet
 
 __all__ = [
     "DigitsDataModule",
@@ -114,7 +115,7 @@ class SyntheticDataModule(TensorDataModule):
         self.splits["test"] = (x[cut[1] :], y[cut[1] :])
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(FullyShardsNet, LightningModule):
     """Cross-entropy classification around ``net``; logs ``train_loss``, ``val_acc``, ``test_acc``.
 
     Example::

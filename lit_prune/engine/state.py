@@ -65,8 +65,9 @@ class WeightState:
         saliency = init_saliency_state(local(param).detach(), prune_option)
         if isinstance(module, MaskedModule) and param_name in module.masked_weight_names:
             if is_sharded(param):
+                layer = type(module).__name__.removeprefix("FSDP")  # FSDP2 renames the class it wraps
                 raise ValueError(
-                    f"pruned weight {spec.name!r} is sharded (a DTensor) but its {type(module).__name__} keeps a whole "
+                    f"pruned weight {spec.name!r} is sharded (a DTensor) but its {layer} keeps a whole "
                     "mask as a buffer, which FSDP2 and tensor parallelism do not shard: shard plain layers instead "
                     "(nn.Linear, nn.Conv2d, ...; lit_prune keeps their masks sharded like the weights), e.g. "
                     "digits_cnn(masked=False)"
