@@ -314,3 +314,29 @@ def test_the_gpt2_recipe_prunes_2_of_4_along_the_conv1d_inputs(tmp_path):
     assert is_nm_sparse(c_fc, 2, 4, input_dims=0) and not is_nm_sparse(c_fc, 2, 4)
     assert "net.transformer.wpe.weight" not in callback.get_masks()
     assert all(float(s) == 0.5 for s in callback.get_weight_sparsity().values())
+
+
+@pytest.mark.slow
+def test_the_gpt2_recipe_under_fsdp2_from_flags(tmp_path):
+    # ModelParallelStrategy launches the second process by running the command again: a subprocess
+    pytest.importorskip("transformers")
+    from lit_prune import is_nm_sparse
+
+    export = tmp_path / "stripped.pt"
+    command = [
+        sys.executable, "-m", "lit_prune.cli.lightning_cli", "fit",
+        "--config", str(ROOT / "recipes" / "lightning_cli" / "gpt2.yaml"),
+        "--trainer.devices=2",
+        "--trainer.strategy.class_path=lightning.pytorch.strategies.ModelParallelStrategy",
+        "--trainer.strategy.init_args.data_parallel_size=2",
+        "--trainer.strategy.init_args.tensor_parallel_size=1",
+        "--trainer.max_steps=12", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks.init_args.sparsity_function_end_step=8",
+        "--trainer.callbacks.init_args.pruning_frequency=4",
+        f"--trainer.callbacks.init_args.export_path={export}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(export, weights_only=True)  # the FSDP2 shards gathered to rank zero, whole
+    c_fc = state["net.transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.shape == (64, 256) and is_nm_sparse(c_fc, 2, 4, input_dims=0)
