@@ -264,6 +264,34 @@ def check_after_a_forward_without_backward(mesh) -> None:
         assert torch.equal(_whole(dict(model.named_parameters())[name]).detach(), dict(whole.named_parameters())[name])
 
 
+def check_mixed_precision_training(mesh) -> None:
+    """FSDP2 in bfloat16 compute (float32 shards): train, update, validate, apply; masks as one process's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 8))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard(model[0], mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the last layer: the root's own
+    pruning = Pruning(model, "threshold_method=exact", sparsity=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 4):
+        x = torch.randn(8, 16)
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruning.mask_update(step)
+        with torch.no_grad():
+            model(x)  # a validation forward: the root's bfloat16 copies stay registered
+        pruning.apply_mask()
+    whole = nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 8))
+    whole.load_state_dict({n: _whole(p).detach() for n, p in model.named_parameters()})
+    reference = Pruning(whole, "threshold_method=exact", sparsity=0.5)
+    reference.mask_update(3)  # on the gathered float32 weights, whose pruned entries are zero
+    for name, mask in reference.get_masks().items():
+        assert torch.equal(_whole(pruning.get_masks()[name]), mask), name
+
+
 def check_masked_layers_refused(mesh) -> None:
     """A masked layer keeps a whole mask buffer that FSDP2 does not shard: refused, naming the weight."""
     from lit_prune import MaskedLinear
@@ -311,6 +339,7 @@ def _fsdp_worker(rank: int, world: int) -> None:
         raise AssertionError("save_compressed wrote a sharded model")
     check_strip_in_place(mesh)
     check_after_a_forward_without_backward(mesh)
+    check_mixed_precision_training(mesh)
     check_masked_layers_refused(mesh)
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
