@@ -10,8 +10,9 @@ Without that strategy (``device_mesh`` is ``None``) nothing happens.
 Example::
 
     >>> from torch import nn
-    >>> [type(m).__name__ for m in shard_units(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))]
-    ['Linear', 'Linear']
+    >>> attention = nn.MultiheadAttention(4, 2)  # weights of its own, and an out_proj Linear inside
+    >>> [type(m).__name__ for m in shard_units(nn.Sequential(nn.Linear(2, 4), attention))]
+    ['NonDynamicallyQuantizableLinear', 'MultiheadAttention', 'Linear']
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ def shard_units(net: nn.Module) -> list[nn.Module]:
     """The modules of ``net`` to ``fully_shard`` one by one (each gathers its weights when it runs).
 
     A ``transformers`` model's ``_no_split_modules`` blocks where it names some, else every module
-    with parameters of its own (``Linear``, ``Conv2d``, ``Embedding``, norms).
+    with parameters of its own (``Linear``, ``Conv2d``, ``Embedding``, norms); inner ones first.
     """
     blocks = set(getattr(net, "_no_split_modules", None) or ())
     units = [m for m in net.modules() if type(m).__name__ in blocks]
-    if units:
-        return units
-    return [m for m in net.modules() if m is not net and any(True for _ in m.parameters(recurse=False))]
+    if not units:
+        units = [m for m in net.modules() if m is not net and any(True for _ in m.parameters(recurse=False))]
+    return units[::-1]  # inner modules first: FSDP2 shards bottom-up (a unit inside another one)
 
 
 def fully_shard_net(net: nn.Module, device_mesh) -> None:  # noqa: ANN001 - a torch DeviceMesh
