@@ -130,6 +130,17 @@ def test_a_weight_that_changed_shape_or_was_replaced_is_a_clear_error():
         pruning.mask_update(3)
 
 
+def test_weights_on_several_devices_are_refused_naming_them():
+    # A model split over devices (by hand, or HF device_map="auto"): one update combines a group's
+    # statistics on one device. CPU and meta stand in for two GPUs here.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, device="meta"))
+    pruning = Pruning(model, sparsity=0.5)
+    with pytest.raises(NotImplementedError, match=r"several devices \(cpu: \['0.weight'\]; meta: \['1.weight'\]\)"):
+        pruning.mask_update(1)
+    with pytest.raises(NotImplementedError, match="device_map='auto'"):
+        pruning.apply_mask()
+
+
 def test_weight_frozen_after_setup_stays_pruned_and_follows_the_schedule():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))

@@ -34,6 +34,7 @@ __all__ = [
     "Plan",
     "UpdateRequest",
     "build_plan",
+    "check_one_device",
     "granularity",
     "tensors_key",
 ]
@@ -106,6 +107,24 @@ def tensors_key(states: list[WeightState]) -> tuple:
     return tuple(out)
 
 
+def check_one_device(states: list[WeightState]) -> None:
+    """Raise ``NotImplementedError`` naming the devices if this process's pruned weights lie on several.
+
+    Each update combines the statistics of a group's weights in one tensor, on one device.
+    """
+    devices: dict[str, list[str]] = {}
+    for s in states:
+        devices.setdefault(str(local(s.param).device), []).append(s.name)
+    if len(devices) > 1:
+        where = "; ".join(f"{device}: {names[:3]}{' ...' * (len(names) > 3)}" for device, names in devices.items())
+        raise NotImplementedError(
+            f"the pruned weights lie on several devices ({where}): lit_prune prunes a model that each process "
+            "holds on one device (one device, DDP, or FSDP2 / tensor parallelism, whose shards each process keeps "
+            "on its own device); a model split over devices by hand or by `device_map='auto'` is not supported: "
+            "move it to one device, or shard it with FSDP2"
+        )
+
+
 def build_plan(
     states: list[WeightState],
     hparams: PruningHParams,
@@ -120,6 +139,7 @@ def build_plan(
     Fused groups run first in ``finish``: they check their weights before writing anything, so
     a non-finite weight they find leaves every mask unchanged.
     """
+    check_one_device(states)
     groups: dict[tuple[str, str, str, bool], Group] = {}
     joint_sharded = any(is_sharded(s.param) for s in states if s.name in joint)
     for state in states:
