@@ -209,6 +209,10 @@ def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_
     for name, value in summary["weight_sparsity"].items():
         weight = exported[name]
         assert float((weight == 0).float().mean()) == pytest.approx(value, abs=1e-3), name
+    from lit_prune import strip_checkpoint
+
+    stripped = strip_checkpoint(run / "checkpoints" / "last.ckpt")  # the shards read in this one process
+    assert sorted(stripped) == sorted(exported) and all(torch.equal(stripped[k], exported[k]) for k in exported)
 
 
 def test_fully_shard_net_refuses_a_tensor_parallel_mesh_it_has_no_plan_for():
