@@ -215,6 +215,14 @@ def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_
     assert sorted(stripped) == sorted(exported) and all(torch.equal(stripped[k], exported[k]) for k in exported)
 
 
+@pytest.mark.slow
+def test_a_scan_under_a_sharding_trainer_is_refused_before_training(tmp_path):
+    result = run_cli("mode=scan", "trainer=fsdp2_cpu", "model=mlp", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "mode=scan prunes each weight whole" in result.stderr and "trainer=cpu or trainer=gpu" in result.stderr
+    assert "Epoch" not in result.stdout + result.stderr  # nothing trained
+
+
 def test_fully_shard_net_refuses_a_tensor_parallel_mesh_it_has_no_plan_for():
     from lit_prune.cli.fully_shard import fully_shard_net
 

@@ -292,6 +292,19 @@ def check_mixed_precision_training(mesh) -> None:
         assert torch.equal(_whole(pruning.get_masks()[name]), mask), name
 
 
+def check_sensitivity_scan_refused(mesh) -> None:
+    """The sensitivity scan prunes weights whole: sharded ones are refused by name before any evaluation."""
+    from lit_prune import sensitivity
+
+    model = _fsdp(fsdp_net(), mesh)
+    try:
+        sensitivity(model, lambda m: 0.0, sparsities=(0.5,), progress=False)
+    except NotImplementedError as error:
+        assert "'0.weight'" in str(error) and "sharded (DTensors)" in str(error), error
+    else:
+        raise AssertionError("the scan ran on sharded weights")
+
+
 def check_masked_layers_refused(mesh) -> None:
     """A masked layer keeps a whole mask buffer that FSDP2 does not shard: refused, naming the weight."""
     from lit_prune import MaskedLinear
@@ -341,6 +354,7 @@ def _fsdp_worker(rank: int, world: int) -> None:
     check_after_a_forward_without_backward(mesh)
     check_mixed_precision_training(mesh)
     check_masked_layers_refused(mesh)
+    check_sensitivity_scan_refused(mesh)
     # a conv kernel sharded along its height: a shard is not a run of rows or columns of the [out, in*kh*kw] view
     conv = nn.Conv2d(4, 4, 3)
     conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(2)]))

@@ -26,6 +26,7 @@ from torch import nn
 from lit_prune.config.errors import HParamsError
 from lit_prune.engine.allocation import allocate
 from lit_prune.engine.selection import select_weights
+from lit_prune.engine.sharding import is_sharded
 
 __all__ = ["SensitivityScan", "sensitivity"]
 
@@ -225,6 +226,12 @@ def sensitivity(
         _check_sparsity("sparsities", s)
     names = _resolve_weights(model, weights)
     params = dict(model.named_parameters())
+    sharded = [n for n in names if is_sharded(params[n])]
+    if sharded:
+        raise NotImplementedError(
+            f"the scan prunes each weight whole, in one process; {sharded[:3]} are sharded (DTensors): scan the "
+            "model on one device (its proposed map then feeds a sharded run as it is)"
+        )
     baseline = _metrics(metric or "metric", evaluate(model))
     metric = metric or (next(iter(baseline)) if len(baseline) == 1 else None)
     if metric is None or metric not in baseline:
