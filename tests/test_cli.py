@@ -194,7 +194,7 @@ def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_
              "pruning.sparsity_function_begin_step=8", "pruning.sparsity_function_end_step=24",
              "pruning.pruning_frequency=4"]  # fmt: skip
     result = run_cli("--config-dir", str(RECIPES), "--config-name", "fsdp2_gpt2", *short, "dense_baseline=false",
-                     "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+                     "export.compressed=model.safetensors", "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())  # written once, by rank zero
@@ -213,6 +213,10 @@ def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_
 
     stripped = strip_checkpoint(run / "checkpoints" / "last.ckpt")  # the shards read in this one process
     assert sorted(stripped) == sorted(exported) and all(torch.equal(stripped[k], exported[k]) for k in exported)
+    from lit_prune import load_compressed
+
+    compressed = load_compressed(run / "model.safetensors")  # every process took part in the gather
+    assert all(torch.equal(compressed[k], exported[k]) for k in exported), sorted(compressed)
 
 
 @pytest.mark.slow

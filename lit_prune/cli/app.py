@@ -128,9 +128,10 @@ def train(cfg: DictConfig) -> float:
             summary["weight_sparsity"] = {k: round(float(v), 4) for k, v in callback.get_weight_sparsity().items()}
             summary["weight_targets"] = callback.pruning.weight_targets()
             summary["nm_weights"] = {k: f"{n}:{m}" for k, (n, m) in callback.pruning.nm_weights().items()}
+    exported = export_compressed(cfg, out_dir, model, callbacks, write=trainer.is_global_zero)  # sharded: all gather
     if not trainer.is_global_zero:  # each process of a launched strategy runs this far; rank zero reports
         return pruned_acc
-    if exported := export_compressed(cfg, out_dir, model, callbacks):
+    if exported:
         summary["compressed_export"] = exported
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "summary.md").write_text(_summary_markdown(summary))
@@ -138,12 +139,16 @@ def train(cfg: DictConfig) -> float:
     return pruned_acc
 
 
-def export_compressed(cfg: DictConfig, out_dir: Path, model: torch.nn.Module, callbacks: list[Any]) -> dict | None:
+def export_compressed(
+    cfg: DictConfig, out_dir: Path, model: torch.nn.Module, callbacks: list[Any], write: bool = True
+) -> dict | None:
     """Write ``cfg.export.compressed`` if set: the stripped model, compressed (:func:`lit_prune.save_compressed`).
 
     A relative path lands in the run folder.  The weights are those of the first
     ``PruningCallback`` with its masks folded in (the model's own ``state_dict`` without one).
-    Returns the file's path, its size and the dense size of its tensors, for the summary.
+    Under sharding every process must call it (the weights are gathered to rank zero), with
+    ``write`` true on rank zero alone.  Returns the file's path, its size and the dense size of
+    its tensors, for the summary (``None`` where nothing was written).
     """
     target = (cfg.get("export") or {}).get("compressed")
     if not target:
@@ -154,6 +159,8 @@ def export_compressed(cfg: DictConfig, out_dir: Path, model: torch.nn.Module, ca
     path = path if path.is_absolute() else out_dir / path
     pruning = [cb for cb in callbacks if type(cb).__name__ == "PruningCallback" and cb.pruning is not None]
     state = pruning[0].stripped_state_dict(model) if pruning else model.state_dict()
+    if not write:
+        return None
     kinds = save_compressed(state, path)
     dense = sum(t.numel() * t.element_size() for name, t in state.items() if not kinds[name].startswith("alias"))
     log.info("compressed model written to %s: %d bytes (its tensors dense: %d bytes)", path, path.stat().st_size, dense)
