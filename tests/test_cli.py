@@ -227,6 +227,15 @@ def test_a_scan_under_a_sharding_trainer_is_refused_before_training(tmp_path):
     assert "Epoch" not in result.stdout + result.stderr  # nothing trained
 
 
+@pytest.mark.slow
+def test_structured_pruning_under_a_sharding_trainer_is_refused_before_the_dense_baseline(tmp_path):
+    result = run_cli("trainer=fsdp2_cpu", "callbacks=structured", "model.net.masked=false", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "StructuredPruningCallback does not support `ModelParallelStrategy`" in result.stderr
+    assert "Epoch" not in result.stdout + result.stderr  # the dense baseline did not run
+
+
 def test_fully_shard_net_refuses_a_tensor_parallel_mesh_it_has_no_plan_for():
     from lit_prune.cli.fully_shard import fully_shard_net
 

@@ -103,6 +103,7 @@ def train(cfg: DictConfig) -> float:
     if cfg.get("mode", "train") != "train":
         raise ValueError(f"`mode` must be 'train' or 'scan', got {cfg.mode!r}")
     _check_binding(cfg, spec)
+    _check_strategy(cfg)
     dense_acc = None
     if cfg.get("dense_baseline"):
         _, _, dense_acc = _fit_and_test(cfg, with_pruning=False, version="dense")
@@ -183,6 +184,19 @@ def _check_binding(cfg: DictConfig, spec: PruningHParams) -> None:
         raise
     except Exception:  # noqa: BLE001 - a model that needs real tensors to be built: checked when the run binds
         return
+
+
+def _check_strategy(cfg: DictConfig) -> None:
+    """Refuse before the dense run what the pruned run's callbacks refuse at ``setup``: a strategy they cannot use.
+
+    The trainer is built (no process is launched, nothing trained) only when some callback checks its strategy.
+    """
+    checks = [cb for cb in _callbacks(cfg, with_pruning=True) if hasattr(cb, "check_strategy")]
+    if not checks:
+        return
+    strategy = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, _convert_="all").strategy
+    for callback in checks:
+        callback.check_strategy(strategy)
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:

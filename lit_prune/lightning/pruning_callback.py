@@ -129,12 +129,13 @@ class PruningCallback(Callback):
         return self._generate_state_key(name=self.hparams.name)
 
     # ------------------------------------------------------------------ setup
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
+    @staticmethod
+    def check_strategy(strategy: object) -> None:
+        """Raise ``MisconfigurationException`` for a strategy whose parameters hide their shapes (run at ``setup``)."""
+        name = type(strategy).__name__
+        if name in _UNSUPPORTED_STRATEGIES:
             raise MisconfigurationException(
-                f"`PruningCallback` does not support `{strategy}` (its flat or partitioned parameters hide each "
+                f"`PruningCallback` does not support `{name}` (its flat or partitioned parameters hide each "
                 "weight's shape): shard with FSDP2 under `ModelParallelStrategy` instead, or use `strategy='ddp'` "
                 "(or a single device):\n"
                 "    trainer = Trainer(strategy=ModelParallelStrategy(), callbacks=[PruningCallback(...)])\n"
@@ -142,7 +143,11 @@ class PruningCallback(Callback):
                 "        for layer in self.layers: fully_shard(layer)\n"
                 "        fully_shard(self)"
             )
-        if strategy in _SHARDING_STRATEGIES:
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer.strategy)
+        if type(trainer.strategy).__name__ in _SHARDING_STRATEGIES:
             return  # the weights are sharded in configure_model, after this hook: bound at the first hook after it
         self._bind(pl_module)
 

@@ -169,15 +169,20 @@ class StructuredPruningCallback(Callback):
         return module
 
     # ------------------------------------------------------------------ setup and teardown
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES + _SHARDING_STRATEGIES:  # every strategy that shards parameters
+    @staticmethod
+    def check_strategy(strategy: object) -> None:
+        """Raise ``StructuredPruningError`` for a strategy that shards parameters (run at ``setup``)."""
+        name = type(strategy).__name__
+        if name in _UNSUPPORTED_STRATEGIES + _SHARDING_STRATEGIES:  # every strategy that shards parameters
             raise StructuredPruningError(
-                f"StructuredPruningCallback does not support `{strategy}`: it removes kernels from the modules, "
+                f"StructuredPruningCallback does not support `{name}`: it removes kernels from the modules, "
                 "which sharded parameters cannot follow. Prune structurally first, on one device or with "
                 "`strategy='ddp'`, then shard the smaller model (`PruningCallback` works under sharding)"
             )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer.strategy)
         hook = getattr(pl_module, _HOOK_ATTRIBUTE, None)
         if hook is not None:  # put there by `attach`: count only this run's loads
             hook.resized = []
