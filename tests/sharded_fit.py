@@ -204,16 +204,17 @@ def _tensor_parallel_fit(data: TensorDataset, root: str) -> dict:
         ),
         "sparsity": {n: float(v) for n, v in callback.get_weight_sparsity().items()},
         "event_files": len(events),
-        "logged": _scalar_tags(events[0]) if events else [],
+        "logged": _logged_tags(events[0]) if events else [],
     }
 
 
-def _scalar_tags(event_file: Path) -> list[str]:
+def _logged_tags(event_file: Path) -> list[str]:
+    """The scalar and histogram tags of a TensorBoard event file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(event_file))
     accumulator.Reload()
-    return sorted(accumulator.Tags()["scalars"])
+    return sorted(accumulator.Tags()["scalars"] + accumulator.Tags()["histograms"])
 
 
 def _state(callback: PruningCallback, model: Sharded) -> dict[str, torch.Tensor]:

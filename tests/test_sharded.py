@@ -512,3 +512,4 @@ def test_pruning_callback_under_model_parallel_strategy_with_fully_shard(tmp_pat
     assert tp["placements"] == {"net.0.weight": "(Shard(dim=0),)", "net.2.weight": "(Shard(dim=1),)"}, tp
     assert tp["equal"] and all(v == 0.75 for v in tp["sparsity"].values()), tp
     assert tp["event_files"] == 1 and "model_pruning_summaries/net.2.weight/mask/sparsity" in tp["logged"], tp
+    assert "model_pruning_summaries/net.2.weight/kept_weights_rank0_shard" in tp["logged"], tp  # no gather

@@ -32,7 +32,7 @@ from lit_prune.backends.cpu import kernels as cpu_kernels
 from lit_prune.config.hparams import PruningHParams
 from lit_prune.config.keywords import hparams_keywords, merge_keywords
 from lit_prune.engine.pruning import Pruning, SparsityFn
-from lit_prune.engine.sharding import is_sharded
+from lit_prune.engine.sharding import is_sharded, local
 from lit_prune.engine.strip import masked_layer_buffers, strip_pruning_vars
 from lit_prune.lightning.sharded_checkpoint import (
     PREFIX,
@@ -258,12 +258,13 @@ class PruningCallback(Callback):
                 continue
             writer = logger.experiment
             writer.add_histogram(f"{prefix}/layer_sparsity", sparsities, global_step=step)
+            masks = pruning.get_masks()
             for name, weight in pruning.get_weights().items():
-                if is_sharded(weight):
-                    continue  # a histogram of a sharded weight's kept values would gather it
-                kept = weight.detach()[pruning.get_masks()[name]]
+                # a sharded weight: rank zero's shard, a sample of it (the whole would need a gather)
+                tag = f"{prefix}/{name}/kept_weights" + ("_rank0_shard" if is_sharded(weight) else "")
+                kept = local(weight).detach()[local(masks[name])]
                 if kept.numel():
-                    writer.add_histogram(f"{prefix}/{name}/kept_weights", kept.float().cpu(), global_step=step)
+                    writer.add_histogram(tag, kept.float().cpu(), global_step=step)
 
     # ------------------------------------------------------------------ state
     @override
