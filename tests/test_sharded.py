@@ -166,6 +166,8 @@ FSDP_SPECS = [
     {"nm_sparsity_map": {"^4[.]": "2:4"}},  # rows split: every N:M group on one process
     {"nm_sparsity_map": {"^0[.]": "2:4"}, "weight_sparsity_map": ["^2[.]:0.7"]},
     *GRADIENT,
+    "use_tpu=true",  # TF's TPU path: static shapes, nothing read back; the histogram's counts still reduced
+    "use_tpu=true,threshold_method=exact,block_height=2",
 ]
 
 
