@@ -187,6 +187,17 @@ def test_recipes_run_briefly(tmp_path, name):
         assert all(is_nm_sparse(exported[name], 2, 4) for name in summary["nm_weights"])
 
 
+@pytest.mark.parametrize(("model", "block"), [("tiny_gpt2", "GPT2Block"), ("tiny_llama", "LlamaDecoderLayer")])
+def test_transformer_model_configs_build_and_name_their_fsdp2_units(model, block):
+    pytest.importorskip("transformers")
+    from lit_prune.cli.fully_shard import shard_units
+
+    module = instantiate(compose_main([f"model={model}", "data=tokens"]).model, _convert_="all")
+    ids = torch.randint(0, 64, (2, 16))
+    assert module(ids).shape == (2, 16, 64)
+    assert {type(u).__name__ for u in shard_units(module.net)} == {block}  # HF's _no_split_modules
+
+
 @pytest.mark.slow
 def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_path):
     pytest.importorskip("transformers")
