@@ -199,6 +199,16 @@ def test_transformer_model_configs_build_and_name_their_fsdp2_units(model, block
 
 
 @pytest.mark.slow
+def test_ddp_trainer_summary_holds_the_pruning_state(tmp_path):
+    # two processes, each running the whole job: rank zero's callback writes the sparsities
+    result = run_cli("trainer=ddp_cpu", *SHORT, "dense_baseline=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model_sparsity"] == pytest.approx(0.9, abs=0.02) and summary["last_mask_update_step"] == 16
+    assert set(summary["weight_sparsity"]) == {"net.0.weight", "net.2.weight", "net.6.weight", "net.8.weight"}
+
+
+@pytest.mark.slow
 def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_path):
     pytest.importorskip("transformers")
     short = ["trainer.max_epochs=4", "pruning.begin_pruning_step=8", "pruning.end_pruning_step=24",
