@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lit_prune.config.hparams import HParamsError, PruningHParams
 from lit_prune.engine.selection import select_weights
 from lit_prune.engine.sensitivity import SensitivityScan, sensitivity
-from lit_prune.lightning.pruning_callback import _SHARDING_STRATEGIES, _UNSUPPORTED_STRATEGIES
+from lit_prune.lightning.pruning_callback import shards_parameters
 
 __all__ = ["run_scan"]
 
@@ -58,12 +58,11 @@ def run_scan(cfg: DictConfig, spec: PruningHParams, out_dir: Path) -> Sensitivit
         raise HParamsError("no weight to scan: `pruning.prune_patterns`/`exclude_patterns` leave none")
     quiet: dict[str, Any] = {"logger": False, "callbacks": [], "enable_checkpointing": False}
     evaluator = instantiate(cfg.trainer, enable_progress_bar=False, enable_model_summary=False, **quiet)
-    strategy = type(evaluator.strategy).__name__
-    if strategy in _SHARDING_STRATEGIES + _UNSUPPORTED_STRATEGIES:
+    if shards_parameters(evaluator.strategy):
         raise HParamsError(
-            f"mode=scan prunes each weight whole, in one process, and does not run under {strategy} (e.g. "
-            "trainer=fsdp2_cpu): scan with trainer=cpu or trainer=gpu; the proposed map then feeds a sharded run "
-            "as it is"
+            f"mode=scan prunes each weight whole, in one process, and does not run under "
+            f"{type(evaluator.strategy).__name__} (e.g. trainer=fsdp2_cpu): scan with trainer=cpu or trainer=gpu; "
+            "the proposed map then feeds a sharded run as it is"
         )
 
     def evaluate(module: Any) -> dict[str, float]:

@@ -50,6 +50,11 @@ _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 _SHARDING_STRATEGIES = ("ModelParallelStrategy",)
 
 
+def shards_parameters(strategy: object) -> bool:
+    """Whether a Lightning strategy splits parameters over processes (FSDP2/TP, FSDP1, DeepSpeed), unlike DDP."""
+    return type(strategy).__name__ in _SHARDING_STRATEGIES + _UNSUPPORTED_STRATEGIES
+
+
 @hparams_keywords("overrides")
 class PruningCallback(Callback):
     """Gradual magnitude pruning with TF ``model_pruning``'s semantics, as a Lightning callback.

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lit_prune.lightning.pruning_callback import _SHARDING_STRATEGIES, _UNSUPPORTED_STRATEGIES, PruningCallback
+from lit_prune.lightning.pruning_callback import PruningCallback, shards_parameters
 from lit_prune.oracle.handle import RANKINGS
 from lit_prune.oracle.scores import TaylorScores, l1_scores, l2_normalize_per_group, random_scores, select_removals
 from lit_prune.oracle.surgery import (
@@ -172,11 +172,10 @@ class StructuredPruningCallback(Callback):
     @staticmethod
     def check_strategy(strategy: object) -> None:
         """Raise ``StructuredPruningError`` for a strategy that shards parameters (run at ``setup``)."""
-        name = type(strategy).__name__
-        if name in _UNSUPPORTED_STRATEGIES + _SHARDING_STRATEGIES:  # every strategy that shards parameters
+        if shards_parameters(strategy):
             raise StructuredPruningError(
-                f"StructuredPruningCallback does not support `{name}`: it removes kernels from the modules, "
-                "which sharded parameters cannot follow. Prune structurally first, on one device or with "
+                f"StructuredPruningCallback does not support `{type(strategy).__name__}`: it removes kernels from "
+                "the modules, which sharded parameters cannot follow. Prune structurally first, on one device or with "
                 "`strategy='ddp'`, then shard the smaller model (`PruningCallback` works under sharding)"
             )
 
