@@ -221,10 +221,7 @@ def test_fsdp2_recipe_shards_a_gpt2_over_two_processes_and_exports_it_whole(tmp_
     summary = json.loads((run / "summary.json").read_text())  # written once, by rank zero
     assert summary["model_sparsity"] == pytest.approx(0.5, abs=0.01) and summary["last_mask_update_step"] == 24
     assert (run / "checkpoints" / "last.ckpt").is_dir()  # a distributed checkpoint: each process its part
-    from lit_prune.cli.causal_lm import tiny_causal_lm
-
-    config = {"vocab_size": 64, "n_positions": 32, "n_embd": 64, "n_layer": 2, "n_head": 2}
-    net = tiny_causal_lm("GPT2Config", **config)
+    net = instantiate(compose_main(["model=tiny_gpt2", "data=tokens"]).model.net, _convert_="all")  # unsharded
     exported = torch.load(run / "model_stripped.pt", weights_only=True)  # gathered to rank zero, whole
     net.load_state_dict({k.removeprefix("net."): v for k, v in exported.items()})
     for name, value in summary["weight_sparsity"].items():
